@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Sets up a local virtual environment and runs the demo or the tests.
+
+    python3 dev.py demo    # the paper's protocol on the embedded digits data
+    python3 dev.py test    # the test suite, TensorFlow backend then JAX
+
+Only `python3` is needed: the first run creates `.venv/` and installs the
+package with its test extra there; later runs reuse it until pyproject.toml
+changes.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VENV = os.path.join(ROOT, ".venv")
+PYTHON = os.path.join(VENV, "bin", "python")
+STAMP = os.path.join(VENV, ".keras-ema-installed")
+
+
+def _run(args, **env):
+    environment = dict(os.environ, **env)
+    return subprocess.call(args, cwd=ROOT, env=environment)
+
+
+def ensure_environment():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        wanted = hashlib.sha256(f.read()).hexdigest()
+    if os.path.exists(STAMP) and open(STAMP).read() == wanted:
+        return
+    if not os.path.exists(PYTHON):
+        print(f"Creating the virtual environment {VENV}", flush=True)
+        venv.create(VENV, with_pip=True)
+    print("Installing keras-ema and its dependencies (about a minute)", flush=True)
+    pip = [PYTHON, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    if _run(pip + ["-e", ".[test]"]) != 0:
+        sys.exit("pip install failed: see the messages above.")
+    with open(STAMP, "w") as f:
+        f.write(wanted)
+
+
+def demo(extra):
+    if os.path.exists(os.path.join(ROOT, "train.py")):
+        args = ["train.py", "--flagfile=configs/demo.cfg"]
+    else:
+        args = ["examples/quickstart.py"]
+    return _run([PYTHON] + args + extra)
+
+
+def test(extra):
+    quiet = {"TF_CPP_MIN_LOG_LEVEL": "3"}
+    code = _run([PYTHON, "-m", "pytest", "-q"] + extra,
+                KERAS_BACKEND="tensorflow", **quiet)
+    print("\nThe backend-independent tests again, on JAX:", flush=True)
+    code_jax = _run([PYTHON, "-m", "pytest", "-q", "-m", "all_backends"] + extra,
+                    KERAS_BACKEND="jax", **quiet)
+    return code or code_jax
+
+
+def main(argv):
+    commands = {"demo": demo, "test": test}
+    if len(argv) < 2 or argv[1] not in commands:
+        sys.exit(f"usage: python3 dev.py {{{'|'.join(commands)}}} [args...]")
+    ensure_environment()
+    return commands[argv[1]](argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,648 @@
+"""MultiEMA: several exponential moving averages of a model's weights at once."""
+
+import contextlib
+import glob
+import json
+import math
+import os
+import warnings
+
+import keras
+import numpy as np
+
+from keras_ema import _backend
+
+DEFAULT_DECAYS = (0.968, 0.984, 0.992, 0.996, 0.998)
+
+# Keys under which `model.evaluate` reports accuracy, most specific last.
+_ACCURACY_KEYS = (
+    "accuracy",
+    "acc",
+    "sparse_categorical_accuracy",
+    "categorical_accuracy",
+    "binary_accuracy",
+)
+_STATE_PREFIX = "multi_ema_step"
+
+
+def warmup_decay(decay: float, step: int) -> float:
+    """The decay used by the update made right after optimizer step `step`.
+
+    `min(decay, (step + 1) / (step + 10))`, with `step` the 0-based index of
+    the optimizer step, counting every step since training began. For
+    `decay=0.998` the warm-up value reaches the decay at step 4490.
+    """
+    return min(decay, (step + 1.0) / (step + 10.0))
+
+
+def warmup_end_step(decay: float) -> int:
+    """First 0-based optimizer step at which `warmup_decay` equals `decay`.
+
+    `(t + 1) / (t + 10) >= decay` holds from `t = 9 * decay / (1 - decay) - 1`:
+    0.968 -> 272, 0.984 -> 553, 0.992 -> 1115, 0.996 -> 2240, 0.998 -> 4490.
+    """
+    # The tolerance absorbs the rounding of 9 * 0.998 / 0.002 = 4491.000000004.
+    return max(0, math.ceil(9.0 * decay / (1.0 - decay) - 1e-6) - 1)
+
+
+def _validate_decays(decays):
+    if isinstance(decays, (int, float)):
+        decays = (decays,)
+    try:
+        decays = tuple(float(d) for d in decays)
+    except (TypeError, ValueError):
+        raise ValueError(
+            "Invalid value for argument `decays`: expected a sequence of "
+            f"floats in (0, 1). Received: decays={decays!r}"
+        ) from None
+    if not decays:
+        raise ValueError(
+            "Invalid value for argument `decays`: at least one decay is "
+            "needed, e.g. decays=(0.99,). Received: decays=()"
+        )
+    for d in decays:
+        if not 0.0 < d < 1.0 or not math.isfinite(d):
+            raise ValueError(
+                "Invalid value for argument `decays`: every decay must lie "
+                f"strictly between 0 and 1. Received: decays={decays} "
+                f"(bad value: {d})"
+            )
+    if len(set(decays)) != len(decays):
+        raise ValueError(
+            "Invalid value for argument `decays`: decays must be distinct. "
+            f"Received: decays={decays}"
+        )
+    return decays
+
+
+def _is_batch_norm(layer):
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def batch_norm_statistics(model):
+    """The moving mean and variance variables of every BatchNorm in `model`."""
+    stats = []
+    for layer in model._flatten_layers(include_self=False):
+        if _is_batch_norm(layer) and layer.built:
+            stats += [layer.moving_mean, layer.moving_variance]
+    return stats
+
+
+class MultiEMA(keras.callbacks.Callback):
+    """Keeps several exponential moving averages (EMAs) of the model weights.
+
+    One training run yields one EMA per decay, so the averaging window is
+    chosen after training instead of by repeated runs. Every `period`
+    optimizer steps each EMA `s` of a weight `w` is updated as
+
+    ```
+    a = min(decay, (t + 1) / (t + 10))   # with `warmup`, else a = decay
+    s = a * s + (1 - a) * w
+    ```
+
+    where `t` is the 0-based index of the optimizer step just taken, counting
+    every step since training began (as `tf.train.ExponentialMovingAverage`
+    with `num_updates` set to the global step). Updating every `period` steps
+    makes the per-step decay `decay ** (1 / period)`: 0.998 at period 16 acts
+    like 0.99987 per step. All EMAs are updated in one compiled call.
+
+    The averaged variables are every float variable of `model.weights`:
+    trainable weights and, with `average_batch_norm`, the BatchNorm moving
+    mean and variance, so the EMA model's statistics are the EMA of the live
+    model's (Cai et al., 2021). The EMAs start equal to the weights at the
+    start of training.
+
+    With `validation_data`, every EMA is evaluated at the end of each epoch
+    and its metrics are added to the logs as `ema_<decay>_val_<metric>` (for
+    example `ema_0.998_val_accuracy`), where `History`, `CSVLogger` and
+    `ModelCheckpoint` placed after this callback see them. The best epoch of
+    each EMA by highest validation accuracy and by lowest validation loss is
+    kept in `best`.
+
+    If a live weight holds a NaN or an infinity when an update is due, the
+    update is skipped (the EMAs stay finite) and a warning names the steps at
+    the end of the epoch; `raise_on_nonfinite=True` raises instead.
+
+    Several `fit()` calls on the same model continue the same EMAs; call
+    `reset()` to start again from the current weights.
+
+    Args:
+        decays: sequence of floats in (0, 1), distinct. The EMA decays.
+            Defaults to `(0.968, 0.984, 0.992, 0.996, 0.998)`.
+        period: int >= 1. Optimizer steps between two updates; with
+            `steps_per_execution > 1`, each multiple of `period` crossed counts
+            as one update. Defaults to `16`.
+        warmup: bool. Whether to use the warm-up decay above. Defaults to
+            `True`.
+        average_batch_norm: bool. Whether the BatchNorm moving statistics are
+            averaged too; if `False`, the EMA model uses the live model's
+            statistics. Defaults to `True`.
+        validation_data: data for `model.evaluate` (a tuple `(x, y)`, a
+            `tf.data.Dataset` or a `keras.utils.PyDataset`) on which every EMA
+            is evaluated at each epoch end, or `None`. Defaults to `None`.
+        validation_batch_size: int or `None`. Batch size of that evaluation
+            for array inputs. Defaults to `None` (32).
+        recompute_batch_norm_data: data for `recompute_batch_norm_statistics`,
+            or `None`. If given, each EMA's BatchNorm statistics are recomputed
+            on it before its evaluation (the live model is not affected).
+            Defaults to `None`.
+        best_weights_dir: str or `None`. If given, the weights of each EMA at
+            its best epoch are written there as
+            `ema_<decay>_best_accuracy.weights.h5` and
+            `ema_<decay>_best_loss.weights.h5` (written to a temporary file,
+            then renamed). Defaults to `None`.
+        backup_dir: str or `None`. If given, the whole state is written there
+            at each epoch end, and a run that resumes at the same optimizer
+            step (for example through `keras.callbacks.BackupAndRestore` with
+            `save_freq="epoch"`) restores it. Defaults to `None`.
+        raise_on_nonfinite: bool. Raise `FloatingPointError` instead of
+            skipping an update on non-finite weights. Defaults to `False`.
+        jit_compile: bool. Compile the update with XLA. Defaults to `True`.
+        verbose: int. 1 prints the decay schedule at the start of training.
+            Defaults to `1`.
+
+    Example:
+
+    ```python
+    ema = keras_ema.MultiEMA(validation_data=(x_val, y_val))
+    model.fit(x, y, epochs=100, callbacks=[ema])
+    print(ema.best[0.998]["loss"])           # {"epoch": ..., "value": ...}
+    with ema.swapped_in(0.998):
+        model.evaluate(x_test, y_test)
+    shipped = ema.ema_model(0.998)
+    ```
+    """
+
+    def __init__(
+        self,
+        decays=DEFAULT_DECAYS,
+        period=16,
+        warmup=True,
+        average_batch_norm=True,
+        validation_data=None,
+        validation_batch_size=None,
+        recompute_batch_norm_data=None,
+        best_weights_dir=None,
+        backup_dir=None,
+        raise_on_nonfinite=False,
+        jit_compile=True,
+        verbose=1,
+    ):
+        super().__init__()
+        self.decays = _validate_decays(decays)
+        if isinstance(period, bool) or not isinstance(period, (int, np.integer)):
+            raise ValueError(
+                "Invalid value for argument `period`: expected an int >= 1. "
+                f"Received: period={period!r}"
+            )
+        if period < 1:
+            raise ValueError(
+                "Invalid value for argument `period`: expected an int >= 1. "
+                f"Received: period={period}"
+            )
+        self.period = int(period)
+        self.warmup = bool(warmup)
+        self.average_batch_norm = bool(average_batch_norm)
+        self.validation_data = validation_data
+        self.validation_batch_size = validation_batch_size
+        self.recompute_batch_norm_data = recompute_batch_norm_data
+        self.best_weights_dir = best_weights_dir
+        self.backup_dir = backup_dir
+        self.raise_on_nonfinite = bool(raise_on_nonfinite)
+        self.jit_compile = bool(jit_compile)
+        self.verbose = verbose
+        self.best = {}
+        self.skipped_steps = []
+        self._owner = None  # the model the shadows belong to
+        self._variables = None
+        self._shadows = None
+        self._update = None
+        self._step = 0
+        self._attempted = 0
+        self._pending = []
+        self._swapped = None
+        self._epoch_start_step = 0
+
+    # === Schedule ===
+
+    def decays_at(self, step: int) -> np.ndarray:
+        """The decays of the update made right after 0-based step `step`."""
+        if not self.warmup:
+            return np.asarray(self.decays, np.float64)
+        return np.asarray([warmup_decay(d, step) for d in self.decays])
+
+    def schedule_summary(self, total_steps=None) -> str:
+        """A table: per-step decay and warm-up end of every EMA."""
+        lines = [
+            f"MultiEMA: {len(self.decays)} EMAs, one update every "
+            f"{self.period} optimizer steps"
+            + (", warm-up min(a, (t+1)/(t+10))" if self.warmup else "")
+        ]
+        for d in self.decays:
+            per_step = d ** (1.0 / self.period)
+            line = f"  decay {d}: per-step equivalent {per_step:.6f}"
+            if self.warmup:
+                line += f", warm-up ends at step {warmup_end_step(d)}"
+            lines.append(line)
+        return "\n".join(lines)
+
+    def _warn_short_run(self, total_steps):
+        if not self.warmup or not total_steps:
+            return
+        late = [d for d in self.decays if warmup_end_step(d) >= total_steps]
+        if len(late) > 1:
+            warnings.warn(
+                f"MultiEMA: the run has {total_steps} optimizer steps, fewer "
+                f"than the warm-up of decays {late}; those EMAs stay identical "
+                "to each other. Use smaller decays or a longer run.",
+                stacklevel=2,
+            )
+
+    # === State ===
+
+    def _averaged_variables(self, model):
+        skip = set()
+        if not self.average_batch_norm:
+            skip = {id(v) for v in batch_norm_statistics(model)}
+        return [
+            v
+            for v in model.weights
+            if "float" in str(v.dtype) and id(v) not in skip
+        ]
+
+    def _build(self, model):
+        if not model.built:
+            raise ValueError(
+                "MultiEMA needs a built model: call the model on a batch or "
+                "`model.build(input_shape)` before using it. Received an "
+                f"unbuilt model: {model.name}"
+            )
+        variables = self._averaged_variables(model)
+        if not variables:
+            raise ValueError(
+                f"MultiEMA found no float variables to average in model "
+                f"{model.name}."
+            )
+        m = len(self.decays)
+        with _backend.strategy_scope(model):
+            shadows = [
+                keras.Variable(
+                    keras.ops.broadcast_to(
+                        keras.ops.cast(v, "float32")[None], (m,) + tuple(v.shape)
+                    ),
+                    dtype="float32",
+                    trainable=False,
+                    name=f"ema_{i}",
+                )
+                for i, v in enumerate(variables)
+            ]
+        self._owner = model
+        self._variables = variables
+        self._shadows = shadows
+        self._update = _backend.make_ema_update(
+            shadows, variables, jit_compile=self.jit_compile
+        )
+        self._attempted = 0
+        self._pending = []
+        self.skipped_steps = []
+        self.best = {}
+
+    def reset(self):
+        """Forgets the EMAs; the next training batch restarts them."""
+        self._owner = None
+        self._variables = None
+        self._shadows = None
+        self._update = None
+        self.best = {}
+        self.skipped_steps = []
+
+    @property
+    def num_updates(self) -> int:
+        """EMA updates applied so far (skipped ones not counted)."""
+        self._flush_pending()
+        return self._attempted - len(self.skipped_steps)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps seen so far."""
+        return self._step
+
+    def get_state(self) -> dict:
+        """Everything needed to continue these EMAs, as numpy and python data."""
+        self._require_built()
+        self._flush_pending()
+        return {
+            "decays": list(self.decays),
+            "period": self.period,
+            "warmup": self.warmup,
+            "average_batch_norm": self.average_batch_norm,
+            "step": self._step,
+            "attempted": self._attempted,
+            "skipped_steps": list(self.skipped_steps),
+            "best": {repr(d): v for d, v in self.best.items()},
+            "paths": [v.path for v in self._variables],
+            "shadows": [keras.ops.convert_to_numpy(s) for s in self._shadows],
+        }
+
+    def set_state(self, state: dict):
+        """Restores a state from `get_state`, for the same model and decays."""
+        self._require_built()
+        for key in ("decays", "period", "warmup", "average_batch_norm"):
+            mine = getattr(self, key)
+            theirs = state[key]
+            if key == "decays":
+                mine, theirs = list(mine), [float(d) for d in theirs]
+            if mine != theirs:
+                raise ValueError(
+                    f"Cannot restore a MultiEMA state with {key}={theirs} into "
+                    f"a MultiEMA with {key}={mine}. Use the same arguments."
+                )
+        if len(state["shadows"]) != len(self._shadows):
+            raise ValueError(
+                f"Cannot restore a MultiEMA state of {len(state['shadows'])} "
+                f"variables into a model with {len(self._shadows)} averaged "
+                "variables. Restore it into the model it was saved from."
+            )
+        for s, value in zip(self._shadows, state["shadows"]):
+            s.assign(np.asarray(value, np.float32))
+        self._step = int(state["step"])
+        self._attempted = int(state["attempted"])
+        self.skipped_steps = list(state["skipped_steps"])
+        self._pending = []
+        self.best = {float(d): v for d, v in state["best"].items()}
+
+    def _state_files(self):
+        pattern = os.path.join(self.backup_dir, f"{_STATE_PREFIX}*.npz")
+        return sorted(glob.glob(pattern))
+
+    def _save_backup(self):
+        state = self.get_state()
+        shadows = state.pop("shadows")
+        os.makedirs(self.backup_dir, exist_ok=True)
+        path = os.path.join(
+            self.backup_dir, f"{_STATE_PREFIX}{self._step:012d}.npz"
+        )
+        tmp = path + ".tmp.npz"
+        np.savez(
+            tmp,
+            meta=np.asarray(json.dumps(state)),
+            **{f"s{i}": s for i, s in enumerate(shadows)},
+        )
+        os.replace(tmp, path)
+        # Keep the two newest: a kill between this file and the model's own
+        # backup leaves the model one epoch behind, and that state is kept.
+        for old in self._state_files()[:-2]:
+            os.remove(old)
+
+    def _restore_backup(self, step):
+        files = self._state_files()
+        path = os.path.join(self.backup_dir, f"{_STATE_PREFIX}{step:012d}.npz")
+        if path not in files:
+            if files:
+                warnings.warn(
+                    f"MultiEMA: no saved state at optimizer step {step} in "
+                    f"{self.backup_dir} (found {os.path.basename(files[-1])}); "
+                    "the EMAs restart from the current weights.",
+                    stacklevel=2,
+                )
+            return False
+        with np.load(path) as data:
+            state = json.loads(str(data["meta"]))
+            n = len([k for k in data.files if k.startswith("s")])
+            state["shadows"] = [data[f"s{i}"] for i in range(n)]
+        self.set_state(state)
+        return True
+
+    def _require_built(self):
+        if self._shadows is None:
+            raise ValueError(
+                "MultiEMA has no EMAs yet: they are created when training "
+                "starts. Call `model.fit(..., callbacks=[ema])` first."
+            )
+
+    # === Training hooks ===
+
+    def on_train_begin(self, logs=None):
+        if self.verbose:
+            print(self.schedule_summary(), flush=True)
+        epochs, steps = self.params.get("epochs"), self.params.get("steps")
+        if epochs and steps:
+            self._warn_short_run(epochs * steps)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        model = self.model
+        step = self._optimizer_step()
+        if self._owner is not model:
+            self._build(model)
+            self._step = step
+            if self.backup_dir:
+                self._restore_backup(step)
+        elif step != self._step:
+            # The optimizer moved without us (weights loaded, another fit):
+            # continue counting from its step.
+            self._step = step
+        self._epoch_start_step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Keras passes the index of the last batch of the execution, which for
+        # a final partial execution (steps_per_execution > 1) lies past the
+        # epoch's end: clamp it, or ask the optimizer when the length is unknown.
+        steps = self.params.get("steps") if self.params else None
+        if steps:
+            step = self._epoch_start_step + min(batch + 1, steps)
+        else:
+            step = self._optimizer_step()
+        previous, self._step = self._step, step
+        first = previous // self.period + 1
+        last = step // self.period
+        if last < first:
+            return
+        # One update per multiple of `period` crossed, each with the decay of
+        # the step it belongs to, all applied to the current weights.
+        decays = np.ones(len(self.decays))
+        for m in range(first, last + 1):
+            decays *= self.decays_at(m * self.period - 1)
+        self._apply(decays.astype(np.float32), step)
+        self._attempted += last - first + 1
+
+    def _optimizer_step(self):
+        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def _apply(self, decays, step):
+        self.model  # on JAX, attaches the training state to the variables
+        applied = self._update(decays)
+        self._pending.append((step, applied))
+        if self.raise_on_nonfinite:
+            self._flush_pending()
+
+    def _flush_pending(self):
+        pending, self._pending = self._pending, []
+        bad = [s for s, ok in pending if not bool(keras.ops.convert_to_numpy(ok))]
+        if not bad:
+            return
+        self.skipped_steps += bad
+        if self.raise_on_nonfinite:
+            raise FloatingPointError(
+                f"MultiEMA: the model weights are not finite at optimizer step "
+                f"{bad[0]}. Lower the learning rate or check the data; pass "
+                "raise_on_nonfinite=False to skip such updates instead."
+            )
+        warnings.warn(
+            f"MultiEMA: skipped the EMA update at optimizer steps {bad} "
+            "because the model weights held NaN or infinite values; the EMAs "
+            "keep their last finite values.",
+            stacklevel=2,
+        )
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._shadows is None:
+            return
+        self._flush_pending()
+        if self.validation_data is not None:
+            results = self.evaluate(self.validation_data)
+            for decay, metrics in results.items():
+                for key, value in metrics.items():
+                    if logs is not None:
+                        logs[f"ema_{decay}_val_{key}"] = value
+                self._update_best(decay, epoch, metrics)
+        if self.backup_dir:
+            self._save_backup()
+
+    def _update_best(self, decay, epoch, metrics):
+        record = self.best.setdefault(decay, {})
+        candidates = []
+        acc_key = next((k for k in _ACCURACY_KEYS if k in metrics), None)
+        if acc_key is not None:
+            candidates.append(("accuracy", metrics[acc_key], 1.0))
+        if "loss" in metrics:
+            candidates.append(("loss", metrics["loss"], -1.0))
+        for criterion, value, sign in candidates:
+            old = record.get(criterion)
+            if not math.isfinite(value):
+                continue
+            if old is None or sign * value > sign * old["value"]:
+                record[criterion] = {"epoch": int(epoch), "value": float(value)}
+                if self.best_weights_dir:
+                    self.save_weights(
+                        decay,
+                        os.path.join(
+                            self.best_weights_dir,
+                            f"ema_{decay}_best_{criterion}.weights.h5",
+                        ),
+                    )
+
+    # === Using the EMAs ===
+
+    def _index(self, decay):
+        self._require_built()
+        try:
+            return self.decays.index(float(decay))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"Invalid decay: {decay!r} is not one of the kept decays "
+                f"{self.decays}."
+            ) from None
+
+    @contextlib.contextmanager
+    def swapped_in(self, decay):
+        """Context manager: the EMA of `decay` in the model, live weights after.
+
+        Every variable of the model is copied aside, the EMA values are
+        assigned (exact copies, no arithmetic), and on exit, also through an
+        exception, the copies are assigned back bit for bit. Swaps cannot be
+        nested.
+        """
+        i = self._index(decay)
+        if self._swapped is not None:
+            raise ValueError(
+                f"The EMA with decay {self._swapped} is already swapped in; "
+                f"leave that `swapped_in` block before swapping in {decay}."
+            )
+        model = self.model
+        everything = model.weights
+        saved = _backend.snapshot(everything)
+        self._swapped = decay
+        try:
+            for v, s in zip(self._variables, self._shadows):
+                v.assign(keras.ops.cast(s[i], v.dtype))
+            yield model
+        finally:
+            for v, value in zip(everything, saved):
+                v.assign(value)
+            self._swapped = None
+
+    def ema_weights(self, decay) -> list:
+        """`model.get_weights()` with the EMA of `decay` in place of the live values."""
+        i = self._index(decay)
+        averaged = {id(v): s for v, s in zip(self._variables, self._shadows)}
+        out = []
+        for v in self._owner.weights:
+            value = averaged.get(id(v))
+            if value is None:
+                out.append(keras.ops.convert_to_numpy(v))
+            else:
+                out.append(keras.ops.convert_to_numpy(value[i]).astype(v.dtype))
+        return out
+
+    def save_weights(self, decay, path: str):
+        """Writes the model weights with the EMA of `decay` to `path` (.weights.h5).
+
+        The file is written under a temporary name and renamed, so a crash
+        never leaves a truncated file at `path`.
+        """
+        if not path.endswith(".weights.h5"):
+            raise ValueError(
+                f"Invalid path {path!r}: weight files must end in `.weights.h5`."
+            )
+        directory = os.path.dirname(path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        tmp = path[: -len(".weights.h5")] + ".tmp.weights.h5"
+        with self.swapped_in(decay) as model:
+            model.save_weights(tmp, overwrite=True)
+        os.replace(tmp, path)
+
+    def ema_model(self, decay) -> keras.Model:
+        """An independent copy of the model holding the EMA of `decay`.
+
+        The copy is compiled like the original when that is possible; the
+        live model is not touched.
+        """
+        weights = self.ema_weights(decay)
+        model = self._owner
+        clone = keras.models.clone_model(model)
+        clone.set_weights(weights)
+        if getattr(model, "compiled", False):
+            try:
+                clone.compile_from_config(model.get_compile_config())
+            except Exception:  # an uncompiled copy is still a usable model
+                pass
+        return clone
+
+    def evaluate(self, data, batch_size=None) -> dict:
+        """`model.evaluate` of every EMA: `{decay: {metric: value}}`."""
+        batch_size = batch_size or self.validation_batch_size
+        results = {}
+        for decay in self.decays:
+            with self.swapped_in(decay) as model:
+                if self.recompute_batch_norm_data is not None:
+                    from keras_ema.batch_norm import recompute_batch_norm_statistics
+
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        recompute_batch_norm_statistics(
+                            model, self.recompute_batch_norm_data
+                        )
+                results[decay] = _evaluate(model, data, batch_size)
+        return results
+
+
+def _evaluate(model, data, batch_size):
+    if isinstance(data, (tuple, list)):
+        x, y = data[0], data[1]
+        sample_weight = data[2] if len(data) > 2 else None
+        return model.evaluate(
+            x, y, sample_weight=sample_weight, batch_size=batch_size,
+            verbose=0, return_dict=True,
+        )
+    return model.evaluate(data, verbose=0, return_dict=True)

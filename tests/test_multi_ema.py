@@ -1,0 +1,362 @@
+import math
+
+import keras
+import numpy as np
+import pytest
+
+import keras_ema
+from keras_ema import MultiEMA
+
+pytestmark = pytest.mark.all_backends
+
+DECAYS = (0.5, 0.9)
+
+
+def tiny_model(steps_per_execution=1):
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(8, name="d1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU()(x)
+    outputs = keras.layers.Dense(3, name="d2")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+    )
+    return model
+
+
+def data(n=40, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    y = rng.integers(0, 3, size=(n,)).astype("int32")
+    return x, y
+
+
+class Recorder(keras.callbacks.Callback):
+    """Records (optimizer step, all weights) at the start and after each batch."""
+
+    def on_train_begin(self, logs=None):
+        self.records = [(self._step(), self.model.get_weights())]
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.records.append((self._step(), self.model.get_weights()))
+
+    def _step(self):
+        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+
+def reference_ema(records, decays, period, warmup, averaged):
+    """Numpy EMAs over the recorded trajectory; `averaged[j]` says if weight j is."""
+    start = records[0][1]
+    shadows = [[np.array(w, np.float64) for w in start] for _ in decays]
+    previous = records[0][0]
+    for step, weights in records[1:]:
+        for m in range(previous // period + 1, step // period + 1):
+            t = m * period - 1
+            for k, alpha in enumerate(decays):
+                a = min(alpha, (t + 1) / (t + 10)) if warmup else alpha
+                for j, w in enumerate(weights):
+                    shadows[k][j] = a * shadows[k][j] + (1 - a) * w
+        previous = step
+    final = records[-1][1]
+    return [
+        [s if averaged[j] else final[j] for j, s in enumerate(per_decay)]
+        for per_decay in shadows
+    ]
+
+
+def bn_stat_mask(model):
+    bn = model.get_layer("bn")
+    stats = {id(bn.moving_mean), id(bn.moving_variance)}
+    return [id(v) in stats for v in model.weights]
+
+
+@pytest.mark.parametrize(
+    "period,spe,warmup,average_bn",
+    [
+        (1, 1, True, True),
+        (3, 1, True, True),
+        (16, 1, True, True),
+        (1, 4, True, True),
+        (3, 4, True, True),
+        (16, 4, True, True),
+        (3, 1, False, True),
+        (3, 4, True, False),
+    ],
+)
+def test_shadows_match_numpy_reference(period, spe, warmup, average_bn):
+    model = tiny_model(spe)
+    x, y = data()
+    recorder = Recorder()
+    ema = MultiEMA(DECAYS, period=period, warmup=warmup,
+                   average_batch_norm=average_bn, verbose=0)
+    model.fit(x, y, batch_size=4, epochs=3, shuffle=False, verbose=0,
+              callbacks=[recorder, ema])
+    assert recorder.records[-1][0] == 30
+    is_bn = bn_stat_mask(model)
+    averaged = [not (b and not average_bn) for b in is_bn]
+    expected = reference_ema(recorder.records, DECAYS, period, warmup, averaged)
+    assert ema.num_updates == sum(
+        (s // period - p // period)
+        for (p, _), (s, _) in zip(recorder.records, recorder.records[1:])
+    )
+    for k, decay in enumerate(DECAYS):
+        got = ema.ema_weights(decay)
+        for j, (g, e) in enumerate(zip(got, expected[k])):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6,
+                                       err_msg=f"decay {decay} weight {j}")
+    # The EMAs really differ from the live weights and from each other.
+    live = model.get_weights()
+    assert not np.allclose(ema.ema_weights(0.9)[0], live[0])
+    assert not np.allclose(ema.ema_weights(0.5)[0], ema.ema_weights(0.9)[0])
+
+
+def test_batch_norm_statistics_live_when_not_averaged():
+    model = tiny_model()
+    x, y = data()
+    ema = MultiEMA(DECAYS, period=1, average_batch_norm=False, verbose=0)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[ema])
+    bn = model.get_layer("bn")
+    with ema.swapped_in(0.9):
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(bn.moving_mean),
+            keras.ops.convert_to_numpy(bn.moving_mean),
+        )
+        mean_in_swap = keras.ops.convert_to_numpy(bn.moving_mean)
+        kernel_in_swap = keras.ops.convert_to_numpy(model.get_layer("d1").kernel)
+    np.testing.assert_array_equal(
+        mean_in_swap, keras.ops.convert_to_numpy(bn.moving_mean)
+    )
+    assert not np.array_equal(
+        kernel_in_swap, keras.ops.convert_to_numpy(model.get_layer("d1").kernel)
+    )
+
+
+def test_validation_metrics_equal_evaluate_inside_swap():
+    model = tiny_model()
+    x, y = data()
+    xv, yv = data(24, seed=2)
+    ema = MultiEMA(DECAYS, period=2, validation_data=(xv, yv), verbose=0)
+    history = model.fit(x, y, batch_size=4, epochs=3, verbose=0,
+                        callbacks=[ema])
+    for decay in DECAYS:
+        with ema.swapped_in(decay) as m:
+            expected = m.evaluate(xv, yv, verbose=0, return_dict=True)
+        for key in ("loss", "accuracy"):
+            got = history.history[f"ema_{decay}_val_{key}"]
+            assert len(got) == 3
+            assert got[-1] == pytest.approx(expected[key], rel=1e-5, abs=1e-6)
+        losses = history.history[f"ema_{decay}_val_loss"]
+        accs = history.history[f"ema_{decay}_val_accuracy"]
+        assert ema.best[decay]["loss"]["value"] == pytest.approx(min(losses))
+        assert ema.best[decay]["loss"]["epoch"] == int(np.argmin(losses))
+        assert ema.best[decay]["accuracy"]["value"] == pytest.approx(max(accs))
+        assert ema.best[decay]["accuracy"]["epoch"] == int(np.argmax(accs))
+
+
+def test_best_weights_are_saved(tmp_path):
+    model = tiny_model()
+    x, y = data()
+    ema = MultiEMA(DECAYS, period=1, validation_data=(x, y),
+                   best_weights_dir=str(tmp_path), verbose=0)
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[ema])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(
+        f"ema_{d}_best_{c}.weights.h5" for d in DECAYS for c in ("accuracy", "loss")
+    )
+    # The file of the last-epoch best holds that epoch's EMA.
+    if ema.best[0.9]["loss"]["epoch"] == 1:
+        other = tiny_model()
+        other.load_weights(str(tmp_path / "ema_0.9_best_loss.weights.h5"))
+        for a, b in zip(other.get_weights(), ema.ema_weights(0.9)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_swap_restores_bit_for_bit_also_on_exception():
+    model = tiny_model()
+    x, y = data()
+    ema = MultiEMA(DECAYS, period=1, verbose=0)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[ema])
+    before = model.get_weights()
+    with ema.swapped_in(0.5):
+        inside = model.get_weights()
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(inside, ema.ema_weights(0.5)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ema.swapped_in(0.9):
+            raise RuntimeError("boom")
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="already swapped in"):
+        with ema.swapped_in(0.9):
+            with ema.swapped_in(0.5):
+                pass
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ema_model_is_independent_and_predicts_like_the_swap():
+    model = tiny_model()
+    x, y = data()
+    ema = MultiEMA(DECAYS, period=1, verbose=0)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[ema])
+    before = model.get_weights()
+    shipped = ema.ema_model(0.9)
+    with ema.swapped_in(0.9) as m:
+        expected = m.predict(x, verbose=0)
+    np.testing.assert_allclose(shipped.predict(x, verbose=0), expected,
+                               rtol=1e-6, atol=1e-6)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert shipped.evaluate(x, y, verbose=0) is not None  # compiled copy
+
+
+def test_nonfinite_weights_skip_the_update_and_warn():
+    model = tiny_model()
+    x, y = data(8)
+
+    class Poison(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 0:
+                w = self.model.get_layer("d2").bias
+                w.assign(np.full(w.shape, np.nan, "float32"))
+
+    ema = MultiEMA(DECAYS, period=1, verbose=0)
+    with pytest.warns(UserWarning, match="skipped the EMA update"):
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0,
+                  callbacks=[Poison(), ema])
+    assert ema.skipped_steps == [1, 2]
+    assert ema.num_updates == 0
+    for w in ema.ema_weights(0.9):
+        assert np.all(np.isfinite(w))
+
+    model = tiny_model()
+    ema = MultiEMA(DECAYS, period=1, raise_on_nonfinite=True, verbose=0)
+    with pytest.raises(FloatingPointError, match="step 1"):
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0,
+                  callbacks=[Poison(), ema])
+
+
+class StopAtEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_resume_with_backup_and_restore_matches_uninterrupted(tmp_path):
+    x, y = data()
+    xv, yv = data(12, seed=3)
+
+    def run(callbacks_extra, backup):
+        keras.utils.set_random_seed(7)
+        model = tiny_model()
+        ema = MultiEMA(DECAYS, period=3, validation_data=(xv, yv),
+                       backup_dir=backup, verbose=0)
+        callbacks = [ema]
+        if backup:
+            callbacks.append(keras.callbacks.BackupAndRestore(backup))
+        model.fit(x, y, batch_size=4, epochs=4, shuffle=False, verbose=0,
+                  callbacks=callbacks + callbacks_extra)
+        return model, ema
+
+    model_a, ema_a = run([], None)
+    backup = str(tmp_path / "backup")
+    with pytest.raises(KeyboardInterrupt):
+        run([StopAtEpoch(2)], backup)
+    model_b, ema_b = run([], backup)
+    assert ema_b.step == ema_a.step == 40
+    assert ema_b.num_updates == ema_a.num_updates
+    for decay in DECAYS:
+        for criterion in ("accuracy", "loss"):
+            a, b = ema_a.best[decay][criterion], ema_b.best[decay][criterion]
+            assert a["epoch"] == b["epoch"]
+            assert a["value"] == pytest.approx(b["value"], rel=1e-6)
+    for decay in DECAYS:
+        for a, b in zip(ema_a.ema_weights(decay), ema_b.ema_weights(decay)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # Without its state the resumed run would restart the EMAs (and the test
+    # above could not pass): check the files were really used.
+    assert ema_b.num_updates == 13
+
+
+def test_warmup_end_steps_and_schedule_summary():
+    assert [keras_ema.warmup_end_step(d) for d in keras_ema.DEFAULT_DECAYS] == [
+        272, 553, 1115, 2240, 4490
+    ]
+    # At the end step the warm-up value reaches the decay, one step before not.
+    for d in keras_ema.DEFAULT_DECAYS:
+        t = keras_ema.warmup_end_step(d)
+        assert (t + 1) / (t + 10) >= d - 1e-12
+        assert t / (t + 9) < d
+    assert keras_ema.warmup_decay(0.998, 0) == pytest.approx(0.1)
+    text = MultiEMA(period=16, verbose=0).schedule_summary()
+    assert f"{0.998 ** (1 / 16):.6f}" in text and "4490" in text
+
+
+def test_short_run_warns():
+    model = tiny_model()
+    x, y = data(8)
+    with pytest.warns(UserWarning, match="stay identical"):
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0,
+                  callbacks=[MultiEMA((0.99, 0.999), verbose=0)])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(decays=(0.9, 1.0)), r"decays=\(0.9, 1.0\)"),
+        (dict(decays=(0.0,)), "strictly between 0 and 1"),
+        (dict(decays=()), r"decays=\(\)"),
+        (dict(decays=(0.9, 0.9)), "distinct"),
+        (dict(decays="abc"), "decays='abc'"),
+        (dict(period=0), "period=0"),
+        (dict(period=2.5), "period=2.5"),
+        (dict(period=True), "period=True"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MultiEMA(**kwargs)
+
+
+def test_use_before_training_and_unknown_decay():
+    ema = MultiEMA(DECAYS, verbose=0)
+    with pytest.raises(ValueError, match="fit"):
+        with ema.swapped_in(0.9):
+            pass
+    model = tiny_model()
+    x, y = data(8)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[ema])
+    with pytest.raises(ValueError, match=r"0\.7 is not one of the kept decays"):
+        with ema.swapped_in(0.7):
+            pass
+
+
+def test_unbuilt_model_is_refused():
+    model = keras.Sequential([keras.layers.Dense(2)])
+    ema = MultiEMA(DECAYS, verbose=0)
+    ema.set_model(model)
+    with pytest.raises(ValueError, match="built model"):
+        ema._build(model)
+
+
+def test_update_is_one_compiled_call_without_retracing():
+    model = tiny_model()
+    x, y = data()
+    ema = MultiEMA(DECAYS, period=1, verbose=0)
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[ema])
+    if keras.backend.backend() == "tensorflow":
+        fn = ema._update.__closure__
+        traced = [c.cell_contents for c in fn if hasattr(c.cell_contents,
+                                                          "experimental_get_tracing_count")]
+        assert traced and traced[0].experimental_get_tracing_count() == 1
+    assert math.isclose(ema.num_updates, 20)

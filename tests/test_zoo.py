@@ -1,0 +1,331 @@
+"""Tests for zoo models: parameter counts, shapes, training, serialization.
+
+Parameter counts follow PyTorch's `sum(p.numel() for p in model.parameters())`:
+conv kernels, conv/dense biases, dense kernels and BN gamma + beta. BN moving
+mean/variance are buffers in PyTorch and non-trainable weights in Keras; they
+are counted separately.
+"""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import zoo
+from zoo import resnet
+from zoo import vgg
+from zoo import wide_resnet
+
+pytestmark = pytest.mark.all_backends
+
+NARROW = 0.125  # ResNet-18 stacks 8/16/32/64 filters, WRN-28-10 2/20/40/80.
+
+
+# --- Independent parameter count, from the architecture description ---------
+
+
+def _conv(k, cin, cout, bias=False):
+    return k * k * cin * cout + (cout if bias else 0)
+
+
+def _bn(c):
+    return 2 * c  # gamma + beta
+
+
+def _dense(cin, cout):
+    return (cin + 1) * cout
+
+
+def _resnet_count(blocks, filters=(64, 128, 256, 512), num_classes=10):
+    """(params, bn_channels) of the CIFAR ResNet with projection shortcuts."""
+    params = _conv(3, 3, filters[0]) + _bn(filters[0])
+    bn_channels = filters[0]
+    cin = filters[0]
+    for stack, (n, f) in enumerate(zip(blocks, filters)):
+        for block in range(n):
+            stride = 2 if stack > 0 and block == 0 else 1
+            params += _conv(3, cin, f) + _bn(f) + _conv(3, f, f) + _bn(f)
+            bn_channels += 2 * f
+            if stride != 1 or cin != f:
+                params += _conv(1, cin, f) + _bn(f)
+                bn_channels += f
+            cin = f
+    return params + _dense(cin, num_classes), bn_channels
+
+
+def _wrn_count(depth, k, num_classes=10):
+    """(params, bn_channels) of WRN-d-k as in xternalz/WideResNet-pytorch."""
+    n = (depth - 4) // 6
+    params, bn_channels, cin = _conv(3, 3, 16), 0, 16
+    for w in (16 * k, 32 * k, 64 * k):
+        for _ in range(n):
+            params += _bn(cin) + _conv(3, cin, w) + _bn(w) + _conv(3, w, w)
+            bn_channels += cin + w
+            if cin != w:
+                params += _conv(1, cin, w)
+            cin = w
+    params += _bn(cin) + _dense(cin, num_classes)
+    return params, bn_channels + cin
+
+
+def _vgg_count(batch_norm, num_classes=10):
+    """(params, bn_channels) of CIFAR VGG-16 with one linear classifier."""
+    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M"]
+    cfg += [512, 512, 512, "M", 512, 512, 512, "M"]
+    params, bn_channels, cin = 0, 0, 3
+    for v in cfg:
+        if v == "M":
+            continue
+        params += _conv(3, cin, v, bias=True) + (_bn(v) if batch_norm else 0)
+        bn_channels += v if batch_norm else 0
+        cin = v
+    return params + _dense(cin, num_classes), bn_channels
+
+
+def _trainable_and_buffers(model):
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    buffers = sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
+    return trainable, buffers
+
+
+@pytest.mark.parametrize(
+    "name, overrides, expected",
+    [
+        ("resnet18", {}, _resnet_count([2, 2, 2, 2])),
+        ("resnet34", {}, _resnet_count([3, 4, 6, 3])),
+        ("wrn28_10", {}, _wrn_count(28, 10)),
+        ("vgg16", {}, _vgg_count(batch_norm=False)),
+        ("vgg16", {"batch_norm": True}, _vgg_count(batch_norm=True)),
+    ],
+)
+def test_parameter_count_matches_architecture_formula(name, overrides, expected):
+    model = zoo.get_model(name, num_classes=10, **overrides)
+    params, bn_channels = expected
+    assert _trainable_and_buffers(model) == (params, 2 * bn_channels)
+    if not overrides:
+        assert zoo.MODELS[name][1]["params"] == params
+
+
+def test_parameter_counts_of_the_reference_pytorch_models():
+    # kuangliu/pytorch-cifar ResNet18() and xternalz WideResNet(28, 10, 10).
+    assert _resnet_count([2, 2, 2, 2])[0] == 11_173_962
+    assert _wrn_count(28, 10)[0] == 36_479_194
+    assert _vgg_count(batch_norm=True)[0] == 14_728_266
+    assert resnet.VARIANTS["resnet18"]["params"] == 11_173_962
+    assert wide_resnet.VARIANTS["wrn28_10"]["params"] == 36_479_194
+    assert vgg.VARIANTS["vgg16"]["params"] == 14_719_818
+
+
+def test_parameter_count_follows_num_classes_and_not_input_size():
+    small = zoo.get_model("resnet18", 200, (32, 32, 3), width=NARROW)
+    large = zoo.get_model("resnet18", 200, (64, 64, 3), width=NARROW)
+    filters = [8, 16, 32, 64]
+    expected = _resnet_count([2, 2, 2, 2], filters, num_classes=200)[0]
+    assert _trainable_and_buffers(small)[0] == expected
+    assert _trainable_and_buffers(large)[0] == expected
+
+
+# --- Shapes, names, stems -----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(zoo.MODELS))
+@pytest.mark.parametrize("size", [32, 64])
+def test_output_shape_and_head_names(name, size):
+    model = zoo.get_model(name, 7, (size, size, 3), width=NARROW)
+    logits = model.predict(np.zeros((2, size, size, 3), "float32"), verbose=0)
+    assert logits.shape == (2, 7)
+    assert model.layers[-1].name == "classifier"
+    assert model.get_layer("classifier").activation.__name__ == "linear"
+    assert model.get_layer("pool").output.shape[-1] == (
+        model.get_layer("classifier").kernel.shape[0]
+    )
+
+
+def test_resnet_stem_is_chosen_from_input_size():
+    assert zoo.get_model("resnet18", width=NARROW).resolved_stem == "cifar"
+    tiny = zoo.get_model("resnet18", 200, (64, 64, 3), width=NARROW)
+    assert tiny.resolved_stem == "downsample"
+    # The stacks see CIFAR-sized maps: 32 -> 16 -> 8 -> 4.
+    assert tiny.get_layer("stack0_block1_out").output.shape[1:3] == (32, 32)
+    assert tiny.get_layer("stack3_block1_out").output.shape[1:3] == (4, 4)
+    full = zoo.get_model(
+        "resnet18", 200, (64, 64, 3), width=NARROW, stem="cifar"
+    )
+    assert full.get_layer("stack3_block1_out").output.shape[1:3] == (8, 8)
+
+
+def test_width_scales_every_filter_count():
+    model = zoo.get_model("wrn28_10", width=0.01)
+    # 16 * 0.01 rounds to 0 and is clamped to 1; 160 * 0.01 = 1.6 -> 2.
+    assert model.get_layer("stem_conv").filters == 1
+    assert model.get_layer("group0_block0_1_conv").filters == 2
+    assert model.get_layer("group2_block3_2_conv").filters == 6
+
+
+def test_names_are_stable_across_builds():
+    first = [layer.name for layer in zoo.get_model("resnet18", width=NARROW).layers]
+    second = [layer.name for layer in zoo.get_model("resnet18", width=NARROW).layers]
+    assert first == second
+    assert "stack1_block0_0_conv" in first  # projection shortcut
+    assert "stack0_block0_0_conv" not in first  # identity shortcut
+
+
+# --- Training, weight decay ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("resnet18", {}),
+        ("resnet34", {}),
+        ("wrn28_10", {"dropout": 0.3}),
+        ("vgg16", {}),
+    ],
+)
+def test_one_training_step_changes_weights(name, overrides):
+    model = zoo.get_model(name, 5, width=NARROW, weight_decay=5e-4, **overrides)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 5, size=(8,))
+    before = keras.ops.convert_to_numpy(model.get_layer("classifier").kernel)
+    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    after = keras.ops.convert_to_numpy(model.get_layer("classifier").kernel)
+    assert np.isfinite(history.history["loss"][0])
+    assert not np.allclose(before, after)
+
+
+def test_weight_decay_is_half_l2_on_kernels_only():
+    weight_decay = 5e-4
+    model = zoo.get_model(
+        "resnet18", width=NARROW, weight_decay=weight_decay
+    )
+    kernels = [w for w in model.trainable_weights if "kernel" in w.path]
+    # One penalty per conv/dense kernel; none on BN gamma/beta or biases.
+    assert len(model.losses) == len(kernels)
+    expected = weight_decay / 2 * sum(
+        float(np.sum(keras.ops.convert_to_numpy(k) ** 2)) for k in kernels
+    )
+    total = float(sum(keras.ops.convert_to_numpy(loss) for loss in model.losses))
+    np.testing.assert_allclose(total, expected, rtol=1e-5)
+    assert zoo.get_model("vgg16", width=NARROW).losses == []
+
+
+# --- Serialization --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("resnet18", {"weight_decay": 1e-4}),
+        ("wrn28_10", {"dropout": 0.3, "weight_decay": 5e-4}),
+        ("vgg16", {"batch_norm": True}),
+    ],
+)
+def test_config_round_trip(name, overrides):
+    model = zoo.get_model(name, 3, width=NARROW, **overrides)
+    config = model.get_config()
+    clone = model.__class__.from_config(config)
+    assert clone.get_config() == config
+    assert [w.path for w in clone.weights] == [w.path for w in model.weights]
+    for key, value in overrides.items():
+        assert config[key] == value
+
+
+@pytest.mark.parametrize("name", ["resnet18", "wrn28_10", "vgg16"])
+def test_keras_file_reload_gives_equal_outputs(name, tmp_path):
+    model = zoo.get_model(name, 4, width=NARROW, weight_decay=1e-4)
+    x = np.random.default_rng(1).normal(size=(3, 32, 32, 3)).astype("float32")
+    # Move the BN statistics away from their initial values first.
+    model(x, training=True)
+    expected = model.predict(x, verbose=0)
+    path = str(tmp_path / f"{name}.keras")
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    assert type(restored) is type(model)
+    np.testing.assert_allclose(
+        restored.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6
+    )
+
+
+# --- Mixed precision ------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_dtype_policy():
+    policy = keras.config.dtype_policy()
+    yield
+    keras.config.set_dtype_policy(policy)
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_outputs_float32_logits(policy, restore_dtype_policy):
+    keras.config.set_dtype_policy(policy)
+    model = zoo.get_model("resnet18", 3, width=NARROW)
+    assert model.get_layer("stack0_block0_1_conv").compute_dtype == policy[6:]
+    assert model.get_layer("stack0_block0_1_conv").kernel.dtype == "float32"
+    logits = model(np.zeros((2, 32, 32, 3), "float32"))
+    assert keras.backend.standardize_dtype(logits.dtype) == "float32"
+
+
+# --- Errors ---------------------------------------------------------------------
+
+
+def test_unknown_name_lists_known_models():
+    with pytest.raises(
+        ValueError,
+        match="Unknown model name 'x'. Known: resnet18, resnet34, wrn28_10, vgg16",
+    ):
+        zoo.get_model("x")
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: zoo.WideResNet(depth=27), "Received: depth=27"),
+        (lambda: zoo.ResNet([2, 2], [64]), r"stackwise_num_blocks=\[2, 2\]"),
+        (lambda: zoo.ResNet(stem="imagenet"), "Received: stem='imagenet'"),
+        (lambda: zoo.VGG(width=0), "Received: width=0"),
+        (lambda: zoo.get_model("vgg16", weight_decay=-1), "weight_decay=-1"),
+    ],
+)
+def test_invalid_arguments_raise_value_error(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+# --- Imports --------------------------------------------------------------------
+
+
+def test_zoo_imports_and_builds_without_tensorflow():
+    pytest.importorskip("jax")
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'tensorflow':\n"
+        "            raise ImportError('tensorflow is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import zoo\n"
+        "m = zoo.get_model('resnet18', width=0.0625)\n"
+        "assert 'tensorflow' not in sys.modules\n"
+        "print(m.output_shape)\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(None, 10)" in result.stdout

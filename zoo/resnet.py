@@ -1,0 +1,322 @@
+"""ResNet-18/34 for small images (CIFAR 32x32, Tiny-ImageNet 64x64).
+
+The architecture is the common PyTorch CIFAR ResNet (kuangliu/pytorch-cifar):
+a 3x3 stride-1 stem without max-pool, four stacks of basic blocks, a 1x1
+conv + BN projection shortcut wherever the shape changes, global average
+pooling and one linear layer. ResNet-18 with 10 classes has 11,173,962
+parameters counted as PyTorch's `parameters()` does (conv kernels, BN gamma and
+beta, dense kernel and bias; not the BN moving mean/variance).
+
+Stride-2 convolutions pad one pixel on each side explicitly, as PyTorch's
+`padding=1` does; Keras' `padding="same"` would pad only bottom/right and
+sample a different pixel grid.
+"""
+
+import keras
+from keras import layers
+
+from zoo.regularization import weight_decay_regularizer
+
+VARIANTS = {
+    "resnet18": {
+        "config": {
+            "stackwise_num_blocks": [2, 2, 2, 2],
+            "stackwise_num_filters": [64, 128, 256, 512],
+        },
+        # 10 classes; + 9,600 BN moving mean/variance values in Keras'
+        # `count_params()`.
+        "params": 11_173_962,
+        "description": "ResNet-18, basic blocks [2, 2, 2, 2], CIFAR stem.",
+    },
+    "resnet34": {
+        "config": {
+            "stackwise_num_blocks": [3, 4, 6, 3],
+            "stackwise_num_filters": [64, 128, 256, 512],
+        },
+        # 10 classes; + 17,024 BN moving mean/variance values.
+        "params": 21_282_122,
+        "description": "ResNet-34, basic blocks [3, 4, 6, 3], CIFAR stem.",
+    },
+}
+
+STEMS = ("auto", "cifar", "downsample")
+
+# Inputs at least this large get the "downsample" stem under `stem="auto"`.
+_DOWNSAMPLE_STEM_MIN_SIZE = 64
+
+
+def scale_filters(filters: int, width: float) -> int:
+    """Scales a filter count by a width multiplier: `max(1, round(f * width))`."""
+    return max(1, int(round(filters * width)))
+
+
+def conv_kernel_initializer():
+    """He-normal with fan-out, as torchvision and WRN's reference code use."""
+    return keras.initializers.VarianceScaling(
+        scale=2.0, mode="fan_out", distribution="untruncated_normal"
+    )
+
+
+def validate_width(width: float) -> float:
+    if not isinstance(width, (int, float)) or width <= 0:
+        raise ValueError(
+            "Invalid value for argument `width`: it must be a positive number. "
+            f"Received: width={width}"
+        )
+    return float(width)
+
+
+def validate_input_shape(input_shape) -> tuple:
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(
+            "Invalid value for argument `input_shape`: expected "
+            "(height, width, channels). "
+            f"Received: input_shape={input_shape}"
+        )
+    return input_shape
+
+
+@keras.saving.register_keras_serializable(package="zoo")
+class ResNet(keras.Model):
+    """ResNet with basic blocks and a small-image stem; outputs logits.
+
+    This is the ResNet of He et al. (2016) as used on CIFAR: a 3x3 stride-1
+    stem instead of ImageNet's 7x7 stride-2 conv and max-pool, so a 32x32
+    image keeps its resolution through the first stack (32, 16, 8, 4). The
+    paper trains ResNet-18 on CIFAR-10/100 and Tiny-ImageNet and ResNet-34 on
+    CIFAR-N; `VARIANTS` holds both.
+
+    For 64x64 inputs (Tiny-ImageNet) `stem="auto"` picks the `"downsample"`
+    stem: the same 3x3 stride-1 conv, BN and ReLU, then a 3x3 stride-2
+    max-pool. The first conv still sees every pixel, the stacks then run at the
+    CIFAR feature-map sizes, so a 64x64 image costs about as much as a 32x32
+    one and the parameter count is unchanged. `stem="cifar"` keeps full
+    resolution instead (8x8 final maps, about 4x the compute per image).
+
+    The model outputs logits (no softmax); train it with
+    `from_logits=True`. The classifier is the `Dense` layer named
+    `"classifier"`; the features under it come from the global average
+    pooling layer named `"pool"` (`model.get_layer("pool").output`).
+    Under a mixed-precision policy the classifier computes in float32, so the
+    logits are float32.
+
+    Weight decay is `keras.regularizers.L2(weight_decay / 2)` on conv and dense
+    kernels, so SGD's gradient gains `weight_decay * w` as with PyTorch's
+    coupled `SGD(weight_decay=...)`. BN gamma/beta and biases are not decayed
+    (common practice: BN makes the output invariant to the scale of the
+    kernel before it, so decaying them regularizes nothing), whereas torch's
+    default decays every parameter.
+
+    BatchNormalization uses `momentum=0.9` and `epsilon=1e-5`, PyTorch's
+    defaults (torch's momentum 0.1 is Keras' 0.9). Conv kernels start from
+    He-normal with fan-out (as torchvision's ResNet); the classifier from
+    Keras' default Glorot-uniform.
+
+    Args:
+        stackwise_num_blocks: list of ints. The number of basic blocks in each
+            stack; `[2, 2, 2, 2]` is ResNet-18 and `[3, 4, 6, 3]` ResNet-34.
+            Defaults to `[2, 2, 2, 2]`.
+        stackwise_num_filters: list of ints. The filters of each stack before
+            `width` scaling; the stem uses the first entry. Every stack after
+            the first halves the resolution. Defaults to `[64, 128, 256, 512]`.
+        num_classes: int. The number of output logits. Defaults to `10`.
+        input_shape: tuple of 3 ints. `(height, width, channels)` of the
+            images. Defaults to `(32, 32, 3)`.
+        width: float. Multiplies every filter count (rounded, at least 1);
+            `0.25` gives a narrow copy of the same architecture for CPU tests.
+            Defaults to `1.0`.
+        stem: str. `"cifar"` (3x3 stride-1 conv-BN-ReLU), `"downsample"` (the
+            same followed by a 3x3 stride-2 max-pool) or `"auto"` (`"cifar"`
+            below 64 pixels, `"downsample"` from 64 pixels on). Defaults to
+            `"auto"`.
+        weight_decay: float. Coupled SGD weight decay on conv and dense
+            kernels, as above. Defaults to `0.0`.
+        name: str. The model name. Defaults to `"resnet"`.
+
+    Example:
+
+    ```python
+    model = zoo.ResNet(**zoo.resnet.VARIANTS["resnet18"]["config"],
+                       num_classes=100, weight_decay=5e-4)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    features = keras.Model(model.input, model.get_layer("pool").output)
+    ```
+    """
+
+    def __init__(
+        self,
+        stackwise_num_blocks=(2, 2, 2, 2),
+        stackwise_num_filters=(64, 128, 256, 512),
+        num_classes=10,
+        input_shape=(32, 32, 3),
+        width=1.0,
+        stem="auto",
+        weight_decay=0.0,
+        name="resnet",
+        **kwargs,
+    ):
+        stackwise_num_blocks = list(stackwise_num_blocks)
+        stackwise_num_filters = list(stackwise_num_filters)
+        if (
+            not stackwise_num_blocks
+            or len(stackwise_num_blocks) != len(stackwise_num_filters)
+            or min(stackwise_num_blocks) < 1
+            or min(stackwise_num_filters) < 1
+        ):
+            raise ValueError(
+                "`stackwise_num_blocks` and `stackwise_num_filters` must be "
+                "non-empty lists of positive ints of the same length. "
+                f"Received: stackwise_num_blocks={stackwise_num_blocks}, "
+                f"stackwise_num_filters={stackwise_num_filters}"
+            )
+        if stem not in STEMS:
+            raise ValueError(
+                f"Invalid value for argument `stem`: expected one of {STEMS}. "
+                f"Received: stem={stem!r}"
+            )
+        width = validate_width(width)
+        input_shape = validate_input_shape(input_shape)
+        regularizer = weight_decay_regularizer(weight_decay)
+        resolved_stem = stem
+        if stem == "auto":
+            sides = [s for s in input_shape[:2] if s is not None]
+            large = bool(sides) and min(sides) >= _DOWNSAMPLE_STEM_MIN_SIZE
+            resolved_stem = "downsample" if large else "cifar"
+        filters = [scale_filters(f, width) for f in stackwise_num_filters]
+
+        # === Functional Model ===
+        inputs = keras.Input(shape=input_shape, name="images")
+        x = layers.Conv2D(
+            filters[0],
+            3,
+            padding="same",
+            use_bias=False,
+            kernel_initializer=conv_kernel_initializer(),
+            kernel_regularizer=regularizer,
+            name="stem_conv",
+        )(inputs)
+        x = layers.BatchNormalization(
+            axis=-1, momentum=0.9, epsilon=1e-5, name="stem_bn"
+        )(x)
+        x = layers.Activation("relu", name="stem_relu")(x)
+        if resolved_stem == "downsample":
+            # Zero padding before the max-pool is harmless after a ReLU and
+            # matches torch's MaxPool2d(3, 2, padding=1).
+            x = layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
+            x = layers.MaxPooling2D(3, strides=2, name="stem_pool")(x)
+        for stack_index, (num_blocks, stack_filters) in enumerate(
+            zip(stackwise_num_blocks, filters)
+        ):
+            for block_index in range(num_blocks):
+                x = apply_basic_block(
+                    x,
+                    stack_filters,
+                    stride=2 if stack_index > 0 and block_index == 0 else 1,
+                    regularizer=regularizer,
+                    name=f"stack{stack_index}_block{block_index}",
+                )
+        x = layers.GlobalAveragePooling2D(name="pool")(x)
+        outputs = layers.Dense(
+            num_classes,
+            kernel_regularizer=regularizer,
+            dtype="float32",
+            name="classifier",
+        )(x)
+        super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
+
+        # === Config ===
+        self.stackwise_num_blocks = stackwise_num_blocks
+        self.stackwise_num_filters = stackwise_num_filters
+        self.num_classes = num_classes
+        self.image_shape = input_shape
+        self.width = width
+        self.stem = stem
+        self.weight_decay = float(weight_decay)
+        self.resolved_stem = resolved_stem
+
+    def get_config(self):
+        return {
+            "stackwise_num_blocks": self.stackwise_num_blocks,
+            "stackwise_num_filters": self.stackwise_num_filters,
+            "num_classes": self.num_classes,
+            "input_shape": self.image_shape,
+            "width": self.width,
+            "stem": self.stem,
+            "weight_decay": self.weight_decay,
+            "name": self.name,
+            "trainable": self.trainable,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def apply_basic_block(x, filters, stride=1, regularizer=None, name=None):
+    """Applies a post-activation basic block: two 3x3 conv-BN, add, ReLU.
+
+    The shortcut is the identity when shape is kept, else a 1x1 conv + BN
+    with the block's stride (projection shortcut, option B of He et al.).
+
+    Args:
+        x: Tensor. The block input, channels last.
+        filters: int. The output channels.
+        stride: int. The stride of the first conv and of the shortcut.
+            Defaults to `1`.
+        regularizer: `keras.regularizers.Regularizer` or `None`. Applied to
+            the conv kernels. Defaults to `None`.
+        name: str. The prefix of every layer name in the block.
+
+    Returns:
+        The block output tensor.
+    """
+    in_filters = x.shape[-1]
+    shortcut = x
+    if stride != 1 or in_filters != filters:
+        shortcut = layers.Conv2D(
+            filters,
+            1,
+            strides=stride,
+            use_bias=False,
+            kernel_initializer=conv_kernel_initializer(),
+            kernel_regularizer=regularizer,
+            name=f"{name}_0_conv",
+        )(x)
+        shortcut = layers.BatchNormalization(
+            axis=-1, momentum=0.9, epsilon=1e-5, name=f"{name}_0_bn"
+        )(shortcut)
+
+    if stride > 1:
+        x = layers.ZeroPadding2D(1, name=f"{name}_1_pad")(x)
+    x = layers.Conv2D(
+        filters,
+        3,
+        strides=stride,
+        padding="valid" if stride > 1 else "same",
+        use_bias=False,
+        kernel_initializer=conv_kernel_initializer(),
+        kernel_regularizer=regularizer,
+        name=f"{name}_1_conv",
+    )(x)
+    x = layers.BatchNormalization(
+        axis=-1, momentum=0.9, epsilon=1e-5, name=f"{name}_1_bn"
+    )(x)
+    x = layers.Activation("relu", name=f"{name}_1_relu")(x)
+    x = layers.Conv2D(
+        filters,
+        3,
+        padding="same",
+        use_bias=False,
+        kernel_initializer=conv_kernel_initializer(),
+        kernel_regularizer=regularizer,
+        name=f"{name}_2_conv",
+    )(x)
+    x = layers.BatchNormalization(
+        axis=-1, momentum=0.9, epsilon=1e-5, name=f"{name}_2_bn"
+    )(x)
+    x = layers.Add(name=f"{name}_add")([shortcut, x])
+    return layers.Activation("relu", name=f"{name}_out")(x)

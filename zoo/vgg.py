@@ -1,0 +1,201 @@
+"""VGG-16 for 32x32 images, without BatchNorm unless asked.
+
+Thirteen 3x3 convs with bias in five stacks (64, 64, M, 128, 128, M,
+256 x 3, M, 512 x 3, M, 512 x 3, M; M = 2x2 max-pool) and, as in the common
+CIFAR VGG (kuangliu/pytorch-cifar), a single linear classifier on the 512
+features instead of ImageNet's three 4096-wide layers. The paper relies on its
+VGG-16 having no BN (EMA then needs no BN-statistics recompute), so
+`batch_norm=False` is the default.
+"""
+
+import keras
+from keras import layers
+
+from zoo.regularization import weight_decay_regularizer
+from zoo.resnet import conv_kernel_initializer
+from zoo.resnet import scale_filters
+from zoo.resnet import validate_input_shape
+from zoo.resnet import validate_width
+
+VARIANTS = {
+    "vgg16": {
+        "config": {
+            "stackwise_num_filters": [64, 128, 256, 512, 512],
+            "stackwise_num_repeats": [2, 2, 3, 3, 3],
+        },
+        # 10 classes: 14,714,688 conv weights and biases + Linear(512, 10)
+        # 5,130. With `batch_norm=True`: 14,728,266 (+ 8,448 gamma/beta, and
+        # 8,448 moving mean/variance values in Keras' `count_params()`).
+        "params": 14_719_818,
+        "description": "VGG-16 (config D), no BN, one linear classifier.",
+    },
+}
+
+
+@keras.saving.register_keras_serializable(package="zoo")
+class VGG(keras.Model):
+    """VGG network for small images with a single linear classifier.
+
+    VGG (Simonyan & Zisserman, 2014) stacks 3x3 convs and 2x2 max-pools. On
+    32x32 inputs the five pools leave a 1x1x512 map, so the usual CIFAR head
+    is one `Dense(num_classes)` on those 512 features. Here the map is reduced
+    by global average pooling (the layer named `"pool"`), identical to
+    flattening at 32x32 and still 512 features for larger inputs.
+
+    The model outputs logits (no softmax); train it with `from_logits=True`.
+    The classifier is the `Dense` layer named `"classifier"`. Under a
+    mixed-precision policy the classifier computes in float32.
+
+    Weight decay is `keras.regularizers.L2(weight_decay / 2)` on conv and dense
+    kernels, so SGD's gradient gains `weight_decay * w` as with PyTorch's
+    coupled `SGD(weight_decay=...)`. Biases and BN gamma/beta are not decayed
+    (common practice), whereas torch's default decays every parameter. With
+    `batch_norm=True` each conv (its bias kept, as in torchvision's
+    `vgg16_bn`) is followed by BatchNormalization with `momentum=0.9` and
+    `epsilon=1e-5` (PyTorch's defaults). Conv kernels start from He-normal
+    with fan-out, as in torchvision.
+
+    Args:
+        stackwise_num_filters: list of ints. The filters of each stack before
+            `width` scaling. Defaults to `[64, 128, 256, 512, 512]`.
+        stackwise_num_repeats: list of ints. The number of convs in each
+            stack; each stack ends with a 2x2 max-pool. Defaults to
+            `[2, 2, 3, 3, 3]` (VGG-16).
+        num_classes: int. The number of output logits. Defaults to `10`.
+        input_shape: tuple of 3 ints. `(height, width, channels)` of the
+            images; height and width must be multiples of 32 for the five
+            pools. Defaults to `(32, 32, 3)`.
+        width: float. Multiplies every filter count (rounded, at least 1).
+            Defaults to `1.0`.
+        batch_norm: bool. Whether a BatchNormalization follows every conv.
+            Defaults to `False`.
+        weight_decay: float. Coupled SGD weight decay on conv and dense
+            kernels, as above. Defaults to `0.0`.
+        name: str. The model name. Defaults to `"vgg"`.
+
+    Example:
+
+    ```python
+    model = zoo.VGG(num_classes=100, weight_decay=5e-4)
+    model.count_params()  # 14,765,988 for 100 classes
+    ```
+    """
+
+    def __init__(
+        self,
+        stackwise_num_filters=(64, 128, 256, 512, 512),
+        stackwise_num_repeats=(2, 2, 3, 3, 3),
+        num_classes=10,
+        input_shape=(32, 32, 3),
+        width=1.0,
+        batch_norm=False,
+        weight_decay=0.0,
+        name="vgg",
+        **kwargs,
+    ):
+        stackwise_num_filters = list(stackwise_num_filters)
+        stackwise_num_repeats = list(stackwise_num_repeats)
+        if (
+            not stackwise_num_filters
+            or len(stackwise_num_filters) != len(stackwise_num_repeats)
+            or min(stackwise_num_filters) < 1
+            or min(stackwise_num_repeats) < 1
+        ):
+            raise ValueError(
+                "`stackwise_num_filters` and `stackwise_num_repeats` must be "
+                "non-empty lists of positive ints of the same length. "
+                f"Received: stackwise_num_filters={stackwise_num_filters}, "
+                f"stackwise_num_repeats={stackwise_num_repeats}"
+            )
+        if not isinstance(batch_norm, bool):
+            raise ValueError(
+                "Invalid value for argument `batch_norm`: expected a bool. "
+                f"Received: batch_norm={batch_norm!r}"
+            )
+        width = validate_width(width)
+        input_shape = validate_input_shape(input_shape)
+        regularizer = weight_decay_regularizer(weight_decay)
+        filters = [scale_filters(f, width) for f in stackwise_num_filters]
+
+        # === Functional Model ===
+        inputs = keras.Input(shape=input_shape, name="images")
+        x = inputs
+        for stack_index, (stack_filters, repeats) in enumerate(
+            zip(filters, stackwise_num_repeats)
+        ):
+            x = apply_vgg_stack(
+                x,
+                stack_filters,
+                repeats,
+                batch_norm=batch_norm,
+                regularizer=regularizer,
+                name=f"stack{stack_index}",
+            )
+        x = layers.GlobalAveragePooling2D(name="pool")(x)
+        outputs = layers.Dense(
+            num_classes,
+            kernel_regularizer=regularizer,
+            dtype="float32",
+            name="classifier",
+        )(x)
+        super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
+
+        # === Config ===
+        self.stackwise_num_filters = stackwise_num_filters
+        self.stackwise_num_repeats = stackwise_num_repeats
+        self.num_classes = num_classes
+        self.image_shape = input_shape
+        self.width = width
+        self.batch_norm = batch_norm
+        self.weight_decay = float(weight_decay)
+
+    def get_config(self):
+        return {
+            "stackwise_num_filters": self.stackwise_num_filters,
+            "stackwise_num_repeats": self.stackwise_num_repeats,
+            "num_classes": self.num_classes,
+            "input_shape": self.image_shape,
+            "width": self.width,
+            "batch_norm": self.batch_norm,
+            "weight_decay": self.weight_decay,
+            "name": self.name,
+            "trainable": self.trainable,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def apply_vgg_stack(
+    x, filters, repeats, batch_norm=False, regularizer=None, name=None
+):
+    """Applies `repeats` x (conv3x3 [+ BN] + ReLU), then a 2x2 max-pool.
+
+    Args:
+        x: Tensor. The stack input, channels last.
+        filters: int. The output channels of every conv.
+        repeats: int. The number of convs.
+        batch_norm: bool. Whether BN follows each conv. Defaults to `False`.
+        regularizer: `keras.regularizers.Regularizer` or `None`. Applied to
+            the conv kernels. Defaults to `None`.
+        name: str. The prefix of every layer name in the stack.
+
+    Returns:
+        The stack output tensor, at half the input resolution.
+    """
+    for conv_index in range(repeats):
+        x = layers.Conv2D(
+            filters,
+            3,
+            padding="same",
+            kernel_initializer=conv_kernel_initializer(),
+            kernel_regularizer=regularizer,
+            name=f"{name}_{conv_index}_conv",
+        )(x)
+        if batch_norm:
+            x = layers.BatchNormalization(
+                axis=-1, momentum=0.9, epsilon=1e-5, name=f"{name}_{conv_index}_bn"
+            )(x)
+        x = layers.Activation("relu", name=f"{name}_{conv_index}_relu")(x)
+    return layers.MaxPooling2D(2, strides=2, name=f"{name}_pool")(x)

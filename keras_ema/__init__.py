@@ -1,8 +1,10 @@
 """keras-ema: exponential moving averages of weights for Keras 3."""
 
+from keras_ema.belay import Belay
 from keras_ema.multi_ema import DEFAULT_DECAYS
 from keras_ema.multi_ema import MultiEMA
 from keras_ema.multi_ema import warmup_decay
 from keras_ema.multi_ema import warmup_end_step
+from keras_ema.switch_ema import SwitchEMA
 
 __version__ = "0.1.0"

@@ -75,6 +75,19 @@ def _validate_decays(decays):
     return decays
 
 
+def _validate_decay(decay):
+    """The check of a single-EMA callback's `decay` argument."""
+    ok = not isinstance(decay, bool) and isinstance(
+        decay, (int, float, np.integer, np.floating)
+    )
+    if not ok or not 0.0 < decay < 1.0 or not math.isfinite(decay):
+        raise ValueError(
+            "Invalid value for argument `decay`: expected a float strictly "
+            f"between 0 and 1. Received: decay={decay!r}"
+        )
+    return float(decay)
+
+
 def _is_batch_norm(layer):
     return isinstance(layer, keras.layers.BatchNormalization)
 
@@ -299,13 +312,17 @@ class MultiEMA(keras.callbacks.Callback):
         self._owner = model
         self._variables = variables
         self._shadows = shadows
-        self._update = _backend.make_ema_update(
-            shadows, variables, jit_compile=self.jit_compile
-        )
+        self._update = self._make_update(shadows, variables)
         self._attempted = 0
         self._pending = []
         self.skipped_steps = []
         self.best = {}
+
+    def _make_update(self, shadows, variables):
+        """The compiled update `_run_update` calls; subclasses may extend it."""
+        return _backend.make_ema_update(
+            shadows, variables, jit_compile=self.jit_compile
+        )
 
     def reset(self):
         """Forgets the EMAs; the next training batch restarts them."""
@@ -459,10 +476,10 @@ class MultiEMA(keras.callbacks.Callback):
             return
         # One update per multiple of `period` crossed, each with the decay of
         # the step it belongs to, all applied to the current weights.
-        decays = np.ones(len(self.decays))
-        for m in range(first, last + 1):
-            decays *= self.decays_at(m * self.period - 1)
-        self._apply(decays.astype(np.float32), step)
+        decays = np.stack(
+            [self.decays_at(m * self.period - 1) for m in range(first, last + 1)]
+        )
+        self._apply(decays, step)
         self._attempted += last - first + 1
 
     def _optimizer_step(self):
@@ -470,10 +487,22 @@ class MultiEMA(keras.callbacks.Callback):
 
     def _apply(self, decays, step):
         self.model  # on JAX, attaches the training state to the variables
-        applied = self._update(decays)
+        applied = self._run_update(decays)
         self._pending.append((step, applied))
         if self.raise_on_nonfinite:
             self._flush_pending()
+
+    def _run_update(self, decays):
+        """Applies the updates due at one batch end; returns the finite flag.
+
+        `decays[n]` holds the decays of the n-th multiple of `period` crossed
+        (one row unless `steps_per_execution > 1`). Updates made back to back
+        with the same weights compose into one with the product of the decays.
+        """
+        combined = np.ones(decays.shape[1])
+        for row in decays:
+            combined *= row
+        return self._update(combined.astype(np.float32))
 
     def _flush_pending(self):
         pending, self._pending = self._pending, []
@@ -505,8 +534,12 @@ class MultiEMA(keras.callbacks.Callback):
                     if logs is not None:
                         logs[f"ema_{decay}_val_{key}"] = value
                 self._update_best(decay, epoch, metrics)
+        self._after_epoch_end(epoch, logs)
         if self.backup_dir:
             self._save_backup()
+
+    def _after_epoch_end(self, epoch, logs):
+        """Runs after the epoch's EMA evaluation and before the state backup."""
 
     def _update_best(self, decay, epoch, metrics):
         record = self.best.setdefault(decay, {})
@@ -563,13 +596,23 @@ class MultiEMA(keras.callbacks.Callback):
         saved = _backend.snapshot(everything)
         self._swapped = decay
         try:
-            for v, s in zip(self._variables, self._shadows):
-                v.assign(keras.ops.cast(s[i], v.dtype))
+            self._assign_ema(i)
             yield model
         finally:
             for v, value in zip(everything, saved):
                 v.assign(value)
             self._swapped = None
+
+    def _assign_ema(self, index, skip=()):
+        """Copies EMA `index` into the averaged variables not in `skip`.
+
+        A plain assignment of the stored values: float32 variables receive
+        the shadow bit for bit.
+        """
+        skip = {id(v) for v in skip}
+        for v, s in zip(self._variables, self._shadows):
+            if id(v) not in skip:
+                v.assign(keras.ops.cast(s[index], v.dtype))
 
     def ema_weights(self, decay) -> list:
         """`model.get_weights()` with the EMA of `decay` in place of the live values."""

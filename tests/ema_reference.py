@@ -1,0 +1,69 @@
+"""Numpy references for the EMA tests, written independently of keras_ema."""
+
+import keras
+import numpy as np
+
+
+def reference_decay(alpha, t, warmup):
+    """The decay of the update made right after 0-based optimizer step t."""
+    return min(alpha, (t + 1) / (t + 10)) if warmup else alpha
+
+
+def crossed_steps(previous, step, period):
+    """0-based steps t after which an update is due, moving previous -> step."""
+    return [m * period - 1 for m in range(previous // period + 1,
+                                          step // period + 1)]
+
+
+class ReferenceEMA:
+    """EMAs in float64 of a list of arrays, one per decay."""
+
+    def __init__(self, weights, decays, period, warmup, step=0):
+        self.decays = decays
+        self.period = period
+        self.warmup = warmup
+        self.step = step
+        self.shadows = [[np.array(w, np.float64) for w in weights]
+                        for _ in decays]
+
+    def advance(self, step, weights, after_update=None):
+        """Moves to `step`, updating with `weights` at each crossed multiple.
+
+        `after_update(shadows, weights)`, if given, runs after each single
+        update and returns the weights for the next one of the same batch
+        end; `advance` returns the last weights.
+        """
+        for t in crossed_steps(self.step, step, self.period):
+            for k, alpha in enumerate(self.decays):
+                a = reference_decay(alpha, t, self.warmup)
+                self.shadows[k] = [a * s + (1 - a) * np.asarray(w, np.float64)
+                                   for s, w in zip(self.shadows[k], weights)]
+            if after_update is not None:
+                weights = after_update(self.shadows, weights)
+        self.step = step
+        return weights
+
+
+def reference_ema(records, decays, period, warmup, averaged):
+    """Numpy EMAs over the recorded trajectory; `averaged[j]` says if weight j is."""
+    ref = ReferenceEMA(records[0][1], decays, period, warmup, records[0][0])
+    for step, weights in records[1:]:
+        ref.advance(step, weights)
+    final = records[-1][1]
+    return [
+        [s if averaged[j] else final[j] for j, s in enumerate(per_decay)]
+        for per_decay in ref.shadows
+    ]
+
+
+class Recorder(keras.callbacks.Callback):
+    """Records (optimizer step, all weights) at the start and after each batch."""
+
+    def on_train_begin(self, logs=None):
+        self.records = [(self._step(), self.model.get_weights())]
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.records.append((self._step(), self.model.get_weights()))
+
+    def _step(self):
+        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))

@@ -1,6 +1,9 @@
 """keras-ema: exponential moving averages of weights for Keras 3."""
 
+from keras_ema.batch_norm import recompute_batch_norm_statistics
 from keras_ema.belay import Belay
+from keras_ema.export import export_ema
+from keras_ema.export import export_model
 from keras_ema.multi_ema import DEFAULT_DECAYS
 from keras_ema.multi_ema import MultiEMA
 from keras_ema.multi_ema import warmup_decay

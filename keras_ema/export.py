@@ -1,0 +1,90 @@
+"""Shipping an EMA: a TensorFlow SavedModel and a `.keras` file of one decay."""
+
+import os
+import shutil
+
+import keras
+
+from keras_ema.batch_norm import recompute_batch_norm_statistics
+from keras_ema.multi_ema import batch_norm_statistics
+
+
+def export_ema(ema, decay, directory, batch_norm_data=None, verbose=1):
+    """Writes the EMA model of `decay` as a SavedModel and a `.keras` file.
+
+    The EMA weights go into an independent copy of the model
+    (`MultiEMA.ema_model`), so the live training weights are never touched;
+    then `export_model` writes it.
+
+    Args:
+        ema: a built `MultiEMA` (or subclass).
+        decay: float, one of `ema.decays`.
+        directory: str, created if needed; existing outputs are replaced.
+        batch_norm_data: data for `recompute_batch_norm_statistics`, or `None`.
+            Defaults to `None`.
+        verbose: int, 1 prints what is written. Defaults to `1`.
+
+    Returns:
+        The exported `keras.Model` (the EMA copy).
+
+    Example:
+
+    ```python
+    model.fit(x, y, epochs=100, callbacks=[ema])
+    export_ema(ema, 0.998, "export/", batch_norm_data=x)
+    served = tf.saved_model.load("export/saved_model")
+    ```
+    """
+    model = ema.ema_model(decay)
+    export_model(model, directory, batch_norm_data=batch_norm_data,
+                 verbose=verbose)
+    if verbose:
+        print(f"(the EMA with decay {decay})")
+    return model
+
+
+def export_model(model, directory, batch_norm_data=None, verbose=1):
+    """Writes `model` as a TensorFlow SavedModel and a `.keras` file.
+
+    With `batch_norm_data`, the model's BatchNorm statistics are first
+    recomputed on it (`recompute_batch_norm_statistics`); a model without
+    BatchNorm ignores it. Each output is written under a temporary name in
+    `directory` and renamed, so it appears whole or not at all:
+
+    - `<directory>/saved_model/`: `tf.saved_model.load(path).serve(images)`
+      returns the model's outputs (needs TensorFlow, on any Keras backend).
+    - `<directory>/model.keras`: `keras.saving.load_model(path)`.
+
+    Args:
+        model: a built `keras.Model`.
+        directory: str, created if needed; existing outputs are replaced.
+        batch_norm_data: data for `recompute_batch_norm_statistics`, or `None`.
+            Defaults to `None`.
+        verbose: int, 1 prints what is written. Defaults to `1`.
+
+    Returns:
+        `model`.
+    """
+    if batch_norm_data is not None and batch_norm_statistics(model):
+        recompute_batch_norm_statistics(model, batch_norm_data)
+    os.makedirs(directory, exist_ok=True)
+    saved_model = os.path.join(directory, "saved_model")
+    tmp_saved_model = os.path.join(directory, f".saved_model.tmp{os.getpid()}")
+    try:
+        model.export(tmp_saved_model, format="tf_saved_model", verbose=False)
+        if os.path.isdir(saved_model):
+            shutil.rmtree(saved_model)
+        os.replace(tmp_saved_model, saved_model)
+    finally:
+        shutil.rmtree(tmp_saved_model, ignore_errors=True)
+    keras_file = os.path.join(directory, "model.keras")
+    tmp_keras = os.path.join(directory, f".model.tmp{os.getpid()}.keras")
+    try:
+        model.save(tmp_keras)
+        os.replace(tmp_keras, keras_file)
+    finally:
+        if os.path.exists(tmp_keras):
+            os.remove(tmp_keras)
+    if verbose:
+        print(f"Exported {saved_model} (SavedModel) and {keras_file}", flush=True)
+    return model

@@ -1,0 +1,67 @@
+"""Export of an EMA model: a SavedModel that serves the EMA's predictions."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_ema
+from keras_ema.export import export_ema
+
+
+def trained_ema():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    model = keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(8),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(),
+        keras.layers.Dense(2),
+    ])
+    model.compile(keras.optimizers.SGD(0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ema = keras_ema.MultiEMA(decays=(0.9, 0.99), period=1, verbose=0)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[ema])
+    return model, ema, x
+
+
+@pytest.mark.all_backends
+def test_saved_model_serves_the_ema(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    model, ema, x = trained_ema()
+    live = [np.array(w) for w in model.get_weights()]
+    export_ema(ema, 0.9, str(tmp_path), verbose=0)
+    with ema.swapped_in(0.9):
+        expected = keras.ops.convert_to_numpy(model(x, training=False))
+    served = tf.saved_model.load(str(tmp_path / "saved_model"))
+    np.testing.assert_allclose(served.serve(x).numpy(), expected, atol=1e-5)
+    reloaded = keras.saving.load_model(str(tmp_path / "model.keras"))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(reloaded(x)), expected, atol=1e-5
+    )
+    # The live weights are untouched and the EMA differs from them.
+    for a, b in zip(live, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(expected, keras.ops.convert_to_numpy(model(x)))
+    assert sorted(os.listdir(tmp_path)) == ["model.keras", "saved_model"]
+
+
+@pytest.mark.all_backends
+def test_export_recomputes_batch_norm_first(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    model, ema, x = trained_ema()
+    exported = export_ema(ema, 0.99, str(tmp_path), batch_norm_data=x, verbose=0)
+    # The statistics are those of x after the first Dense layer of the EMA.
+    with ema.swapped_in(0.99):
+        kernel, bias = (keras.ops.convert_to_numpy(w) for w in model.layers[0].weights)
+    h = x @ kernel + bias
+    bn = exported.layers[1]
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(bn.moving_mean), h.mean(0), rtol=1e-4, atol=1e-5)
+    served = tf.saved_model.load(str(tmp_path / "saved_model"))
+    np.testing.assert_allclose(
+        served.serve(x).numpy(),
+        keras.ops.convert_to_numpy(exported(x, training=False)), atol=1e-5)

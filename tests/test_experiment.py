@@ -1,0 +1,230 @@
+"""train.py's protocol end to end on the digits data with a tiny ResNet."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from zoo import experiment
+from zoo.datasets import DatasetError
+from zoo.run_dir import RunDirError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(output_dir, **overrides):
+    settings = dict(
+        output_dir=str(output_dir),
+        dataset="digits",
+        model="resnet18",
+        width=0.0625,
+        epochs=3,
+        batch_size=128,
+        lr=0.05,
+        warmup_epochs=1,
+        ema_decays=(0.5, 0.8),
+        ema_period=2,
+        seed=3,
+    )
+    settings.update(overrides)
+    return experiment.Config(**settings)
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Raises at the start of epoch `epoch`, as a kill would stop the run."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt(f"interrupted at epoch {epoch}")
+
+
+def read_history(run):
+    with open(os.path.join(run, "history.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def read_summary(run):
+    with open(os.path.join(run, "summary.json")) as f:
+        return json.load(f)
+
+
+def weights_of(path):
+    import h5py
+
+    values = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(
+            lambda name, obj: values.__setitem__(name, np.array(obj))
+            if isinstance(obj, h5py.Dataset) else None
+        )
+    return values
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "clean"
+    summary = experiment.train(tiny_config(run), verbose=0)
+    return str(run), summary
+
+
+def test_run_directory_files(finished_run):
+    run, summary = finished_run
+    for name in ("flags.cfg", "history.csv", "summary.json", "curves.png",
+                 "sgd_last.weights.h5", "sgd_best_accuracy.weights.h5",
+                 "ema_0.5_best_accuracy.weights.h5", "ema_0.8_best_loss.weights.h5"):
+        assert os.path.exists(os.path.join(run, name)), name
+    assert not os.path.exists(os.path.join(run, "backup"))
+    assert not [f for f in os.listdir(run) if ".tmp" in f]
+    assert summary == read_summary(run)
+    assert summary["completed"] is True
+    assert summary["epochs_done"] == 3
+
+
+def test_history_rows_and_summary_agree(finished_run):
+    run, summary = finished_run
+    rows = read_history(run)
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    for column in ("lr", "loss", "accuracy", "val_loss", "val_accuracy",
+                   "ema_0.5_val_accuracy", "ema_0.8_val_loss"):
+        assert column in rows[0], column
+    # Per-epoch learning rate of the schedule at the epoch's last step: the
+    # warm-up's peak after epoch 0 (1 warm-up epoch), then cosine to 0.
+    steps = -(-int(0.8 * 1437) // 128)
+    total = 3 * steps
+    expected_last = 0.05 * 0.5 * (1 + np.cos(np.pi * (3 * steps - steps) / (total - steps)))
+    assert float(rows[-1]["lr"]) == pytest.approx(expected_last, abs=1e-7)
+    # Best epochs recomputed from the CSV.
+    acc = [float(r["ema_0.8_val_accuracy"]) for r in rows]
+    loss = [float(r["ema_0.8_val_loss"]) for r in rows]
+    ema = summary["ema"]["0.8"]
+    assert ema["best_accuracy"]["epoch"] == int(np.argmax(acc))
+    assert ema["best_accuracy"]["value"] == pytest.approx(max(acc))
+    assert ema["best_loss"]["epoch"] == int(np.argmin(loss))
+    assert ema["best_loss"]["value"] == pytest.approx(min(loss))
+    assert summary["sgd"]["last"]["val_accuracy"] == pytest.approx(
+        float(rows[-1]["val_accuracy"]))
+
+
+def test_flags_file_replays_the_run(finished_run):
+    run, _ = finished_run
+    text = open(os.path.join(run, "flags.cfg")).read()
+    assert "--ema_decays=0.5,0.8\n" in text
+    assert "--weight_decay=0.0001\n" in text  # the paper's ResNet value, resolved
+    # Rerunning with the same flags finds the run complete and returns at once.
+    again = experiment.train(tiny_config(run), verbose=0)
+    assert again == read_summary(run)
+
+
+def test_other_flags_on_an_existing_run_are_refused(finished_run):
+    run, _ = finished_run
+    before = sorted(os.listdir(run))
+    with pytest.raises(RunDirError, match=r"--lr=0.05 -> 0.1"):
+        experiment.train(tiny_config(run, lr=0.1), verbose=0)
+    assert sorted(os.listdir(run)) == before
+
+
+def test_resumed_run_ends_like_an_uninterrupted_one(finished_run, tmp_path):
+    clean, clean_summary = finished_run
+    run = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        experiment.train(tiny_config(run), verbose=0, callbacks=[Interrupt(2)])
+    partial = read_summary(run)
+    assert partial["completed"] is False and partial["epochs_done"] == 2
+    summary = experiment.train(tiny_config(run), verbose=0)
+    assert read_history(run) == read_history(clean)
+    for key in ("sgd", "ema", "epochs_done", "completed"):
+        assert summary[key] == clean_summary[key], key
+    for name in ("sgd_last.weights.h5", "ema_0.8_best_accuracy.weights.h5",
+                 "ema_0.5_best_loss.weights.h5"):
+        a, b = weights_of(os.path.join(clean, name)), weights_of(os.path.join(run, name))
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}:{key}")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(ema_decays=(0.9, 1.0)), r"^--ema_decays=0.9,1.0: decay 1.0 is outside"),
+        (dict(model="resnet50"), r"^--model=resnet50: unknown model"),
+        (dict(warmup_epochs=3), r"^--warmup_epochs=3: must be in \[0, --epochs=3\)"),
+        (dict(averaging="sema"), r"^--ema_decays=0.5,0.8: --averaging=sema keeps one EMA"),
+        (dict(export_decay=0.7), r"^--export_decay=0.7: not one of"),
+        (dict(val_fraction=1.0), r"^--val_fraction=1.0: must be in \[0, 1\)"),
+    ],
+)
+def test_bad_settings_fail_before_writing(tmp_path, overrides, message):
+    run = tmp_path / "run"
+    with pytest.raises(experiment.ConfigError, match=message):
+        experiment.train(tiny_config(run, **overrides), verbose=0)
+    assert not run.exists()
+
+
+def test_bad_dataset_fails_before_writing(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(DatasetError, match="Unknown dataset 'mnist'"):
+        experiment.train(tiny_config(run, dataset="mnist"), verbose=0)
+    assert not run.exists()
+
+
+def test_foreign_directory_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="holds no flags.cfg"):
+        experiment.train(tiny_config(tmp_path), verbose=0)
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_noisy_run_writes_the_mask_and_exports(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    run = tmp_path / "noisy"
+    summary = experiment.train(
+        tiny_config(run, epochs=1, warmup_epochs=0, label_noise="symmetric:0.4",
+                    export=True, export_from="best_loss"),
+        verbose=0,
+    )
+    mask = np.load(run / "noise_mask.npy")
+    n_train = 1437 - int(round(0.2 * 1437))
+    assert mask.shape == (n_train,)
+    assert abs(mask.mean() - 0.4) < 0.05
+    assert summary["label_noise"] == "symmetric:0.4"
+    # The export holds the largest decay's lowest-loss weights, BN recomputed.
+    info = json.load(open(run / "export" / "export.json"))
+    assert info["decay"] == 0.8 and info["weights"] == "best_loss"
+    served = tf.saved_model.load(str(run / "export" / "saved_model"))
+    reloaded = keras.saving.load_model(str(run / "export" / "model.keras"))
+    x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(served.serve(x).numpy(),
+                               keras.ops.convert_to_numpy(reloaded(x)), atol=1e-5)
+    best = keras.saving.load_model(str(run / "export" / "model.keras"))
+    best.load_weights(str(run / "ema_0.8_best_loss.weights.h5"))
+    # Same weights as the saved lowest-loss EMA, except the recomputed BN stats.
+    for a, b in zip(reloaded.trainable_weights, best.trainable_weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a),
+                                      keras.ops.convert_to_numpy(b))
+
+
+def _cli(args, cwd):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py")] + args,
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path):
+    result = _cli(["--output_dir=out", "--ema_decays=0.9,2", "--epochs=1",
+                   "--warmup_epochs=0"], tmp_path)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] == "train.py: error: --ema_decays=0.9,2.0: decay 2.0 is outside (0, 1)"
+    assert not (tmp_path / "out").exists()

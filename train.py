@@ -1,0 +1,79 @@
+"""Trains a model with SGD and EMAs of its weights, the paper's protocol.
+
+    python train.py --flagfile=configs/demo.cfg
+    python train.py --flagfile=configs/cifar100_resnet18_tune.cfg --seed=1
+
+Rerunning the same command resumes an interrupted run; `--flagfile=RUN/flags.cfg`
+replays a finished one. See README.md for the flags and the run directory.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from zoo.experiment import Config
+
+_D = Config()
+
+flags.DEFINE_string("output_dir", None, "Run directory (created; rerun to resume).")
+flags.DEFINE_string("dataset", _D.dataset, "digits, cifar10, cifar100, cifar10n, "
+                    "cifar100n, tiny_imagenet or folder:PATH.")
+flags.DEFINE_string("data_dir", _D.data_dir, "TFDS data dir, or the dataset folder.")
+flags.DEFINE_string("model", _D.model, "resnet18, resnet34, wrn28_10 or vgg16.")
+flags.DEFINE_float("width", _D.width, "Width multiplier of the model (1 = paper).")
+flags.DEFINE_integer("epochs", _D.epochs, "Training epochs.")
+flags.DEFINE_integer("batch_size", _D.batch_size, "Training batch size.")
+flags.DEFINE_float("lr", _D.lr, "Peak learning rate (after the warm-up).")
+flags.DEFINE_float("weight_decay", _D.weight_decay, "SGD weight decay on kernels; "
+                   "negative: the paper's (1e-4 ResNet, 5e-4 WRN and VGG).")
+flags.DEFINE_float("momentum", _D.momentum, "SGD momentum.")
+flags.DEFINE_boolean("nesterov", _D.nesterov, "Nesterov momentum.")
+flags.DEFINE_integer("warmup_epochs", _D.warmup_epochs, "Epochs of linear "
+                     "learning-rate warm-up before the cosine decay.")
+flags.DEFINE_list("ema_decays", [repr(d) for d in _D.ema_decays], "EMA decays.")
+flags.DEFINE_integer("ema_period", _D.ema_period, "Optimizer steps per EMA update.")
+flags.DEFINE_boolean("ema_warmup", _D.ema_warmup, "EMA warm-up min(a, (t+1)/(t+10)).")
+flags.DEFINE_boolean("average_batch_norm", _D.average_batch_norm,
+                     "Average the BatchNorm moving statistics too.")
+flags.DEFINE_string("label_noise", _D.label_noise, "symmetric:R, or a CIFAR-N "
+                    "label set (aggre, worse, random1-3, noise); empty: clean.")
+flags.DEFINE_float("val_fraction", _D.val_fraction, "Held-out share of the "
+                   "training set; 0 trains on all of it and validates on test.")
+flags.DEFINE_integer("seed", _D.seed, "Seed of the split, noise, data order, init.")
+flags.DEFINE_string("mixed_precision", _D.mixed_precision,
+                    "mixed_float16 or mixed_bfloat16; empty: float32.")
+flags.DEFINE_boolean("export", _D.export, "Export the chosen EMA model as a "
+                     "SavedModel and a .keras file to RUN/export.")
+flags.DEFINE_float("export_decay", _D.export_decay,
+                   "The decay to export; 0: the largest.")
+flags.DEFINE_string("export_from", _D.export_from, "Which EMA weights to "
+                    "export: final, best_accuracy or best_loss.")
+flags.DEFINE_string("averaging", _D.averaging, "ema (MultiEMA), sema (Switch "
+                    "EMA) or belay (two-way coupled EMA).")
+flags.DEFINE_integer("sema_every_epochs", _D.sema_every_epochs,
+                     "SEMA: copy the EMA into the model every this many epochs.")
+flags.DEFINE_integer("sema_start_epoch", _D.sema_start_epoch,
+                     "SEMA: first epoch (0-based) that may end with a switch.")
+flags.DEFINE_float("belay_coupling", _D.belay_coupling,
+                   "BELAY: pull k of the model toward the EMA at each update.")
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"train.py: unexpected arguments {argv[1:]}; flags start with --.")
+    from zoo import experiment
+    from zoo.datasets import DatasetError
+    from zoo.run_dir import RunDirError
+
+    try:
+        config = experiment.config_from_flags(FLAGS)
+        experiment.train(config)
+    except (experiment.ConfigError, DatasetError, RunDirError) as error:
+        sys.exit(f"train.py: error: {error}")
+
+
+if __name__ == "__main__":
+    app.run(main)

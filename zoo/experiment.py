@@ -1,0 +1,549 @@
+"""The paper's training protocol as one function: `train(Config(...))`.
+
+SGD with Nesterov momentum, linear warm-up then cosine decay per step, random
+crop and flip, EMAs of the weights kept by `keras_ema.MultiEMA` (or SEMA /
+BELAY), everything written to a run directory (see `zoo.run_dir`) that a
+rerun of the same command resumes.
+"""
+
+import dataclasses
+import os
+import shutil
+import sys
+import time
+
+import keras
+import numpy as np
+
+import keras_ema
+from zoo import run_dir
+from zoo.backup import AtomicBackupAndRestore
+from zoo.datasets import ArrayLoader
+from zoo.datasets import EpochSetter
+from zoo.datasets import load_dataset
+from zoo.plots import plot_curves
+from zoo.schedules import WarmupCosine
+
+# The paper's weight decay per architecture (App. F).
+DEFAULT_WEIGHT_DECAY = {"resnet": 1e-4, "wrn": 5e-4, "vgg": 5e-4}
+AVERAGING = ("ema", "sema", "belay")
+MIXED_PRECISION = ("", "mixed_float16", "mixed_bfloat16")
+EXPORT_FROM = ("final", "best_accuracy", "best_loss")
+
+
+class ConfigError(ValueError):
+    """A training configuration is invalid; the message says which flag and why."""
+
+
+@dataclasses.dataclass
+class Config:
+    """Every setting of a training run; the field names are `train.py`'s flags."""
+
+    output_dir: str = ""
+    dataset: str = "digits"
+    data_dir: str = ""
+    model: str = "resnet18"
+    width: float = 1.0
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    weight_decay: float = -1.0  # < 0: the paper's value for the model family
+    momentum: float = 0.9
+    nesterov: bool = True
+    warmup_epochs: int = 5
+    ema_decays: tuple = keras_ema.DEFAULT_DECAYS
+    ema_period: int = 16
+    ema_warmup: bool = True
+    average_batch_norm: bool = True
+    label_noise: str = ""
+    val_fraction: float = 0.2
+    seed: int = 0
+    mixed_precision: str = ""
+    export: bool = False
+    export_decay: float = 0.0  # 0: the largest of ema_decays
+    export_from: str = "final"
+    averaging: str = "ema"
+    sema_every_epochs: int = 1
+    sema_start_epoch: int = 0
+    belay_coupling: float = 0.1
+
+    def resolved(self):
+        """A copy with the model-dependent defaults filled in, validated."""
+        config = dataclasses.replace(
+            self, ema_decays=tuple(float(d) for d in self.ema_decays)
+        )
+        if config.weight_decay < 0:
+            family = next(
+                (f for f in DEFAULT_WEIGHT_DECAY if config.model.startswith(f)),
+                "resnet",
+            )
+            config.weight_decay = DEFAULT_WEIGHT_DECAY[family]
+        if not config.export_decay and config.ema_decays:
+            config.export_decay = max(config.ema_decays)
+        config.validate()
+        return config
+
+    def validate(self):
+        """Raises ConfigError naming the first bad flag."""
+        import zoo
+
+        def fail(flag, value, what):
+            raise ConfigError(f"--{flag}={value}: {what}")
+
+        if not self.output_dir:
+            fail("output_dir", "", "required; give the run directory to write")
+        if self.model not in zoo.MODELS:
+            fail("model", self.model, f"unknown model; use one of {', '.join(zoo.MODELS)}")
+        if not self.width > 0:
+            fail("width", self.width, "must be > 0 (1 is the paper's width)")
+        for flag in ("epochs", "batch_size"):
+            if getattr(self, flag) < 1:
+                fail(flag, getattr(self, flag), "must be >= 1")
+        if not self.lr > 0:
+            fail("lr", self.lr, "must be > 0")
+        if self.weight_decay < 0:
+            fail("weight_decay", self.weight_decay, "must be >= 0")
+        if not 0 <= self.momentum < 1:
+            fail("momentum", self.momentum, "must be in [0, 1)")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            fail("warmup_epochs", self.warmup_epochs,
+                 f"must be in [0, --epochs={self.epochs})")
+        if not self.ema_decays:
+            fail("ema_decays", "", "give at least one decay, e.g. 0.998")
+        for d in self.ema_decays:
+            if not 0 < d < 1:
+                fail("ema_decays", ",".join(map(str, self.ema_decays)),
+                     f"decay {d} is outside (0, 1)")
+        if len(set(self.ema_decays)) != len(self.ema_decays):
+            fail("ema_decays", ",".join(map(str, self.ema_decays)),
+                 "decays must be distinct")
+        if self.ema_period < 1:
+            fail("ema_period", self.ema_period, "must be >= 1")
+        if not 0 <= self.val_fraction < 1:
+            fail("val_fraction", self.val_fraction,
+                 "must be in [0, 1); 0 trains on all data and validates on test")
+        if self.seed < 0:
+            fail("seed", self.seed, "must be >= 0")
+        if self.mixed_precision not in MIXED_PRECISION:
+            fail("mixed_precision", self.mixed_precision,
+                 "use mixed_float16, mixed_bfloat16 or leave it empty")
+        if self.averaging not in AVERAGING:
+            fail("averaging", self.averaging, f"use one of {', '.join(AVERAGING)}")
+        if self.averaging != "ema" and len(self.ema_decays) != 1:
+            fail("ema_decays", ",".join(map(str, self.ema_decays)),
+                 f"--averaging={self.averaging} keeps one EMA; give one decay")
+        if self.export_decay not in self.ema_decays:
+            fail("export_decay", self.export_decay,
+                 f"not one of --ema_decays={','.join(map(str, self.ema_decays))}")
+        if self.export_from not in EXPORT_FROM:
+            fail("export_from", self.export_from, f"use one of {', '.join(EXPORT_FROM)}")
+        if self.sema_every_epochs < 1:
+            fail("sema_every_epochs", self.sema_every_epochs, "must be >= 1")
+        if self.sema_start_epoch < 0:
+            fail("sema_start_epoch", self.sema_start_epoch, "must be >= 0")
+        if not 0 <= self.belay_coupling < 1:
+            fail("belay_coupling", self.belay_coupling, "must be in [0, 1)")
+
+    def to_flags(self) -> str:
+        """The flag file that replays this run (`--flagfile=RUN/flags.cfg`)."""
+        lines = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif isinstance(value, tuple):
+                value = ",".join(repr(v) for v in value)
+            elif isinstance(value, float):
+                value = repr(value)
+            lines.append(f"--{field.name}={value}")
+        return "\n".join(lines) + "\n"
+
+
+# === Logging a run ===
+
+
+class RunLogger(keras.callbacks.Callback):
+    """Writes `history.csv` and a partial `summary.json` at every epoch end.
+
+    Rows from epochs at or after the epoch a resumed run restarts from are
+    dropped first, so the file always matches the restored training state.
+    Also keeps the SGD model's best-validation-accuracy weights.
+
+    Place it after the averaging callback so that its metrics are in `logs`.
+    """
+
+    def __init__(self, run, summarize):
+        super().__init__()
+        self.run = run
+        self.summarize = summarize
+        self.rows = None
+
+    def _path(self, name):
+        return os.path.join(self.run, name)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.rows is None:
+            rows = run_dir.read_csv(self._path("history.csv"))
+            self.rows = [r for r in rows if int(r["epoch"]) < epoch]
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        row = {"epoch": epoch, "lr": _current_learning_rate(self.model)}
+        row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
+        self.rows.append(row)
+        run_dir.write_csv(self._path("history.csv"), self.rows)
+        accuracies = [r.get("val_accuracy", -1.0) for r in self.rows]
+        if row.get("val_accuracy", -1.0) >= 0 and accuracies.index(
+            max(accuracies)
+        ) == len(self.rows) - 1:
+            with run_dir.atomic_path(self._path("sgd_best_accuracy.weights.h5")) as tmp:
+                self.model.save_weights(tmp)
+        run_dir.write_json(self._path("summary.json"), self.summarize(self.rows, False))
+
+
+def _current_learning_rate(model):
+    optimizer = model.optimizer
+    lr = optimizer.learning_rate
+    if callable(lr):
+        lr = lr(optimizer.iterations)
+    return float(keras.ops.convert_to_numpy(lr))
+
+
+def _best(rows, column, sign):
+    """`{"epoch", "value"}` of the first row maximizing `sign * row[column]`."""
+    candidates = [r for r in rows if column in r and np.isfinite(r[column])]
+    if not candidates:
+        return None
+    row = max(candidates, key=lambda r: (sign * r[column], -r["epoch"]))
+    return {"epoch": int(row["epoch"]), "value": row[column]}
+
+
+def _at(rows, epoch, columns):
+    row = next((r for r in rows if int(r["epoch"]) == epoch), {})
+    return {c: row.get(c) for c in columns}
+
+
+def summarize(config, data_summary, rows, completed, averager, seconds):
+    """The `summary.json` of a run from its history rows."""
+    summary = {
+        "layout_version": run_dir.LAYOUT_VERSION,
+        "completed": completed,
+        "epochs_done": len(rows),
+        "dataset": config.dataset,
+        "data": data_summary,
+        "model": config.model,
+        "width": config.width,
+        "seed": config.seed,
+        "label_noise": config.label_noise or None,
+        "averaging": config.averaging,
+        "selection_split": "validation" if config.val_fraction > 0 else "test",
+        "train_seconds": round(seconds, 1),
+    }
+    sgd = {}
+    if rows:
+        sgd["last"] = {"epoch": int(rows[-1]["epoch"]),
+                       **_at(rows, int(rows[-1]["epoch"]), ("val_accuracy", "val_loss"))}
+        best = _best(rows, "val_accuracy", 1.0)
+        if best:
+            sgd["best_accuracy"] = {**best, **_at(rows, best["epoch"], ("val_loss",))}
+    summary["sgd"] = sgd
+    emas = {}
+    for decay in config.ema_decays:
+        entry = {}
+        records = averager.best.get(decay, {})
+        for criterion, other in (("accuracy", "loss"), ("loss", "accuracy")):
+            record = records.get(criterion)
+            if record:
+                other_value = _at(rows, record["epoch"], (f"ema_{decay}_val_{other}",))
+                entry[f"best_{criterion}"] = {
+                    **record,
+                    f"val_{other}": other_value[f"ema_{decay}_val_{other}"],
+                    "weights": f"ema_{decay}_best_{criterion}.weights.h5",
+                }
+        emas[str(decay)] = entry
+    summary["ema"] = emas
+    if config.averaging == "sema":
+        summary["switch_epochs"] = list(getattr(averager, "switch_epochs", []))
+    if config.averaging == "belay":
+        summary["belay_coupling"] = config.belay_coupling
+    return summary
+
+
+# === The protocol ===
+
+
+def _averaging_callback(config, validation, run):
+    common = dict(
+        period=config.ema_period,
+        warmup=config.ema_warmup,
+        average_batch_norm=config.average_batch_norm,
+        validation_data=validation,
+        best_weights_dir=run,
+        backup_dir=os.path.join(run, "backup"),
+    )
+    if config.averaging == "sema":
+        return keras_ema.SwitchEMA(
+            decay=config.ema_decays[0],
+            every_epochs=config.sema_every_epochs,
+            start_epoch=config.sema_start_epoch,
+            **common,
+        )
+    if config.averaging == "belay":
+        return keras_ema.Belay(
+            decay=config.ema_decays[0], coupling=config.belay_coupling, **common
+        )
+    return keras_ema.MultiEMA(decays=config.ema_decays, **common)
+
+
+def _check_run_dir(config):
+    """Returns "new", "resume" or "done"; raises RunDirError on a foreign dir."""
+    run = config.output_dir
+    run_dir.check_output_dir(run)
+    flags_path = os.path.join(run, "flags.cfg")
+    if not os.path.exists(flags_path):
+        if os.path.isdir(run) and os.listdir(run):
+            raise run_dir.RunDirError(
+                f"--output_dir={run} exists, is not empty and holds no "
+                "flags.cfg; choose a new or empty directory."
+            )
+        return "new"
+    old = run_dir.read_flags(flags_path)
+    new = run_dir.read_flags_text(config.to_flags())
+    differ = [k for k in sorted(set(old) | set(new))
+              if k != "output_dir" and old.get(k) != new.get(k)]
+    if differ:
+        changes = ", ".join(f"--{k}={old.get(k)} -> {new.get(k)}" for k in differ[:3])
+        raise run_dir.RunDirError(
+            f"--output_dir={run} holds a run with other flags ({changes}); "
+            f"rerun it with --flagfile={flags_path} or choose another --output_dir."
+        )
+    summary_path = os.path.join(run, "summary.json")
+    if os.path.exists(summary_path) and run_dir.read_json(summary_path).get("completed"):
+        return "done"
+    return "resume"
+
+
+def _jit_compile():
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # XLA slows convolution training on CPU; it pays off on GPUs.
+        return "auto" if tf.config.list_physical_devices("GPU") else False
+    return "auto"
+
+
+def _make_deterministic(seed):
+    keras.utils.set_random_seed(seed)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
+def _banner(text):
+    print(f"\n=== {text} ===", flush=True)
+
+
+def train(config: Config, verbose=None, callbacks=()):
+    """Runs (or resumes, or reports) the training run of `config`.
+
+    Args:
+        config: a `Config`.
+        verbose: `model.fit`'s verbosity; `None` shows a progress bar on a
+            terminal and one line per epoch otherwise.
+        callbacks: more Keras callbacks, run after the run's own.
+
+    Returns:
+        The run's `summary.json` as a dict.
+
+    Raises:
+        ConfigError: an invalid setting.
+        zoo.datasets.DatasetError: the data cannot be loaded.
+        zoo.run_dir.RunDirError: the output directory holds another run.
+        In all three cases nothing has been written.
+    """
+    import zoo
+
+    config = config.resolved()
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2
+    run = config.output_dir
+    state = _check_run_dir(config)
+    if state == "done":
+        print(f"{run} holds a completed run; nothing to do. Its summary: "
+              f"{os.path.join(run, 'summary.json')}", flush=True)
+        return run_dir.read_json(os.path.join(run, "summary.json"))
+
+    _banner("Data")
+    data = load_dataset(
+        config.dataset,
+        data_dir=config.data_dir or None,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        label_noise=config.label_noise or None,
+    )
+    print(data.summary(), flush=True)
+
+    os.makedirs(run, exist_ok=True)
+    if state == "new":
+        run_dir.write_text(os.path.join(run, "flags.cfg"), config.to_flags())
+    else:
+        print(f"Resuming the run in {run}", flush=True)
+    if data.noise_mask is not None:
+        with run_dir.atomic_path(os.path.join(run, "noise_mask.npy")) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, data.noise_mask)
+
+    _make_deterministic(config.seed)
+    previous_policy = keras.mixed_precision.global_policy()
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy(config.mixed_precision)
+    try:
+        return _fit(config, data, run, zoo, verbose, list(callbacks))
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _fit(config, data, run, zoo, verbose, extra_callbacks):
+    _banner("Model")
+    model = zoo.get_model(
+        config.model,
+        num_classes=data.num_classes,
+        input_shape=data.image_shape,
+        width=config.width,
+        weight_decay=config.weight_decay,
+    )
+    train_loader = ArrayLoader(
+        data.x_train, data.y_train, config.batch_size, data.mean, data.std,
+        shuffle=True, augment=True, seed=config.seed,
+    )
+    if data.x_val is not None:
+        validation = ArrayLoader(data.x_val, data.y_val, 2 * config.batch_size,
+                                 data.mean, data.std)
+    else:
+        validation = ArrayLoader(data.x_test, data.y_test, 2 * config.batch_size,
+                                 data.mean, data.std)
+    steps_per_epoch = len(train_loader)
+    total_steps = config.epochs * steps_per_epoch
+    schedule = WarmupCosine(config.lr, total_steps,
+                            config.warmup_epochs * steps_per_epoch)
+    model.compile(
+        optimizer=keras.optimizers.SGD(
+            learning_rate=schedule, momentum=config.momentum,
+            nesterov=config.nesterov,
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=_jit_compile(),
+    )
+    print(
+        f"{config.model} (width {config.width:g}): {model.count_params():,} "
+        f"parameters; {config.epochs} epochs x {steps_per_epoch} steps, "
+        f"batch {config.batch_size}, peak lr {config.lr:g}, weight decay "
+        f"{config.weight_decay:g}, averaging {config.averaging}",
+        flush=True,
+    )
+
+    averager = _averaging_callback(config, validation, run)
+    previous = run_dir.read_json(os.path.join(run, "summary.json")) if os.path.exists(
+        os.path.join(run, "summary.json")) else {}
+    seconds_before = previous.get("train_seconds", 0.0)
+    start = time.perf_counter()
+
+    def summary_of(rows, completed):
+        return summarize(config, data.summary(), rows, completed, averager,
+                         seconds_before + time.perf_counter() - start)
+
+    logger = RunLogger(run, summary_of)
+    backup = AtomicBackupAndRestore(os.path.join(run, "backup"),
+                                    delete_checkpoint=False)
+    _banner("Training")
+    model.fit(
+        train_loader,
+        epochs=config.epochs,
+        validation_data=validation,
+        shuffle=False,
+        verbose=verbose,
+        callbacks=[EpochSetter(train_loader), averager, logger, backup]
+        + extra_callbacks,
+    )
+
+    _banner("Results")
+    with run_dir.atomic_path(os.path.join(run, "sgd_last.weights.h5")) as tmp:
+        model.save_weights(tmp)
+    plot_curves(logger.rows, os.path.join(run, "curves.png"),
+                title=f"{config.model} on {config.dataset}")
+    if config.export:
+        _export(config, averager, data, run)
+    summary = summary_of(logger.rows, True)
+    run_dir.write_json(os.path.join(run, "summary.json"), summary)
+    shutil.rmtree(os.path.join(run, "backup"), ignore_errors=True)
+    print(format_summary(summary), flush=True)
+    print(f"Run directory: {run}", flush=True)
+    return summary
+
+
+def _export(config, averager, data, run):
+    decay = config.export_decay
+    model = averager.ema_model(decay)
+    if config.export_from != "final":
+        model.load_weights(os.path.join(
+            run, f"ema_{decay}_{config.export_from}.weights.h5"))
+    batch_norm_data = ArrayLoader(data.x_train, None, 2 * config.batch_size,
+                                  data.mean, data.std)
+    from keras_ema.export import export_model
+
+    export_model(model, os.path.join(run, "export"),
+                           batch_norm_data=batch_norm_data)
+    run_dir.write_json(os.path.join(run, "export", "export.json"), {
+        "decay": decay, "weights": config.export_from,
+        "mean": data.mean.tolist(), "std": data.std.tolist(),
+        "input": "(image / 255 - mean) / std, float32 NHWC",
+    })
+
+
+def format_summary(summary) -> str:
+    """A few lines: SGD last and best vs each EMA's best epochs."""
+    lines = [f"{'':24s} {'epoch':>5s} {'val acc':>8s} {'val loss':>9s}"]
+
+    def line(name, epoch, acc, loss):
+        fmt = lambda v, p: "-" if v is None else f"{v:{p}}"  # noqa: E731
+        lines.append(f"{name:24s} {epoch:>5} {fmt(acc, '8.4f'):>8s} "
+                     f"{fmt(loss, '9.4f'):>9s}")
+
+    sgd = summary.get("sgd", {})
+    if "last" in sgd:
+        last = sgd["last"]
+        line("SGD last", last["epoch"], last.get("val_accuracy"), last.get("val_loss"))
+    if "best_accuracy" in sgd:
+        b = sgd["best_accuracy"]
+        line("SGD best accuracy", b["epoch"], b["value"], b.get("val_loss"))
+    for decay, entry in summary.get("ema", {}).items():
+        if "best_accuracy" in entry:
+            b = entry["best_accuracy"]
+            line(f"EMA {decay} best accuracy", b["epoch"], b["value"], b.get("val_loss"))
+        if "best_loss" in entry:
+            b = entry["best_loss"]
+            line(f"EMA {decay} lowest loss", b["epoch"], b.get("val_accuracy"), b["value"])
+    return "\n".join(lines)
+
+
+def config_from_flags(flag_values) -> Config:
+    """A `Config` from parsed absl flags named like its fields."""
+    kwargs = {}
+    for field in dataclasses.fields(Config):
+        value = flag_values[field.name].value
+        if field.name == "ema_decays":
+            try:
+                value = tuple(float(v) for v in value)
+            except ValueError:
+                raise ConfigError(
+                    f"--ema_decays={','.join(value)}: give numbers in (0, 1), "
+                    "e.g. 0.99,0.998"
+                ) from None
+        kwargs[field.name] = value if value is not None else field.default
+    return Config(**kwargs)
+
+
+__all__ = ["Config", "ConfigError", "RunLogger", "config_from_flags",
+           "format_summary", "summarize", "train"]

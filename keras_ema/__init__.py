@@ -2,8 +2,15 @@
 
 from keras_ema.batch_norm import recompute_batch_norm_statistics
 from keras_ema.belay import Belay
+from keras_ema.calibration import apply_temperature
+from keras_ema.calibration import expected_calibration_error
+from keras_ema.calibration import fit_temperature
+from keras_ema.calibration import reliability_diagram
+from keras_ema.disagreement import churn
+from keras_ema.disagreement import jensen_shannon
 from keras_ema.export import export_ema
 from keras_ema.export import export_model
+from keras_ema.linear_probe import linear_probe
 from keras_ema.multi_ema import DEFAULT_DECAYS
 from keras_ema.multi_ema import MultiEMA
 from keras_ema.multi_ema import warmup_decay

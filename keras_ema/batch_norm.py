@@ -157,6 +157,8 @@ def recompute_batch_norm_statistics(
             count += 1
             if progress is not None:
                 progress.update(count)
+        if progress is not None and progress.target is None:
+            progress.update(count, finalize=True)  # an iterable of unknown size
         if sums is None:
             raise ValueError(
                 "Received no batches in `data`: recomputing BatchNorm "
@@ -200,7 +202,7 @@ def _is_array(x):
 
 
 def _unpack(data):
-    """`data` with a tuple `(x,)`, `(x, y)` or `(x, y, sample_weight)` reduced to `x`."""
+    """`x` of a tuple `(x,)`, `(x, y)` or `(x, y, sample_weight)`; else `data`."""
     if isinstance(data, tuple):
         if not 1 <= len(data) <= 3:
             raise ValueError(

@@ -144,6 +144,31 @@ class Config:
         if not 0 <= self.belay_coupling < 1:
             fail("belay_coupling", self.belay_coupling, "must be in [0, 1)")
 
+    @classmethod
+    def from_flags(cls, flags: dict) -> "Config":
+        """The `Config` of a `flags.cfg` read by `zoo.run_dir.read_flags`.
+
+        Unknown names are ignored; missing ones keep their defaults.
+        """
+        kwargs = {}
+        for field in dataclasses.fields(cls):
+            if field.name not in flags:
+                continue
+            text = flags[field.name]
+            default = field.default
+            if isinstance(default, bool):
+                value = text.lower() in ("true", "1", "yes")
+            elif isinstance(default, tuple):
+                value = tuple(float(v) for v in text.split(",") if v)
+            elif isinstance(default, int):
+                value = int(text)
+            elif isinstance(default, float):
+                value = float(text)
+            else:
+                value = text
+            kwargs[field.name] = value
+        return cls(**kwargs)
+
     def to_flags(self) -> str:
         """The flag file that replays this run (`--flagfile=RUN/flags.cfg`)."""
         lines = []

@@ -1,0 +1,67 @@
+"""Turns finished train.py runs into the paper's tables (results.md, results.json).
+
+    python evaluate.py runs/demo_s0 runs/demo_s1 runs/demo_s2
+    python evaluate.py runs/c100_s* --evals=generalization,calibration,churn
+    python evaluate.py runs/c100_s* --evals=transfer --transfer_dataset=cifar10
+
+Pass the run directories of the seeds of one configuration. See
+`zoo/evaluation.py` for what each evaluation computes.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+flags.DEFINE_list("evals", ["generalization", "calibration", "churn"],
+                  "Evaluations: generalization, calibration, churn, transfer, "
+                  "label_noise.")
+flags.DEFINE_boolean("bn_recompute", True, "Recompute the EMA models' BatchNorm "
+                     "statistics on the training split first (the paper's protocol).")
+flags.DEFINE_float("decay", None, "The EMA decay to evaluate; default: the one "
+                   "with the best validation value for each criterion.")
+flags.DEFINE_string("transfer_dataset", None, "Target dataset of --evals=transfer "
+                    "(digits, cifar10, cifar100, folder:PATH, ...).")
+flags.DEFINE_string("transfer_data_dir", None, "data_dir of the transfer dataset.")
+flags.DEFINE_integer("probe_epochs", 50, "Epochs of the linear probe.")
+flags.DEFINE_string("output_dir", None, "Where to write results.md, results.json "
+                    "and the figures; default: results/ beside the first run.")
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    from zoo import evaluation
+    from zoo.datasets import DatasetError
+    from zoo.run_dir import RunDirError
+
+    paths = argv[1:]
+    try:
+        if FLAGS.probe_epochs < 1:
+            raise evaluation.EvaluationError(
+                f"--probe_epochs={FLAGS.probe_epochs}: must be >= 1.")
+        runs = evaluation.load_runs(paths)
+        output_dir = FLAGS.output_dir or os.path.join(
+            os.path.dirname(os.path.abspath(paths[0])), "results")
+        from zoo.run_dir import check_output_dir
+
+        check_output_dir(output_dir)
+        print(f"Evaluating {len(runs)} run(s): {', '.join(paths)}", flush=True)
+        results, figures = evaluation.evaluate(
+            runs, [e.strip() for e in FLAGS.evals if e.strip()],
+            bn_recompute=FLAGS.bn_recompute, decay=FLAGS.decay,
+            transfer_dataset=FLAGS.transfer_dataset,
+            transfer_data_dir=FLAGS.transfer_data_dir,
+            probe_epochs=FLAGS.probe_epochs,
+        )
+        path = evaluation.write_results(results, figures, output_dir)
+    except (evaluation.EvaluationError, DatasetError, RunDirError) as error:
+        sys.exit(f"evaluate.py: error: {error}")
+    print()
+    print(open(path).read(), end="")
+    print(f"Written: {path}, {os.path.join(output_dir, 'results.json')}")
+
+
+if __name__ == "__main__":
+    app.run(main)

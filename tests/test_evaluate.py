@@ -1,0 +1,168 @@
+"""evaluate.py end to end on tiny digits runs of two seeds."""
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import zoo
+from zoo import evaluation
+from zoo import experiment
+from zoo.datasets import load_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(output_dir, seed, **overrides):
+    settings = dict(
+        output_dir=str(output_dir), dataset="digits", model="resnet18",
+        width=0.0625, epochs=2, batch_size=128, lr=0.05, warmup_epochs=1,
+        ema_decays=(0.5, 0.8), ema_period=2, seed=seed,
+    )
+    settings.update(overrides)
+    return experiment.Config(**settings)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    paths = []
+    for seed in (0, 1):
+        path = root / f"s{seed}"
+        experiment.train(tiny_config(path, seed), verbose=0)
+        paths.append(str(path))
+    return paths
+
+
+def _cli(args, cwd=ROOT):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py")] + args,
+                          cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _test_logits(run, weights):
+    """Test logits of a run's weights, normalized here from the raw images."""
+    data = load_dataset("digits", val_fraction=0.2, seed=json.load(
+        open(os.path.join(run, "summary.json")))["seed"])
+    model = zoo.get_model("resnet18", num_classes=10, input_shape=(32, 32, 3),
+                          width=0.0625)
+    model.load_weights(os.path.join(run, weights))
+    x = (data.x_test / 255.0 - data.mean) / data.std
+    return keras.ops.convert_to_numpy(model(x.astype("float32"), training=False)), data.y_test
+
+
+@pytest.fixture(scope="module")
+def results(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    result = _cli(runs + ["--evals=generalization,calibration,churn,transfer",
+                          "--transfer_dataset=digits", "--probe_epochs=2",
+                          f"--output_dir={out}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out, json.load(open(out / "results.json"))
+
+
+def test_files_and_tables(results):
+    out, res = results
+    assert sorted(os.listdir(out)) == ["reliability_baseline.png",
+                                       "reliability_ema_loss.png",
+                                       "results.json", "results.md"]
+    text = open(out / "results.md").read()
+    for heading in ("Generalization (Table 1)", "Prediction disagreement",
+                    "Linear probe on digits (Table 4)", "Calibration (Table 5)"):
+        assert heading in text
+    assert res["setup"]["seed_values"] == [0, 1]
+
+
+def test_baseline_accuracy_and_loss_match_an_independent_computation(runs, results):
+    _, res = results
+    accuracies, losses = [], []
+    for run in runs:
+        logits, y = _test_logits(run, "sgd_last.weights.h5")
+        z = logits - logits.max(1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+        accuracies.append(100 * np.mean(logits.argmax(1) == y))
+        losses.append(-np.mean(log_p[np.arange(len(y)), y]))
+    table = res["evals"]["generalization"]["table"]["baseline"]
+    assert table["accuracy"]["mean"] == pytest.approx(np.mean(accuracies), abs=1e-6)
+    assert table["accuracy"]["std"] == pytest.approx(np.std(accuracies, ddof=1), abs=1e-6)
+    assert table["loss"]["mean"] == pytest.approx(np.mean(losses), rel=1e-4)
+
+
+def test_ema_selection_follows_the_validation_records(runs, results):
+    _, res = results
+    for run in runs:
+        summary = json.load(open(os.path.join(run, "summary.json")))
+        acc = {d: e["best_accuracy"]["value"] for d, e in summary["ema"].items()}
+        loss = {d: e["best_loss"]["value"] for d, e in summary["ema"].items()}
+        chosen = res["selection"][os.path.basename(run)]
+        assert chosen["ema_accuracy"]["decay"] == float(
+            max(acc, key=lambda d: (acc[d], float(d))))
+        assert chosen["ema_loss"]["decay"] == float(
+            min(loss, key=lambda d: (loss[d], -float(d))))
+
+
+def test_churn_of_the_baselines_matches_numpy(runs, results):
+    _, res = results
+    (la, _), (lb, _) = (_test_logits(r, "sgd_last.weights.h5") for r in runs)
+    expected = 100 * np.mean(la.argmax(1) != lb.argmax(1))
+    got = res["evals"]["churn"]["table"]["baseline"]["churn"]
+    assert got["mean"] == pytest.approx(expected, abs=1e-6)
+    assert got["n"] == len(list(itertools.combinations(runs, 2)))
+
+
+def test_label_noise_needs_noisy_runs_and_reports_them(runs, tmp_path):
+    with pytest.raises(evaluation.EvaluationError, match="needs runs trained with --label_noise"):
+        evaluation.evaluate(evaluation.load_runs(runs[:1]), ["label_noise"], log=lambda s: None)
+    noisy = tmp_path / "noisy"
+    experiment.train(tiny_config(noisy, 0, epochs=1, warmup_epochs=0,
+                                 label_noise="symmetric:0.4"), verbose=0)
+    res, _ = evaluation.evaluate(evaluation.load_runs([str(noisy)]), ["label_noise"],
+                                 bn_recompute=False, log=lambda s: None)
+    entry = res["evals"]["label_noise"]
+    assert entry["label_noise"] == "symmetric:0.4"
+    logits, y = _test_logits(str(noisy), "sgd_last.weights.h5")
+    assert entry["table"]["baseline"]["accuracy"]["mean"] == pytest.approx(
+        100 * np.mean(logits.argmax(1) == y), abs=1e-6)
+
+
+def test_bad_input(runs, tmp_path):
+    with pytest.raises(evaluation.EvaluationError, match="does not exist"):
+        evaluation.load_runs([str(tmp_path / "nope")])
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(runs[0], unfinished)
+    summary = json.load(open(unfinished / "summary.json"))
+    summary["completed"] = False
+    (unfinished / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(evaluation.EvaluationError, match="unfinished run"):
+        evaluation.load_runs([str(unfinished)])
+    other = tmp_path / "other"
+    shutil.copytree(runs[1], other)
+    flags = (other / "flags.cfg").read_text().replace("--dataset=digits",
+                                                      "--dataset=cifar10")
+    (other / "flags.cfg").write_text(flags)
+    with pytest.raises(evaluation.EvaluationError,
+                       match=r"different datasets: .* is digits, .* is cifar10"):
+        evaluation.load_runs([runs[0], str(other)])
+    with pytest.raises(evaluation.EvaluationError, match="same --seed=0"):
+        evaluation.load_runs([runs[0], runs[0]])
+    with pytest.raises(evaluation.EvaluationError, match="at least two runs, got 1"):
+        evaluation.evaluate(evaluation.load_runs(runs[:1]), ["churn"], log=lambda s: None)
+    with pytest.raises(evaluation.EvaluationError, match="--evals=accuracy: unknown"):
+        evaluation.evaluate(evaluation.load_runs(runs[:1]), ["accuracy"], log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_cli_error_is_one_line_and_writes_nothing(runs, tmp_path):
+    out = tmp_path / "results"
+    result = _cli([runs[0], f"--output_dir={out}", "--evals=churn"])
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("evaluate.py: error: --evals=churn compares seeds")
+    assert not out.exists()

@@ -1,0 +1,560 @@
+"""The paper's evaluations of finished training runs (what `evaluate.py` prints).
+
+A group of run directories, one per seed of one configuration, is evaluated
+on the test split of their dataset. Each run contributes three models:
+
+- `baseline`: the last SGD iterate (`sgd_last.weights.h5`);
+- `ema_accuracy`: the EMA at its epoch of best validation accuracy;
+- `ema_loss`: the EMA at its epoch of lowest validation loss.
+
+The EMA's decay is, unless `decay` is given, the one whose selection value is
+best on the validation split (highest accuracy, lowest loss), so that nothing
+is chosen on the test split. With `--val_fraction=0` the runs selected on the
+test split itself; the tables say so.
+
+With `bn_recompute` (the paper's protocol, on by default) the EMA models'
+BatchNorm statistics are recomputed on one pass over the training split, in
+batches of the training batch size, without augmentation
+(`keras_ema.recompute_batch_norm_statistics`) before they are evaluated.
+
+The evaluations (paper, shared seed 003):
+
+- `generalization` (Table 1): test accuracy and loss of the three models.
+- `calibration` (Table 5): accuracy, ECE (100 equal-mass bins, %) and ECE
+  after temperature scaling, the temperature fitted by NLL on the run's
+  validation split; baseline and EMA at lowest loss; reliability diagrams.
+- `churn` (Table 3): pairwise churn (%) and Jensen-Shannon divergence of the
+  test predictions of every pair of seeds; baseline and EMA at lowest loss.
+- `transfer` (Table 4): linear-probe test accuracy of each model's frozen
+  features on another dataset.
+- `label_noise` (Table 2 row): clean test accuracy of the three models of
+  runs trained with noisy labels.
+
+Numbers are the mean and sample standard deviation (ddof=1) over seeds, or
+over pairs of seeds for churn.
+"""
+
+import dataclasses
+import itertools
+import os
+
+import numpy as np
+
+from zoo import run_dir
+from zoo.datasets import ArrayLoader
+from zoo.datasets import load_dataset
+from zoo.experiment import Config
+
+EVALS = ("generalization", "calibration", "churn", "transfer", "label_noise")
+MODELS = ("baseline", "ema_accuracy", "ema_loss")
+MODEL_NAMES = {
+    "baseline": "Baseline (SGD last)",
+    "ema_accuracy": "EMA (best accuracy)",
+    "ema_loss": "EMA (lowest loss)",
+}
+# Settings that may differ between the runs of one group.
+PER_RUN_FLAGS = ("seed", "output_dir")
+
+
+class EvaluationError(ValueError):
+    """Runs cannot be evaluated as asked; the message says which and why."""
+
+
+@dataclasses.dataclass
+class Run:
+    """A finished run: its directory, configuration and summary."""
+
+    path: str
+    config: Config
+    summary: dict
+    flags: dict
+
+    @property
+    def name(self):
+        return os.path.basename(os.path.normpath(self.path))
+
+
+def load_runs(paths) -> list:
+    """The finished runs in `paths`, checked to be seeds of one configuration.
+
+    Raises:
+        EvaluationError: no run, a missing or unfinished run directory,
+            runs on different datasets or with other differing flags, or two
+            runs with the same seed.
+    """
+    if not paths:
+        raise EvaluationError(
+            "No run directories given; pass the --output_dir of finished "
+            "train.py runs, e.g. evaluate.py runs/demo_s0 runs/demo_s1."
+        )
+    runs = []
+    for path in paths:
+        try:
+            loaded = run_dir.load_run(path)
+        except run_dir.RunDirError as error:
+            raise EvaluationError(str(error)) from None
+        runs.append(Run(path, Config.from_flags(loaded["flags"]).resolved(),
+                        loaded["summary"], loaded["flags"]))
+    first = runs[0]
+    for run in runs[1:]:
+        if run.config.dataset != first.config.dataset:
+            raise EvaluationError(
+                f"Runs on different datasets: {first.path} is "
+                f"{first.config.dataset}, {run.path} is {run.config.dataset}; "
+                "evaluate the runs of one dataset at a time."
+            )
+        differ = [k for k in sorted(set(first.flags) | set(run.flags))
+                  if k not in PER_RUN_FLAGS
+                  and first.flags.get(k) != run.flags.get(k)]
+        if differ:
+            k = differ[0]
+            raise EvaluationError(
+                f"Runs of different configurations: {first.path} has "
+                f"--{k}={first.flags.get(k)}, {run.path} has "
+                f"--{k}={run.flags.get(k)}; pass the seeds of one configuration."
+            )
+    for a, b in itertools.combinations(runs, 2):
+        if a.config.seed == b.config.seed:
+            raise EvaluationError(
+                f"{a.path} and {b.path} have the same --seed={a.config.seed}; "
+                "pass each seed's run once."
+            )
+    return runs
+
+
+def select_ema(summary, criterion, decay=None):
+    """`(decay, epoch, weights file)` of the EMA chosen by `criterion`.
+
+    Args:
+        summary: a run's `summary.json`.
+        criterion: `"accuracy"` (highest) or `"loss"` (lowest).
+        decay: float or `None`: the decay to use; `None` picks the decay
+            whose best validation value is best.
+    """
+    emas = summary.get("ema", {})
+    key = f"best_{criterion}"
+    candidates = {d: e[key] for d, e in emas.items() if key in e}
+    if not candidates:
+        raise EvaluationError(f"The run's summary.json records no EMA {key}.")
+    if decay is not None:
+        name = next((d for d in candidates if float(d) == float(decay)), None)
+        if name is None:
+            raise EvaluationError(
+                f"--decay={decay}: not one of the runs' decays "
+                f"{', '.join(sorted(candidates))}."
+            )
+    else:
+        sign = 1.0 if criterion == "accuracy" else -1.0
+        name = max(candidates, key=lambda d: (sign * candidates[d]["value"], float(d)))
+    record = candidates[name]
+    return float(name), int(record["epoch"]), record["weights"]
+
+
+def _log_softmax(logits):
+    z = logits - logits.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def accuracy_and_loss(logits, labels):
+    """Top-1 accuracy and mean softmax cross-entropy of `logits`."""
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels)
+    accuracy = float(np.mean(logits.argmax(axis=1) == labels))
+    loss = float(-np.mean(_log_softmax(logits)[np.arange(len(labels)), labels]))
+    return accuracy, loss
+
+
+def softmax(logits):
+    return np.exp(_log_softmax(np.asarray(logits, np.float64)))
+
+
+class Evaluator:
+    """Builds each run's three models once and caches their logits.
+
+    Args:
+        runs: list of `Run` (see `load_runs`).
+        bn_recompute: bool, recompute the EMA models' BatchNorm statistics
+            on the training split first.
+        decay: float or `None`, see `select_ema`.
+        log: a function printing one line of progress.
+    """
+
+    def __init__(self, runs, bn_recompute=True, decay=None, log=print):
+        self.runs = runs
+        self.bn_recompute = bn_recompute
+        self.decay = decay
+        self.log = log
+        self._data = {}
+        self._models = {}
+        self._logits = {}
+
+    def data(self, run):
+        """The run's dataset, as training loaded it (split, noise, statistics)."""
+        c = run.config
+        key = (c.dataset, c.data_dir, c.val_fraction, c.seed, c.label_noise)
+        if key not in self._data:
+            self._data[key] = load_dataset(
+                c.dataset, data_dir=c.data_dir or None,
+                val_fraction=c.val_fraction, seed=c.seed,
+                label_noise=c.label_noise or None,
+            )
+        return self._data[key]
+
+    def selection(self, run, model):
+        """`{"weights", "decay", "epoch"}` of one of `MODELS` of `run`."""
+        if model == "baseline":
+            return {"weights": "sgd_last.weights.h5", "decay": None,
+                    "epoch": run.summary["sgd"]["last"]["epoch"]}
+        criterion = model.split("_", 1)[1]
+        decay, epoch, weights = select_ema(run.summary, criterion, self.decay)
+        return {"weights": weights, "decay": decay, "epoch": epoch}
+
+    def model(self, run, which):
+        """The keras model `which` of `run`, weights loaded (cached)."""
+        import keras
+
+        import zoo
+        from keras_ema.batch_norm import batch_norm_layers
+        from keras_ema.batch_norm import recompute_batch_norm_statistics
+
+        key = (run.path, which)
+        if key in self._models:
+            return self._models[key]
+        data = self.data(run)
+        c = run.config
+        previous = keras.mixed_precision.global_policy()
+        if c.mixed_precision:
+            keras.mixed_precision.set_global_policy(c.mixed_precision)
+        try:
+            model = zoo.get_model(c.model, num_classes=data.num_classes,
+                                  input_shape=data.image_shape, width=c.width,
+                                  weight_decay=c.weight_decay)
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+        chosen = self.selection(run, which)
+        path = os.path.join(run.path, chosen["weights"])
+        if not os.path.exists(path):
+            raise EvaluationError(
+                f"{path} is missing; the run directory is incomplete: rerun "
+                "its training or remove it."
+            )
+        model.load_weights(path)
+        if which != "baseline" and self.bn_recompute and batch_norm_layers(model):
+            recompute_batch_norm_statistics(
+                model,
+                ArrayLoader(data.x_train, None, c.batch_size, data.mean, data.std),
+            )
+        self._models = {k: v for k, v in self._models.items() if k[0] == run.path}
+        self._models[key] = model
+        return model
+
+    def logits(self, run, which, split="test"):
+        """float64 logits of model `which` of `run` on `split` (test or val)."""
+        key = (run.path, which, split)
+        if key not in self._logits:
+            data = self.data(run)
+            x = data.x_test if split == "test" else data.x_val
+            self.log(f"  {run.name}: {MODEL_NAMES[which]} on {split}")
+            model = self.model(run, which)
+            loader = ArrayLoader(x, None, 256, data.mean, data.std)
+            self._logits[key] = np.asarray(model.predict(loader, verbose=0),
+                                           np.float64)
+        return self._logits[key]
+
+    def labels(self, run, split="test"):
+        data = self.data(run)
+        return data.y_test if split == "test" else data.y_val
+
+
+def mean_std(values):
+    """`{"mean", "std", "n", "values"}`; std is the sample std (ddof=1), 0 for one value."""
+    values = [float(v) for v in values]
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        "n": len(values),
+        "values": values,
+    }
+
+
+def _aggregate(per_run):
+    """Per-run `{model: {metric: value}}` dicts to `{model: {metric: mean_std}}`."""
+    out = {}
+    for model in per_run[0]:
+        out[model] = {
+            metric: mean_std([r[model][metric] for r in per_run])
+            for metric in per_run[0][model]
+            if isinstance(per_run[0][model][metric], (int, float))
+        }
+    return out
+
+
+def evaluate_generalization(ev, runs, models=MODELS):
+    per_run = []
+    for run in runs:
+        row = {}
+        for which in models:
+            acc, loss = accuracy_and_loss(ev.logits(run, which), ev.labels(run))
+            row[which] = {"accuracy": 100 * acc, "loss": loss}
+        per_run.append(row)
+    return {"per_run": per_run, "table": _aggregate(per_run)}
+
+
+def evaluate_label_noise(ev, runs):
+    noise = runs[0].config.label_noise
+    if not noise:
+        raise EvaluationError(
+            f"--evals=label_noise needs runs trained with --label_noise; "
+            f"{runs[0].path} has clean labels."
+        )
+    result = evaluate_generalization(ev, runs)
+    result["label_noise"] = noise
+    return result
+
+
+def evaluate_calibration(ev, runs, figures, models=("baseline", "ema_loss")):
+    from keras_ema.calibration import apply_temperature
+    from keras_ema.calibration import expected_calibration_error
+    from keras_ema.calibration import fit_temperature
+
+    per_run = []
+    tuned_on = "validation"
+    for run in runs:
+        row = {}
+        labels = ev.labels(run)
+        has_val = ev.data(run).x_val is not None
+        for which in models:
+            logits = ev.logits(run, which)
+            probs = softmax(logits)
+            entry = {
+                "accuracy": 100 * float(np.mean(probs.argmax(1) == labels)),
+                "ece": 100 * expected_calibration_error(probs, labels, 100),
+            }
+            if has_val:
+                temperature = fit_temperature(ev.logits(run, which, "val"),
+                                              ev.labels(run, "val"))
+                scaled = apply_temperature(logits, temperature)
+                entry["temperature"] = temperature
+                entry["ece_ts"] = 100 * expected_calibration_error(scaled, labels, 100)
+            row[which] = entry
+        if not has_val:
+            tuned_on = None
+        per_run.append(row)
+    first = min(runs, key=lambda r: r.config.seed)
+    for which in models:
+        figures[f"reliability_{which}.png"] = (
+            softmax(ev.logits(first, which)), ev.labels(first),
+            f"{MODEL_NAMES[which]}, seed {first.config.seed}",
+        )
+    return {"per_run": per_run, "table": _aggregate(per_run),
+            "temperature_tuned_on": tuned_on}
+
+
+def evaluate_churn(ev, runs, models=("baseline", "ema_loss")):
+    from keras_ema.disagreement import churn
+    from keras_ema.disagreement import jensen_shannon
+
+    if len(runs) < 2:
+        raise EvaluationError(
+            f"--evals=churn compares seeds: it needs at least two runs, got "
+            f"{len(runs)} ({runs[0].path})."
+        )
+    per_pair = []
+    for a, b in itertools.combinations(runs, 2):
+        row = {"pair": [a.name, b.name]}
+        for which in models:
+            pa, pb = softmax(ev.logits(a, which)), softmax(ev.logits(b, which))
+            row[which] = {"churn": 100 * churn(pa, pb),
+                          "jensen_shannon": jensen_shannon(pa, pb)}
+        per_pair.append(row)
+    table = {
+        which: {metric: mean_std([p[which][metric] for p in per_pair])
+                for metric in ("churn", "jensen_shannon")}
+        for which in models
+    }
+    return {"per_pair": per_pair, "table": table}
+
+
+def evaluate_transfer(ev, runs, dataset, data_dir=None, epochs=50, seed=0):
+    from keras_ema.linear_probe import linear_probe
+
+    per_run = []
+    for run in runs:
+        source = ev.data(run)
+        height, width = source.image_shape[:2]
+        try:
+            target = load_dataset(dataset, data_dir=data_dir, val_fraction=0.0,
+                                  seed=seed, image_size=(height, width)
+                                  if dataset.startswith("folder:")
+                                  or dataset == "tiny_imagenet" else None)
+        except ValueError as error:
+            raise EvaluationError(f"--transfer_dataset={dataset}: {error}") from None
+        if target.image_shape != source.image_shape:
+            raise EvaluationError(
+                f"--transfer_dataset={dataset} has images of shape "
+                f"{target.image_shape}, the backbone takes {source.image_shape}; "
+                "choose a dataset of the same image size."
+            )
+        # The backbone sees inputs normalized as in its own training.
+        train = (_normalized(target.x_train, source), target.y_train)
+        test = (_normalized(target.x_test, source), target.y_test)
+        row = {}
+        for which in MODELS:
+            ev.log(f"  {run.name}: linear probe of {MODEL_NAMES[which]} on {dataset}")
+            row[which] = {"accuracy": 100 * linear_probe(
+                ev.model(run, which), train, test, epochs=epochs, seed=seed)}
+        per_run.append(row)
+    return {"per_run": per_run, "table": _aggregate(per_run),
+            "transfer_dataset": dataset, "probe_epochs": epochs}
+
+
+def _normalized(x, data):
+    return ((x.astype(np.float32) / 255.0 - data.mean) / data.std).astype(np.float32)
+
+
+# === Output ===
+
+
+def _fmt(stat, digits):
+    if stat["n"] > 1:
+        return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f}"
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def format_markdown(results) -> str:
+    """The tables of `results` (see `evaluate`) as Markdown."""
+    setup = results["setup"]
+    lines = [
+        f"# {setup['model']} (width {setup['width']:g}) on {setup['dataset']}",
+        "",
+        f"{setup['seeds']} seed(s) ({', '.join(map(str, setup['seed_values']))}); "
+        f"averaging {setup['averaging']}; label noise "
+        f"{setup['label_noise'] or 'none'}; EMA selection on the "
+        f"{setup['selection_split']} split; BN statistics of the EMA models "
+        f"{'recomputed' if setup['bn_recompute'] else 'as averaged'}. "
+        "Mean ± sample std over seeds (over pairs for churn).",
+    ]
+    chosen = results.get("selection", {})
+    if chosen:
+        lines += ["", "Chosen EMAs: " + "; ".join(
+            f"{run}: accuracy {c['ema_accuracy']['decay']} @ epoch "
+            f"{c['ema_accuracy']['epoch']}, loss {c['ema_loss']['decay']} @ "
+            f"epoch {c['ema_loss']['epoch']}" for run, c in chosen.items())]
+    evals = results["evals"]
+    if "generalization" in evals:
+        t = evals["generalization"]["table"]
+        lines += ["", "## Generalization (Table 1)", "",
+                  _table(["Model", "Test accuracy (%)", "Test loss"],
+                         [[MODEL_NAMES[m], _fmt(t[m]["accuracy"], 2),
+                           _fmt(t[m]["loss"], 4)] for m in t])]
+    if "label_noise" in evals:
+        e = evals["label_noise"]
+        t = e["table"]
+        lines += ["", f"## Label noise {e['label_noise']} (Table 2)", "",
+                  _table(["Model", "Clean test accuracy (%)", "Test loss"],
+                         [[MODEL_NAMES[m], _fmt(t[m]["accuracy"], 2),
+                           _fmt(t[m]["loss"], 4)] for m in t])]
+    if "churn" in evals:
+        t = evals["churn"]["table"]
+        lines += ["", "## Prediction disagreement between seeds (Table 3)", "",
+                  _table(["Model", "Churn (%)", "JS divergence"],
+                         [[MODEL_NAMES[m], _fmt(t[m]["churn"], 2),
+                           _fmt(t[m]["jensen_shannon"], 4)] for m in t])]
+    if "transfer" in evals:
+        e = evals["transfer"]
+        t = e["table"]
+        lines += ["", f"## Linear probe on {e['transfer_dataset']} (Table 4)", "",
+                  _table(["Model", "Test accuracy (%)"],
+                         [[MODEL_NAMES[m], _fmt(t[m]["accuracy"], 2)] for m in t])]
+    if "calibration" in evals:
+        e = evals["calibration"]
+        t = e["table"]
+        rows = []
+        for m in t:
+            ts = _fmt(t[m]["ece_ts"], 2) if "ece_ts" in t[m] else "-"
+            rows.append([MODEL_NAMES[m], _fmt(t[m]["accuracy"], 2),
+                         _fmt(t[m]["ece"], 2), ts])
+        lines += ["", "## Calibration (Table 5)", "",
+                  _table(["Model", "Accuracy (%)", "ECE (%)", "ECE after TS (%)"], rows),
+                  "", "ECE: 100 equal-mass bins on the top-1 confidence. "
+                  + ("Temperature fitted by NLL on each run's validation split."
+                     if e["temperature_tuned_on"] else
+                     "No validation split (--val_fraction=0): no temperature scaling."),
+                  "", "![baseline](reliability_baseline.png) "
+                  "![EMA](reliability_ema_loss.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(runs, evals, bn_recompute=True, decay=None, transfer_dataset=None,
+             transfer_data_dir=None, probe_epochs=50, log=print):
+    """Runs `evals` on `runs`; returns `(results dict, figures)`.
+
+    `figures` maps PNG file names to `(probs, labels, title)` of reliability
+    diagrams; nothing is written here (see `write_results`).
+    """
+    unknown = [e for e in evals if e not in EVALS]
+    if unknown or not evals:
+        raise EvaluationError(
+            f"--evals={','.join(evals)}: unknown evaluation "
+            f"{unknown[0] if unknown else '(none)'}; use some of {','.join(EVALS)}."
+        )
+    if "churn" in evals and len(runs) < 2:
+        evaluate_churn(None, runs)  # raises with the message
+    if "transfer" in evals and not transfer_dataset:
+        raise EvaluationError(
+            "--evals=transfer needs --transfer_dataset (e.g. digits, cifar10, "
+            "folder:PATH) with images of the runs' size."
+        )
+    if "label_noise" in evals and not runs[0].config.label_noise:
+        evaluate_label_noise(None, runs)  # raises with the message
+    ev = Evaluator(runs, bn_recompute=bn_recompute, decay=decay, log=log)
+    first = runs[0].config
+    results = {
+        "setup": {
+            "dataset": first.dataset, "model": first.model, "width": first.width,
+            "averaging": first.averaging, "label_noise": first.label_noise or None,
+            "seeds": len(runs), "seed_values": [r.config.seed for r in runs],
+            "runs": [r.path for r in runs], "bn_recompute": bn_recompute,
+            "selection_split": runs[0].summary.get("selection_split", "validation"),
+            "decay": decay,
+        },
+        "selection": {r.name: {m: ev.selection(r, m) for m in MODELS} for r in runs},
+        "evals": {},
+    }
+    figures = {}
+    for name in evals:
+        log(f"{name}:")
+        if name == "generalization":
+            results["evals"][name] = evaluate_generalization(ev, runs)
+        elif name == "label_noise":
+            results["evals"][name] = evaluate_label_noise(ev, runs)
+        elif name == "calibration":
+            results["evals"][name] = evaluate_calibration(ev, runs, figures)
+        elif name == "churn":
+            results["evals"][name] = evaluate_churn(ev, runs)
+        elif name == "transfer":
+            results["evals"][name] = evaluate_transfer(
+                ev, runs, transfer_dataset, transfer_data_dir, probe_epochs)
+    return results, figures
+
+
+def write_results(results, figures, output_dir):
+    """Writes the PNGs, `results.json` and `results.md`, each atomically."""
+    from keras_ema.calibration import reliability_diagram
+
+    run_dir.check_output_dir(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    for name, (probs, labels, title) in figures.items():
+        reliability_diagram(probs, labels, os.path.join(output_dir, name),
+                            title=title)
+    run_dir.write_json(os.path.join(output_dir, "results.json"), results)
+    run_dir.write_text(os.path.join(output_dir, "results.md"),
+                       format_markdown(results))
+    return os.path.join(output_dir, "results.md")

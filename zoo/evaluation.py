@@ -7,6 +7,9 @@ on the test split of their dataset. Each run contributes three models:
 - `ema_accuracy`: the EMA at its epoch of best validation accuracy;
 - `ema_loss`: the EMA at its epoch of lowest validation loss.
 
+The generalization tables add `sgd_best_accuracy`, SGD at its epoch of best
+validation accuracy, for comparison.
+
 The EMA's decay is, unless `decay` is given, the one whose selection value is
 best on the validation split (highest accuracy, lowest loss), so that nothing
 is chosen on the test split. With `--val_fraction=0` the runs selected on the
@@ -49,6 +52,7 @@ EVALS = ("generalization", "calibration", "churn", "transfer", "label_noise")
 MODELS = ("baseline", "ema_accuracy", "ema_loss")
 MODEL_NAMES = {
     "baseline": "Baseline (SGD last)",
+    "sgd_best_accuracy": "SGD (best accuracy)",
     "ema_accuracy": "EMA (best accuracy)",
     "ema_loss": "EMA (lowest loss)",
 }
@@ -205,6 +209,9 @@ class Evaluator:
         if model == "baseline":
             return {"weights": "sgd_last.weights.h5", "decay": None,
                     "epoch": run.summary["sgd"]["last"]["epoch"]}
+        if model == "sgd_best_accuracy":
+            return {"weights": "sgd_best_accuracy.weights.h5", "decay": None,
+                    "epoch": run.summary["sgd"]["best_accuracy"]["epoch"]}
         criterion = model.split("_", 1)[1]
         decay, epoch, weights = select_ema(run.summary, criterion, self.decay)
         return {"weights": weights, "decay": decay, "epoch": epoch}
@@ -239,7 +246,7 @@ class Evaluator:
                 "its training or remove it."
             )
         model.load_weights(path)
-        if which != "baseline" and self.bn_recompute and batch_norm_layers(model):
+        if which.startswith("ema") and self.bn_recompute and batch_norm_layers(model):
             recompute_batch_norm_statistics(
                 model,
                 ArrayLoader(data.x_train, None, c.batch_size, data.mean, data.std),
@@ -289,7 +296,11 @@ def _aggregate(per_run):
     return out
 
 
-def evaluate_generalization(ev, runs, models=MODELS):
+# The generalization tables also show SGD early-stopped at its best epoch.
+GENERALIZATION_MODELS = ("baseline", "sgd_best_accuracy", "ema_accuracy", "ema_loss")
+
+
+def evaluate_generalization(ev, runs, models=GENERALIZATION_MODELS):
     per_run = []
     for run in runs:
         row = {}

@@ -90,9 +90,14 @@ def _tf_update(shadows, weights, pulled, jit_compile):
 
     shadow_vars = [s.value for s in shadows]
     weight_vars = [w.value for w in weights]
-    # A distribution strategy splits variables across replicas; XLA clusters
-    # cannot assign to those, so compile only in the default strategy.
-    jit = bool(jit_compile) and not tf.distribute.has_strategy()
+    # A distribution strategy mirrors variables on several devices; one XLA
+    # cluster cannot assign to all copies, so compile only without one. (The
+    # callbacks run outside the strategy's scope: look at the variables.)
+    distributed = tf.distribute.has_strategy() or any(
+        isinstance(v, tf.distribute.DistributedValues)
+        for v in shadow_vars + weight_vars
+    )
+    jit = bool(jit_compile) and not distributed
 
     def ema(decays):
         live = [tf.cast(w, tf.float32) for w in weight_vars]

@@ -43,6 +43,8 @@ flags.DEFINE_float("val_fraction", _D.val_fraction, "Held-out share of the "
 flags.DEFINE_integer("seed", _D.seed, "Seed of the split, noise, data order, init.")
 flags.DEFINE_string("mixed_precision", _D.mixed_precision,
                     "mixed_float16 or mixed_bfloat16; empty: float32.")
+flags.DEFINE_string("distribution", _D.distribution, "none, mirrored or "
+                    "multiworker (TensorFlow), data_parallel (JAX).")
 flags.DEFINE_boolean("export", _D.export, "Export the chosen EMA model as a "
                      "SavedModel and a .keras file to RUN/export.")
 flags.DEFINE_float("export_decay", _D.export_decay,

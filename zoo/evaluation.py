@@ -57,7 +57,7 @@ MODEL_NAMES = {
     "ema_loss": "EMA (lowest loss)",
 }
 # Settings that may differ between the runs of one group.
-PER_RUN_FLAGS = ("seed", "output_dir")
+PER_RUN_FLAGS = ("seed", "output_dir", "distribution")
 
 
 class EvaluationError(ValueError):

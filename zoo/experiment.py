@@ -6,6 +6,7 @@ BELAY), everything written to a run directory (see `zoo.run_dir`) that a
 rerun of the same command resumes.
 """
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -29,6 +30,9 @@ DEFAULT_WEIGHT_DECAY = {"resnet": 1e-4, "wrn": 5e-4, "vgg": 5e-4}
 AVERAGING = ("ema", "sema", "belay")
 MIXED_PRECISION = ("", "mixed_float16", "mixed_bfloat16")
 EXPORT_FROM = ("final", "best_accuracy", "best_loss")
+DISTRIBUTION = ("none", "mirrored", "multiworker", "data_parallel")
+# Flags a resumed run may change: where it is written and how it is spread.
+RESUMABLE_CHANGES = ("output_dir", "distribution")
 
 
 class ConfigError(ValueError):
@@ -59,6 +63,7 @@ class Config:
     val_fraction: float = 0.2
     seed: int = 0
     mixed_precision: str = ""
+    distribution: str = "none"
     export: bool = False
     export_decay: float = 0.0  # 0: the largest of ema_decays
     export_from: str = "final"
@@ -127,6 +132,18 @@ class Config:
         if self.mixed_precision not in MIXED_PRECISION:
             fail("mixed_precision", self.mixed_precision,
                  "use mixed_float16, mixed_bfloat16 or leave it empty")
+        if self.distribution not in DISTRIBUTION:
+            fail("distribution", self.distribution,
+                 f"use one of {', '.join(DISTRIBUTION)}")
+        backend = keras.backend.backend()
+        if self.distribution in ("mirrored", "multiworker") and backend != "tensorflow":
+            fail("distribution", self.distribution,
+                 f"needs KERAS_BACKEND=tensorflow (the backend is {backend}); "
+                 "use data_parallel on JAX")
+        if self.distribution == "data_parallel" and backend != "jax":
+            fail("distribution", self.distribution,
+                 f"needs KERAS_BACKEND=jax (the backend is {backend}); use "
+                 "mirrored or multiworker on TensorFlow")
         if self.averaging not in AVERAGING:
             fail("averaging", self.averaging, f"use one of {', '.join(AVERAGING)}")
         if self.averaging != "ema" and len(self.ema_decays) != 1:
@@ -332,10 +349,19 @@ def _check_run_dir(config):
                 "flags.cfg; choose a new or empty directory."
             )
         return "new"
+    summary_path = os.path.join(run, "summary.json")
+    if os.path.exists(summary_path):
+        version = run_dir.read_json(summary_path).get("layout_version")
+        if version != run_dir.LAYOUT_VERSION:
+            raise run_dir.RunDirError(
+                f"--output_dir={run} holds a run of layout version {version}; "
+                f"this version writes {run_dir.LAYOUT_VERSION}: choose another "
+                "--output_dir."
+            )
     old = run_dir.read_flags(flags_path)
     new = run_dir.read_flags_text(config.to_flags())
     differ = [k for k in sorted(set(old) | set(new))
-              if k != "output_dir" and old.get(k) != new.get(k)]
+              if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
     if differ:
         changes = ", ".join(f"--{k}={old.get(k)} -> {new.get(k)}" for k in differ[:3])
         raise run_dir.RunDirError(
@@ -399,6 +425,8 @@ def train(config: Config, verbose=None, callbacks=()):
               f"{os.path.join(run, 'summary.json')}", flush=True)
         return run_dir.read_json(os.path.join(run, "summary.json"))
 
+    # MultiWorkerMirroredStrategy must be made before TensorFlow starts work.
+    strategy = _make_strategy(config.distribution)
     _banner("Data")
     data = load_dataset(
         config.dataset,
@@ -421,23 +449,42 @@ def train(config: Config, verbose=None, callbacks=()):
 
     _make_deterministic(config.seed)
     previous_policy = keras.mixed_precision.global_policy()
+    previous_distribution = keras.distribution.distribution()
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy(config.mixed_precision)
+    if config.distribution == "data_parallel":
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
     try:
-        return _fit(config, data, run, zoo, verbose, list(callbacks))
+        return _fit(config, data, run, zoo, verbose, list(callbacks), strategy)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+        keras.distribution.set_distribution(previous_distribution)
 
 
-def _fit(config, data, run, zoo, verbose, extra_callbacks):
+def _make_strategy(distribution):
+    """The tf.distribute strategy of `--distribution`, or `None`."""
+    if distribution not in ("mirrored", "multiworker"):
+        return None
+    import tensorflow as tf
+
+    if distribution == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def _fit(config, data, run, zoo, verbose, extra_callbacks, strategy=None):
     _banner("Model")
-    model = zoo.get_model(
-        config.model,
-        num_classes=data.num_classes,
-        input_shape=data.image_shape,
-        width=config.width,
-        weight_decay=config.weight_decay,
-    )
+    def scope():
+        return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+    with scope():
+        model = zoo.get_model(
+            config.model,
+            num_classes=data.num_classes,
+            input_shape=data.image_shape,
+            width=config.width,
+            weight_decay=config.weight_decay,
+        )
     train_loader = ArrayLoader(
         data.x_train, data.y_train, config.batch_size, data.mean, data.std,
         shuffle=True, augment=True, seed=config.seed,
@@ -452,15 +499,16 @@ def _fit(config, data, run, zoo, verbose, extra_callbacks):
     total_steps = config.epochs * steps_per_epoch
     schedule = WarmupCosine(config.lr, total_steps,
                             config.warmup_epochs * steps_per_epoch)
-    model.compile(
-        optimizer=keras.optimizers.SGD(
-            learning_rate=schedule, momentum=config.momentum,
-            nesterov=config.nesterov,
-        ),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-        jit_compile=_jit_compile(),
-    )
+    with scope():
+        model.compile(
+            optimizer=keras.optimizers.SGD(
+                learning_rate=schedule, momentum=config.momentum,
+                nesterov=config.nesterov,
+            ),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+            jit_compile=_jit_compile(),
+        )
     print(
         f"{config.model} (width {config.width:g}): {model.count_params():,} "
         f"parameters; {config.epochs} epochs x {steps_per_epoch} steps, "

@@ -1,0 +1,136 @@
+"""What a careless user types: one line naming the value, nothing written.
+
+Each case is a row of the README's troubleshooting table.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from zoo import evaluation
+from zoo import experiment
+from zoo.datasets import DatasetError
+from zoo.run_dir import RunDirError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(output_dir, **overrides):
+    settings = dict(output_dir=str(output_dir), dataset="digits", width=0.0625,
+                    epochs=1, warmup_epochs=0, ema_decays=(0.5,), ema_period=1)
+    settings.update(overrides)
+    return experiment.Config(**settings)
+
+
+def image_folder(root, classes=("a", "b"), broken=False):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in classes:
+            os.makedirs(root / split / c)
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / split / c / "x.png")
+    if broken:
+        (root / "train" / classes[0] / "broken.png").write_bytes(b"not an image")
+    return f"folder:{root}"
+
+
+CASES = [
+    # (what, overrides, error type, message pattern)
+    ("unknown dataset", dict(dataset="mnist"), DatasetError,
+     r"^Unknown dataset 'mnist'\. Known: digits, "),
+    ("unknown model", dict(model="resnet50"), experiment.ConfigError,
+     r"^--model=resnet50: unknown model; use one of resnet18, "),
+    ("zero epochs", dict(epochs=0), experiment.ConfigError, r"^--epochs=0: must be >= 1$"),
+    ("negative learning rate", dict(lr=-0.1), experiment.ConfigError, r"^--lr=-0.1: must be > 0$"),
+    ("decay 1.0", dict(ema_decays=(0.9, 1.0)), experiment.ConfigError,
+     r"^--ema_decays=0.9,1.0: decay 1.0 is outside \(0, 1\)$"),
+    ("decay 0", dict(ema_decays=(0.0,)), experiment.ConfigError,
+     r"^--ema_decays=0.0: decay 0.0 is outside \(0, 1\)$"),
+    ("noise rate 1.5", dict(label_noise="symmetric:1.5"), DatasetError,
+     r"noise rate must be a number in \[0, 1\)\. Received: label_noise='symmetric:1\.5'"),
+    ("CIFAR-N label set on digits", dict(label_noise="worse"), DatasetError,
+     r"^Label set 'worse' belongs to cifar10n"),
+    ("distribution of the other backend", dict(distribution="data_parallel"),
+     experiment.ConfigError, r"^--distribution=data_parallel: needs KERAS_BACKEND=jax"),
+]
+
+
+@pytest.mark.parametrize("what, overrides, error, pattern", CASES,
+                         ids=[c[0] for c in CASES])
+def test_train_settings(tmp_path, what, overrides, error, pattern):
+    import keras
+
+    if "distribution" in overrides and keras.backend.backend() == "jax":
+        pytest.skip("data_parallel is valid on JAX")
+    run = tmp_path / "run"
+    with pytest.raises(error, match=pattern) as info:
+        experiment.train(config(run, **overrides), verbose=0)
+    assert "\n" not in str(info.value)
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("what", ["missing", "empty", "one class", "corrupt file"])
+def test_image_folders(tmp_path, what):
+    if what == "missing":
+        name, pattern = f"folder:{tmp_path / 'nope'}", r"does not exist"
+    elif what == "empty":
+        (tmp_path / "data").mkdir()
+        name, pattern = f"folder:{tmp_path / 'data'}", r"has no train/ folder"
+    elif what == "one class":
+        name, pattern = image_folder(tmp_path / "data", ("a",)), r"has a single class \('a'\)"
+    else:
+        name = image_folder(tmp_path / "data", broken=True)
+        pattern = r"Cannot decode .*broken\.png as an image .* Remove or replace the file"
+    run = tmp_path / "run"
+    with pytest.raises(DatasetError, match=pattern) as info:
+        experiment.train(config(run, dataset=name), verbose=0)
+    assert "\n" not in str(info.value)
+    assert not run.exists()
+
+
+def test_output_dir_is_a_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    with pytest.raises(RunDirError, match=r"--output_dir=.*notes\.txt is a file"):
+        experiment.train(config(path), verbose=0)
+    assert path.read_text() == "mine"
+
+
+def _old_layout_run(root):
+    run = root / "old"
+    run.mkdir()
+    (run / "flags.cfg").write_text(config(run).resolved().to_flags())
+    for name in ("history.csv", "sgd_last.weights.h5"):
+        (run / name).write_text("")
+    (run / "summary.json").write_text(json.dumps({"layout_version": 0, "completed": True}))
+    return run
+
+
+def test_run_directory_of_an_older_layout(tmp_path):
+    run = _old_layout_run(tmp_path)
+    before = sorted(os.listdir(run))
+    with pytest.raises(RunDirError, match=r"holds a run of layout version 0; this version writes 1"):
+        experiment.train(config(run), verbose=0)
+    with pytest.raises(evaluation.EvaluationError, match=r"has layout version 0, this version reads 1"):
+        evaluation.load_runs([str(run)])
+    assert sorted(os.listdir(run)) == before
+
+
+def test_evaluate_without_runs():
+    with pytest.raises(evaluation.EvaluationError, match=r"^No run directories given"):
+        evaluation.load_runs([])
+
+
+@pytest.mark.slow
+def test_non_numeric_flag_exits_nonzero(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--output_dir=out", "--lr=fast"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode != 0
+    assert "--lr=fast" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -557,21 +557,31 @@ def _fit(config, data, run, zoo, verbose, extra_callbacks, strategy=None):
 
 
 def _export(config, averager, data, run):
+    """Exports the chosen EMA, its BN recomputed, taking images in 0..255."""
+    from keras_ema.batch_norm import recompute_batch_norm_statistics
+    from keras_ema.export import export_model
+
     decay = config.export_decay
     model = averager.ema_model(decay)
     if config.export_from != "final":
         model.load_weights(os.path.join(
             run, f"ema_{decay}_{config.export_from}.weights.h5"))
-    batch_norm_data = ArrayLoader(data.x_train, None, 2 * config.batch_size,
-                                  data.mean, data.std)
-    from keras_ema.export import export_model
-
-    export_model(model, os.path.join(run, "export"),
-                           batch_norm_data=batch_norm_data)
+    if any(isinstance(layer, keras.layers.BatchNormalization)
+           for layer in model._flatten_layers()):
+        recompute_batch_norm_statistics(model, ArrayLoader(
+            data.x_train, None, config.batch_size, data.mean, data.std))
+    # The shipped model takes raw images and normalizes them as training did.
+    images = keras.Input(data.image_shape, name="images")
+    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(images)
+    x = keras.layers.Normalization(mean=data.mean, variance=np.square(data.std),
+                                   name="normalize")(x)
+    shipped = keras.Model(images, model(x), name=f"{config.model}_ema_{decay}")
+    export_model(shipped, os.path.join(run, "export"))
     run_dir.write_json(os.path.join(run, "export", "export.json"), {
         "decay": decay, "weights": config.export_from,
+        "input": "float32 images (batch, height, width, channels) in 0..255, "
+                 "normalized inside the model",
         "mean": data.mean.tolist(), "std": data.std.tolist(),
-        "input": "(image / 255 - mean) / std, float32 NHWC",
     })
 
 

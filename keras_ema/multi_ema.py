@@ -115,7 +115,9 @@ class MultiEMA(keras.callbacks.Callback):
 
     where `t` is the 0-based index of the optimizer step just taken, counting
     every step since training began (as `tf.train.ExponentialMovingAverage`
-    with `num_updates` set to the global step). Updating every `period` steps
+    with `num_updates` set to the global step). The steps a
+    `keras.optimizers.LossScaleOptimizer` skips (overflowing gradients) are
+    not optimizer steps and do not count. Updating every `period` steps
     makes the per-step decay `decay ** (1 / period)`: 0.998 at period 16 acts
     like 0.99987 per step. All EMAs are updated in one compiled call.
 
@@ -464,8 +466,12 @@ class MultiEMA(keras.callbacks.Callback):
         # Keras passes the index of the last batch of the execution, which for
         # a final partial execution (steps_per_execution > 1) lies past the
         # epoch's end: clamp it, or ask the optimizer when the length is unknown.
+        # A LossScaleOptimizer skips the steps whose gradients overflow (its
+        # `iterations` stays put): ask it, at the cost of a device sync.
         steps = self.params.get("steps") if self.params else None
-        if steps:
+        if steps and not isinstance(
+            self.model.optimizer, keras.optimizers.LossScaleOptimizer
+        ):
             step = self._epoch_start_step + min(batch + 1, steps)
         else:
             step = self._optimizer_step()

@@ -558,6 +558,7 @@ def _fit(config, data, run, zoo, verbose, extra_callbacks, strategy=None):
 
 def _export(config, averager, data, run):
     """Exports the chosen EMA, its BN recomputed, taking images in 0..255."""
+    from keras_ema.batch_norm import batch_norm_layers
     from keras_ema.batch_norm import recompute_batch_norm_statistics
     from keras_ema.export import export_model
 
@@ -566,8 +567,7 @@ def _export(config, averager, data, run):
     if config.export_from != "final":
         model.load_weights(os.path.join(
             run, f"ema_{decay}_{config.export_from}.weights.h5"))
-    if any(isinstance(layer, keras.layers.BatchNormalization)
-           for layer in model._flatten_layers()):
+    if batch_norm_layers(model):
         recompute_batch_norm_statistics(model, ArrayLoader(
             data.x_train, None, config.batch_size, data.mean, data.std))
     # The shipped model takes raw images and normalizes them as training did.

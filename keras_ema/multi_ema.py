@@ -237,6 +237,7 @@ class MultiEMA(keras.callbacks.Callback):
         self._pending = []
         self._swapped = None
         self._epoch_start_step = 0
+        self._count_batches = True
 
     # === Schedule ===
 
@@ -461,17 +462,19 @@ class MultiEMA(keras.callbacks.Callback):
             # continue counting from its step.
             self._step = step
         self._epoch_start_step = step
+        # A LossScaleOptimizer skips the steps whose gradients overflow (its
+        # `iterations` stays put): then ask it at every batch end, at the cost
+        # of a device sync; otherwise count batches.
+        self._count_batches = not isinstance(
+            model.optimizer, keras.optimizers.LossScaleOptimizer
+        )
 
     def on_train_batch_end(self, batch, logs=None):
         # Keras passes the index of the last batch of the execution, which for
         # a final partial execution (steps_per_execution > 1) lies past the
         # epoch's end: clamp it, or ask the optimizer when the length is unknown.
-        # A LossScaleOptimizer skips the steps whose gradients overflow (its
-        # `iterations` stays put): ask it, at the cost of a device sync.
         steps = self.params.get("steps") if self.params else None
-        if steps and not isinstance(
-            self.model.optimizer, keras.optimizers.LossScaleOptimizer
-        ):
+        if steps and self._count_batches:
             step = self._epoch_start_step + min(batch + 1, steps)
         else:
             step = self._optimizer_step()

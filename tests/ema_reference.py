@@ -1,4 +1,5 @@
-"""Numpy references for the EMA tests, written independently of keras_ema."""
+"""Numpy references for the EMA tests, written independently of keras_ema,
+and the small model, data and callbacks those tests share."""
 
 import keras
 import numpy as np
@@ -67,3 +68,39 @@ class Recorder(keras.callbacks.Callback):
 
     def _step(self):
         return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+
+def tiny_model(steps_per_execution=1):
+    """Dense -> BatchNorm -> ReLU -> Dense on 4 features, 3 classes, SGD."""
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(8, name="d1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU()(x)
+    outputs = keras.layers.Dense(3, name="d2")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+    )
+    return model
+
+
+def data(n=40, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    y = rng.integers(0, 3, size=(n,)).astype("int32")
+    return x, y
+
+
+class StopAtEpoch(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt at the start of `epoch`, as a kill would."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt("simulated kill")

@@ -7,32 +7,12 @@ from keras_ema.belay import Belay
 from keras_ema.multi_ema import MultiEMA
 from ema_reference import ReferenceEMA
 from ema_reference import Recorder
+from ema_reference import tiny_model
+from ema_reference import data
 
 pytestmark = pytest.mark.all_backends
 
 DECAY = 0.9  # (t + 1) / (t + 10) stays below it: every update is a warm-up one
-
-
-def bn_model(steps_per_execution=1):
-    inputs = keras.Input((4,))
-    x = keras.layers.Dense(8, name="d1")(inputs)
-    x = keras.layers.BatchNormalization(name="bn")(x)
-    x = keras.layers.ReLU()(x)
-    outputs = keras.layers.Dense(3, name="d2")(x)
-    model = keras.Model(inputs, outputs)
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        steps_per_execution=steps_per_execution,
-    )
-    return model
-
-
-def data(n=40, seed=1):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 4)).astype("float32")
-    y = rng.integers(0, 3, size=(n,)).astype("int32")
-    return x, y
 
 
 def numpy_linear_run(x, y, kernel, bias, lr, batch, steps_per_execution,
@@ -106,7 +86,7 @@ class Snapshot(keras.callbacks.Callback):
 def test_pull_on_recorded_trajectory_spares_batch_norm_statistics():
     # With steps_per_execution=3 and period=2, the batch end at step 6 has
     # two updates (after steps 3 and 5), applied back to back.
-    model = bn_model(steps_per_execution=3)
+    model = tiny_model(steps_per_execution=3)
     x, y = data()
     before, after = Recorder(), Snapshot()
     belay = Belay(DECAY, coupling=0.4, period=2, verbose=0)
@@ -148,7 +128,7 @@ def test_zero_coupling_is_multi_ema_bit_for_bit():
 
     def run(callback):
         keras.utils.set_random_seed(5)
-        model = bn_model(steps_per_execution=3)
+        model = tiny_model(steps_per_execution=3)
         model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0,
                   callbacks=[callback])
         return model.get_weights(), callback.ema_weights(DECAY)
@@ -160,7 +140,7 @@ def test_zero_coupling_is_multi_ema_bit_for_bit():
 
 
 def test_nonfinite_weights_skip_both_updates():
-    model = bn_model()
+    model = tiny_model()
     x, y = data(8)
 
     class Poison(keras.callbacks.Callback):
@@ -212,7 +192,7 @@ def test_backend_coupled_update(compiled):
 
 
 def test_state_keeps_the_coupling():
-    model = bn_model()
+    model = tiny_model()
     x, y = data(8)
     belay = Belay(DECAY, coupling=0.2, period=1, verbose=0)
     model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[belay])

@@ -8,33 +8,13 @@ import keras_ema
 from keras_ema import MultiEMA
 from ema_reference import Recorder
 from ema_reference import reference_ema
+from ema_reference import tiny_model
+from ema_reference import data
+from ema_reference import StopAtEpoch
 
 pytestmark = pytest.mark.all_backends
 
 DECAYS = (0.5, 0.9)
-
-
-def tiny_model(steps_per_execution=1):
-    inputs = keras.Input((4,))
-    x = keras.layers.Dense(8, name="d1")(inputs)
-    x = keras.layers.BatchNormalization(name="bn")(x)
-    x = keras.layers.ReLU()(x)
-    outputs = keras.layers.Dense(3, name="d2")(x)
-    model = keras.Model(inputs, outputs)
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-        steps_per_execution=steps_per_execution,
-    )
-    return model
-
-
-def data(n=40, seed=1):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 4)).astype("float32")
-    y = rng.integers(0, 3, size=(n,)).astype("int32")
-    return x, y
 
 
 def bn_stat_mask(model):
@@ -205,16 +185,6 @@ def test_nonfinite_weights_skip_the_update_and_warn():
     with pytest.raises(FloatingPointError, match="step 1"):
         model.fit(x, y, batch_size=4, epochs=1, verbose=0,
                   callbacks=[Poison(), ema])
-
-
-class StopAtEpoch(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt("simulated kill")
 
 
 def test_resume_with_backup_and_restore_matches_uninterrupted(tmp_path):

@@ -154,22 +154,21 @@ def select_ema(summary, criterion, decay=None):
     return float(name), int(record["epoch"]), record["weights"]
 
 
-def _log_softmax(logits):
-    z = logits - logits.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
 def accuracy_and_loss(logits, labels):
     """Top-1 accuracy and mean softmax cross-entropy of `logits`."""
+    from scipy.special import log_softmax
+
     logits = np.asarray(logits, np.float64)
     labels = np.asarray(labels)
     accuracy = float(np.mean(logits.argmax(axis=1) == labels))
-    loss = float(-np.mean(_log_softmax(logits)[np.arange(len(labels)), labels]))
+    loss = float(-np.mean(log_softmax(logits, axis=1)[np.arange(len(labels)), labels]))
     return accuracy, loss
 
 
 def softmax(logits):
-    return np.exp(_log_softmax(np.asarray(logits, np.float64)))
+    from scipy.special import softmax as _softmax
+
+    return _softmax(np.asarray(logits, np.float64), axis=1)
 
 
 class Evaluator:
@@ -311,13 +310,25 @@ def evaluate_generalization(ev, runs, models=GENERALIZATION_MODELS):
     return {"per_run": per_run, "table": _aggregate(per_run)}
 
 
-def evaluate_label_noise(ev, runs):
-    noise = runs[0].config.label_noise
-    if not noise:
+def _check_label_noise(runs):
+    if not runs[0].config.label_noise:
         raise EvaluationError(
             f"--evals=label_noise needs runs trained with --label_noise; "
             f"{runs[0].path} has clean labels."
         )
+
+
+def _check_churn(runs):
+    if len(runs) < 2:
+        raise EvaluationError(
+            f"--evals=churn compares seeds: it needs at least two runs, got "
+            f"{len(runs)} ({runs[0].path})."
+        )
+
+
+def evaluate_label_noise(ev, runs):
+    _check_label_noise(runs)
+    noise = runs[0].config.label_noise
     result = evaluate_generalization(ev, runs)
     result["label_noise"] = noise
     return result
@@ -365,11 +376,7 @@ def evaluate_churn(ev, runs, models=("baseline", "ema_loss")):
     from keras_ema.disagreement import churn
     from keras_ema.disagreement import jensen_shannon
 
-    if len(runs) < 2:
-        raise EvaluationError(
-            f"--evals=churn compares seeds: it needs at least two runs, got "
-            f"{len(runs)} ({runs[0].path})."
-        )
+    _check_churn(runs)
     per_pair = []
     for a, b in itertools.combinations(runs, 2):
         row = {"pair": [a.name, b.name]}
@@ -516,15 +523,15 @@ def evaluate(runs, evals, bn_recompute=True, decay=None, transfer_dataset=None,
             f"--evals={','.join(evals)}: unknown evaluation "
             f"{unknown[0] if unknown else '(none)'}; use some of {','.join(EVALS)}."
         )
-    if "churn" in evals and len(runs) < 2:
-        evaluate_churn(None, runs)  # raises with the message
+    if "churn" in evals:
+        _check_churn(runs)
     if "transfer" in evals and not transfer_dataset:
         raise EvaluationError(
             "--evals=transfer needs --transfer_dataset (e.g. digits, cifar10, "
             "folder:PATH) with images of the runs' size."
         )
-    if "label_noise" in evals and not runs[0].config.label_noise:
-        evaluate_label_noise(None, runs)  # raises with the message
+    if "label_noise" in evals:
+        _check_label_noise(runs)
     ev = Evaluator(runs, bn_recompute=bn_recompute, decay=decay, log=log)
     first = runs[0].config
     results = {

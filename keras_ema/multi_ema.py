@@ -88,6 +88,17 @@ def _validate_decay(decay):
     return float(decay)
 
 
+def _to_int(value):
+    return int(keras.ops.convert_to_numpy(value))
+
+
+def _accumulation_steps(optimizer):
+    """Batches per optimizer step: `gradient_accumulation_steps`, or 1."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return int(getattr(optimizer, "gradient_accumulation_steps", None) or 1)
+
+
 def _is_batch_norm(layer):
     return isinstance(layer, keras.layers.BatchNormalization)
 
@@ -105,8 +116,14 @@ class MultiEMA(keras.callbacks.Callback):
     """Keeps several exponential moving averages (EMAs) of the model weights.
 
     One training run yields one EMA per decay, so the averaging window is
-    chosen after training instead of by repeated runs. Every `period`
-    optimizer steps each EMA `s` of a weight `w` is updated as
+    chosen after training instead of by repeated runs. The averaged
+    variables are the trainable float variables and, with
+    `average_batch_norm`, the BatchNorm moving mean and variance; every other
+    non-trainable variable (a counter, a step, a frozen layer's weight) is
+    never averaged: the EMA model takes its live value whenever an EMA is
+    swapped in, saved, exported or copied (`swapped_in`, `ema_weights`,
+    `ema_model`). Every `period` optimizer steps each EMA `s` of a weight
+    `w` is updated as
 
     ```
     a = min(decay, (t + 1) / (t + 10))   # with `warmup`, else a = decay
@@ -117,15 +134,23 @@ class MultiEMA(keras.callbacks.Callback):
     every step since training began (as `tf.train.ExponentialMovingAverage`
     with `num_updates` set to the global step). The steps a
     `keras.optimizers.LossScaleOptimizer` skips (overflowing gradients) are
-    not optimizer steps and do not count. Updating every `period` steps
+    not optimizer steps and do not count. With `gradient_accumulation_steps=n`
+    an optimizer step is taken every `n` batches, and only those count (as
+    `optimizer.iterations` does): the EMAs average the weights after each
+    real step, never the same weights twice. Updating every `period` steps
     makes the per-step decay `decay ** (1 / period)`: 0.998 at period 16 acts
     like 0.99987 per step. All EMAs are updated in one compiled call.
 
-    The averaged variables are every float variable of `model.weights`:
-    trainable weights and, with `average_batch_norm`, the BatchNorm moving
-    mean and variance, so the EMA model's statistics are the EMA of the live
-    model's (Cai et al., 2021). The EMAs start equal to the weights at the
-    start of training.
+    Averaging the BatchNorm statistics makes the EMA model's statistics the
+    EMA of the live model's (Cai et al., 2021). The EMAs start equal to the
+    weights at the start of training.
+
+    With `steps_per_execution > 1` a callback sees the weights only at the
+    end of each execution: an update due inside an execution is applied with
+    the weights at its end, up to `steps_per_execution - 1` batches late.
+    Updates are exact when `period` (times `gradient_accumulation_steps`) and
+    the batches per epoch are multiples of `steps_per_execution`; otherwise
+    a warning at the start of training suggests such a `period`.
 
     With `validation_data`, every EMA is evaluated at the end of each epoch
     and its metrics are added to the logs as `ema_<decay>_val_<metric>` (for
@@ -146,7 +171,7 @@ class MultiEMA(keras.callbacks.Callback):
             Defaults to `(0.968, 0.984, 0.992, 0.996, 0.998)`.
         period: int >= 1. Optimizer steps between two updates; with
             `steps_per_execution > 1`, each multiple of `period` crossed counts
-            as one update. Defaults to `16`.
+            as one update (see above). Defaults to `16`.
         warmup: bool. Whether to use the warm-up decay above. Defaults to
             `True`.
         average_batch_norm: bool. Whether the BatchNorm moving statistics are
@@ -154,7 +179,10 @@ class MultiEMA(keras.callbacks.Callback):
             statistics. Defaults to `True`.
         validation_data: data for `model.evaluate` (a tuple `(x, y)`, a
             `tf.data.Dataset` or a `keras.utils.PyDataset`) on which every EMA
-            is evaluated at each epoch end, or `None`. Defaults to `None`.
+            is evaluated at each epoch end, or `None`. It is checked at the
+            start of training (class labels within the model's outputs, one
+            batch evaluated), so a mismatch raises a `ValueError` before the
+            first epoch. Defaults to `None`.
         validation_batch_size: int or `None`. Batch size of that evaluation
             for array inputs. Defaults to `None` (32).
         recompute_batch_norm_data: data for `recompute_batch_norm_statistics`,
@@ -236,7 +264,8 @@ class MultiEMA(keras.callbacks.Callback):
         self._attempted = 0
         self._pending = []
         self._swapped = None
-        self._epoch_start_step = 0
+        self._epoch_start_batch = 0
+        self._accumulation = 1
         self._count_batches = True
 
     # === Schedule ===
@@ -274,16 +303,56 @@ class MultiEMA(keras.callbacks.Callback):
                 stacklevel=2,
             )
 
+    def _warn_late_updates(self, steps, accumulation):
+        """Warns when updates fall inside a `steps_per_execution` block."""
+        execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        if execution <= 1:
+            return
+        # Updates are due every `period * accumulation` batches; a callback
+        # runs only after each block of `execution` batches.
+        unit = execution // math.gcd(execution, accumulation)
+        aligned = (self.period * accumulation) % execution == 0
+        if aligned and (not steps or steps % execution == 0):
+            return
+        advice = []
+        if not aligned:
+            suggestion = -(-self.period // unit) * unit
+            what = "a multiple of steps_per_execution"
+            if accumulation > 1:
+                what = ("period * gradient_accumulation_steps a multiple of "
+                        "steps_per_execution")
+            advice.append(f"use period={suggestion} ({what})")
+        if steps and steps % execution:
+            advice.append(
+                f"make the batches per epoch ({steps}) a multiple of "
+                f"steps_per_execution={execution}"
+            )
+        warnings.warn(
+            f"MultiEMA: with steps_per_execution={execution} the callback sees "
+            f"the weights only every {execution} batches, so an update due "
+            f"inside an execution is applied with the weights at its end (up "
+            f"to {execution - 1} batches late). For exact updates, "
+            + " and ".join(advice) + ".",
+            stacklevel=2,
+        )
+
     # === State ===
 
     def _averaged_variables(self, model):
-        skip = set()
-        if not self.average_batch_norm:
-            skip = {id(v) for v in batch_norm_statistics(model)}
+        """The trainable float variables and, if averaged, the BN statistics.
+
+        Any other non-trainable variable (a counter, a step, a frozen
+        layer's weight) is never averaged: the EMA model takes its live value.
+        """
+        statistics = {id(v) for v in batch_norm_statistics(model)}
         return [
             v
             for v in model.weights
-            if "float" in str(v.dtype) and id(v) not in skip
+            if "float" in str(v.dtype)
+            and (
+                (v.trainable and id(v) not in statistics)
+                or (self.average_batch_norm and id(v) in statistics)
+            )
         ]
 
     def _build(self, model):
@@ -296,8 +365,8 @@ class MultiEMA(keras.callbacks.Callback):
         variables = self._averaged_variables(model)
         if not variables:
             raise ValueError(
-                f"MultiEMA found no float variables to average in model "
-                f"{model.name}."
+                f"MultiEMA found no trainable float variables to average in "
+                f"model {model.name}. Make some layers trainable."
             )
         m = len(self.decays)
         with _backend.strategy_scope(model):
@@ -365,13 +434,35 @@ class MultiEMA(keras.callbacks.Callback):
         }
 
     def set_state(self, state: dict):
-        """Restores a state from `get_state`, for the same model and decays."""
+        """Restores a state from `get_state`, for the same model and decays.
+
+        Everything is checked first (keys, arguments, number, shapes and
+        finiteness of the shadows); on any mismatch a `ValueError` is raised
+        and nothing is changed.
+        """
         self._require_built()
+        required = ("decays", "period", "warmup", "average_batch_norm", "step",
+                    "attempted", "skipped_steps", "best", "shadows")
+        if not isinstance(state, dict):
+            raise ValueError(
+                "Invalid MultiEMA state: expected a dict from `get_state`. "
+                f"Received: {type(state).__name__}"
+            )
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise ValueError(
+                f"Invalid MultiEMA state: missing keys {missing}. Pass a dict "
+                "from `get_state`."
+            )
         for key in ("decays", "period", "warmup", "average_batch_norm"):
             mine = getattr(self, key)
             theirs = state[key]
             if key == "decays":
-                mine, theirs = list(mine), [float(d) for d in theirs]
+                try:
+                    theirs = [float(d) for d in theirs]
+                except (TypeError, ValueError):
+                    pass  # reported as a mismatch below
+                mine = list(mine)
             if mine != theirs:
                 raise ValueError(
                     f"Cannot restore a MultiEMA state with {key}={theirs} into "
@@ -383,13 +474,42 @@ class MultiEMA(keras.callbacks.Callback):
                 f"variables into a model with {len(self._shadows)} averaged "
                 "variables. Restore it into the model it was saved from."
             )
-        for s, value in zip(self._shadows, state["shadows"]):
-            s.assign(np.asarray(value, np.float32))
-        self._step = int(state["step"])
-        self._attempted = int(state["attempted"])
-        self.skipped_steps = list(state["skipped_steps"])
+        values = []
+        for i, (s, v, value) in enumerate(
+            zip(self._shadows, self._variables, state["shadows"])
+        ):
+            value = np.asarray(value, np.float32)
+            if tuple(value.shape) != tuple(s.shape):
+                raise ValueError(
+                    f"Cannot restore a MultiEMA state: shadow {i} has shape "
+                    f"{tuple(value.shape)}, but variable {v.path} needs "
+                    f"{tuple(s.shape)}. Restore it into the model it was "
+                    "saved from."
+                )
+            if not np.all(np.isfinite(value)):
+                raise ValueError(
+                    f"Cannot restore a MultiEMA state: shadow {i} (variable "
+                    f"{v.path}) holds NaN or infinite values. The state is "
+                    "corrupt; use an older one."
+                )
+            values.append(value)
+        try:
+            step = int(state["step"])
+            attempted = int(state["attempted"])
+            skipped = [int(t) for t in state["skipped_steps"]]
+            best = {float(d): dict(v) for d, v in state["best"].items()}
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(
+                f"Invalid MultiEMA state: bad step, attempted, skipped_steps "
+                f"or best entry ({e}). Pass a dict from `get_state`."
+            ) from None
+        for s, value in zip(self._shadows, values):
+            s.assign(value)
+        self._step = step
+        self._attempted = attempted
+        self.skipped_steps = skipped
         self._pending = []
-        self.best = {float(d): v for d, v in state["best"].items()}
+        self.best = best
 
     def _state_files(self):
         pattern = os.path.join(self.backup_dir, f"{_STATE_PREFIX}*.npz")
@@ -446,8 +566,14 @@ class MultiEMA(keras.callbacks.Callback):
         if self.verbose:
             print(self.schedule_summary(), flush=True)
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
+        accumulation = _accumulation_steps(self.model.optimizer)
         if epochs and steps:
-            self._warn_short_run(epochs * steps)
+            self._warn_short_run(epochs * steps // accumulation)
+        self._warn_late_updates(steps, accumulation)
+        if self.validation_data is not None:
+            _check_validation_data(
+                self.model, self.validation_data, self.validation_batch_size
+            )
 
     def on_epoch_begin(self, epoch, logs=None):
         model = self.model
@@ -461,13 +587,22 @@ class MultiEMA(keras.callbacks.Callback):
             # The optimizer moved without us (weights loaded, another fit):
             # continue counting from its step.
             self._step = step
-        self._epoch_start_step = step
         # A LossScaleOptimizer skips the steps whose gradients overflow (its
         # `iterations` stays put): then ask it at every batch end, at the cost
-        # of a device sync; otherwise count batches.
+        # of a device sync; otherwise count batches. An optimizer that
+        # accumulates gradients over `n` batches counts every batch in its
+        # raw counter and steps after the batch that brings it to a multiple
+        # of `n` (`iterations` is that counter // n): count batches in the
+        # raw counter, read once here, so a resumed run whose counter is not
+        # a multiple of `n` stays exact.
+        optimizer = model.optimizer
         self._count_batches = not isinstance(
-            model.optimizer, keras.optimizers.LossScaleOptimizer
+            optimizer, keras.optimizers.LossScaleOptimizer
         )
+        self._accumulation = _accumulation_steps(optimizer)
+        self._epoch_start_batch = step * self._accumulation
+        if self._count_batches and self._accumulation > 1:
+            self._epoch_start_batch = _to_int(optimizer._iterations)
 
     def on_train_batch_end(self, batch, logs=None):
         # Keras passes the index of the last batch of the execution, which for
@@ -475,7 +610,8 @@ class MultiEMA(keras.callbacks.Callback):
         # epoch's end: clamp it, or ask the optimizer when the length is unknown.
         steps = self.params.get("steps") if self.params else None
         if steps and self._count_batches:
-            step = self._epoch_start_step + min(batch + 1, steps)
+            batches = self._epoch_start_batch + min(batch + 1, steps)
+            step = batches // self._accumulation
         else:
             step = self._optimizer_step()
         previous, self._step = self._step, step
@@ -492,7 +628,8 @@ class MultiEMA(keras.callbacks.Callback):
         self._attempted += last - first + 1
 
     def _optimizer_step(self):
-        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        """Optimizer steps taken (a LossScaleOptimizer's skips excluded)."""
+        return _to_int(self.model.optimizer.iterations)
 
     def _apply(self, decays, step):
         self.model  # on JAX, attaches the training state to the variables
@@ -687,6 +824,95 @@ class MultiEMA(keras.callbacks.Callback):
                         )
                 results[decay] = _evaluate(model, data, batch_size)
         return results
+
+
+def _first_batch(data, batch_size):
+    """`(x, y)` of the first batch of `data`, or `None` if it cannot be read
+    without consuming it (a generator or an iterator)."""
+    if isinstance(data, (tuple, list)):
+        n = batch_size or 32
+        x, y = data[0], data[1]
+        return (
+            keras.tree.map_structure(lambda a: a[:n], x),
+            None if y is None else keras.tree.map_structure(lambda a: a[:n], y),
+        )
+    if isinstance(data, keras.utils.PyDataset):
+        batch = data[0]
+    elif type(data).__module__.startswith("tensorflow") and hasattr(data, "take"):
+        batch = next(iter(data.take(1)), None)
+        if batch is None:
+            raise ValueError(
+                "Invalid `validation_data` for MultiEMA: the dataset is empty."
+            )
+    else:
+        return None
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise ValueError(
+            "Invalid `validation_data` for MultiEMA: its batches must be "
+            "`(x, y)` or `(x, y, sample_weight)` to evaluate the EMAs. "
+            f"Received a batch of type {type(batch).__name__}."
+        )
+    return batch[0], batch[1]
+
+
+def _check_labels(model, y, where):
+    """Class-index labels must lie in `[0, number of outputs)`."""
+    outputs = getattr(model, "outputs", None)
+    if y is None or not outputs or len(outputs) != 1:
+        return
+    out_shape = tuple(outputs[0].shape)
+    if not hasattr(y, "shape"):
+        return
+    y = np.asarray(keras.ops.convert_to_numpy(y))
+    classes = out_shape[-1] if out_shape else None
+    if not classes or classes < 2 or y.size == 0:
+        return
+    sparse = y.ndim == len(out_shape) - 1 or (
+        y.ndim == len(out_shape) and y.shape[-1] == 1
+    )
+    if not sparse or not np.issubdtype(y.dtype, np.number):
+        return
+    low, high = y.min(), y.max()
+    if low < 0 or high >= classes or not np.all(np.equal(np.mod(y, 1), 0)):
+        raise ValueError(
+            f"Invalid `validation_data` for MultiEMA: {where} labels range "
+            f"over [{low}, {high}], but the model has {classes} outputs, so "
+            f"class labels must be integers in [0, {classes - 1}]. Check the "
+            "labels or the model's number of classes."
+        )
+
+
+def _check_validation_data(model, data, batch_size):
+    """Fails fast on validation data the EMAs could not be evaluated on.
+
+    Checks the labels of `(x, y)` arrays in full and of a dataset's first
+    batch, then evaluates one batch, so that a mismatch is reported before
+    training instead of after the first epoch.
+    """
+    if isinstance(data, (tuple, list)) and len(data) >= 2:
+        _check_labels(model, data[1], "the")
+    elif isinstance(data, (tuple, list)):
+        raise ValueError(
+            "Invalid `validation_data` for MultiEMA: expected `(x, y)` or "
+            f"`(x, y, sample_weight)`. Received a {type(data).__name__} of "
+            f"length {len(data)}."
+        )
+    batch = _first_batch(data, batch_size)
+    if batch is None:
+        return
+    x, y = batch
+    if not isinstance(data, (tuple, list)):
+        _check_labels(model, y, "the first batch's")
+    try:
+        model.evaluate(x, y, batch_size=batch_size or 32, verbose=0)
+    except Exception as e:  # report it in one line, before training
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        detail = lines[0][:300] if lines else type(e).__name__
+        raise ValueError(
+            "Invalid `validation_data` for MultiEMA: the model cannot be "
+            f"evaluated on its first batch ({type(e).__name__}: {detail}). "
+            "Check the shapes of x and y against the model."
+        ) from None
 
 
 def _evaluate(model, data, batch_size):

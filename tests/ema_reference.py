@@ -70,16 +70,25 @@ class Recorder(keras.callbacks.Callback):
         return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
 
 
-def tiny_model(steps_per_execution=1):
-    """Dense -> BatchNorm -> ReLU -> Dense on 4 features, 3 classes, SGD."""
+def tiny_model(steps_per_execution=1, accumulation=None, loss_scale=False):
+    """Dense -> BatchNorm -> ReLU -> Dense on 4 features, 3 classes, SGD.
+
+    `accumulation` sets SGD's `gradient_accumulation_steps`; `loss_scale`
+    wraps SGD in a `LossScaleOptimizer`.
+    """
     inputs = keras.Input((4,))
     x = keras.layers.Dense(8, name="d1")(inputs)
     x = keras.layers.BatchNormalization(name="bn")(x)
     x = keras.layers.ReLU()(x)
     outputs = keras.layers.Dense(3, name="d2")(x)
     model = keras.Model(inputs, outputs)
+    optimizer = keras.optimizers.SGD(
+        0.1, momentum=0.9, gradient_accumulation_steps=accumulation
+    )
+    if loss_scale:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(
-        optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution,

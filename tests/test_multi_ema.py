@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -295,3 +296,207 @@ def test_update_is_one_compiled_call_without_retracing():
                                                           "experimental_get_tracing_count")]
         assert traced and traced[0].experimental_get_tracing_count() == 1
     assert math.isclose(ema.num_updates, 20)
+
+
+# === Issue 17: optimizer steps, steps_per_execution, what is averaged ===
+
+
+class WeightChanges(keras.callbacks.Callback):
+    """Counts the batches after which the weights changed (real steps)."""
+
+    def on_train_begin(self, logs=None):
+        self.last = self.model.get_weights()[0]
+        self.changes = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = self.model.get_weights()[0]
+        self.changes += int(not np.array_equal(now, self.last))
+        self.last = now
+
+
+@pytest.mark.parametrize("loss_scale", [False, True])
+@pytest.mark.parametrize("period", [1, 3])
+@pytest.mark.parametrize("accumulation", [None, 4])
+def test_gradient_accumulation_counts_real_optimizer_steps(
+    accumulation, period, loss_scale
+):
+    if loss_scale and (accumulation is None or period == 1):
+        pytest.skip("one LossScaleOptimizer case is enough")
+    model = tiny_model(accumulation=accumulation, loss_scale=loss_scale)
+    x, y = data()
+    per_step = 4 if accumulation else 1
+    # A first fit of 10 batches leaves the batch counter at 10, not a
+    # multiple of 4: the second fit must start from 2 real steps, 2 batches
+    # into the third.
+    first, second, changes = Recorder(), Recorder(), WeightChanges()
+    ema = MultiEMA(DECAYS, period=period, verbose=0)
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0,
+              callbacks=[first, changes, ema])
+    n_changes = changes.changes
+    model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0,
+              callbacks=[second, changes, ema])
+    n_changes += changes.changes
+    records = first.records + second.records[1:]
+    # Keras's own count: 30 batches are 30 // 4 = 7 real steps, and the
+    # weights changed exactly that many times.
+    assert records[-1][0] == 30 // per_step == n_changes
+    assert ema.step == 30 // per_step
+    assert ema.num_updates == (30 // per_step) // period
+    expected = reference_ema(records, DECAYS, period, True,
+                             [True] * len(model.weights))
+    for k, decay in enumerate(DECAYS):
+        for j, (g, e) in enumerate(zip(ema.ema_weights(decay), expected[k])):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6,
+                                       err_msg=f"decay {decay} weight {j}")
+
+
+def test_misaligned_steps_per_execution_warns_once_with_a_period():
+    x, y = data(32)  # 8 batches of 4
+    model = tiny_model(steps_per_execution=4)
+    with pytest.warns(UserWarning, match=r"up to 3 batches late.*period=4") as rec:
+        model.fit(x, y, batch_size=4, epochs=2, verbose=0,
+                  callbacks=[MultiEMA(DECAYS, period=3, verbose=0)])
+    assert sum("batches late" in str(w.message) for w in rec) == 1
+    model = tiny_model(steps_per_execution=4, accumulation=2)
+    with pytest.warns(UserWarning, match=r"period=2 \(period \* gradient"):
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0,
+                  callbacks=[MultiEMA(DECAYS, period=1, verbose=0)])
+    for period in (4, 8):
+        model = tiny_model(steps_per_execution=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            warnings.filterwarnings("ignore", message=".*stay identical")
+            model.fit(x, y, batch_size=4, epochs=1, verbose=0,
+                      callbacks=[MultiEMA(DECAYS, period=period, verbose=0)])
+
+
+class Counter(keras.layers.Layer):
+    """Adds 1.0 to a float non-trainable variable at every training call."""
+
+    def build(self, input_shape):
+        self.count = self.add_weight(shape=(), initializer="zeros",
+                                     trainable=False, name="count")
+
+    def call(self, x, training=False):
+        if training:
+            self.count.assign_add(1.0)
+        return x
+
+
+def test_non_trainable_counter_is_copied_not_averaged():
+    inputs = keras.Input((4,))
+    h = Counter(name="counter")(inputs)
+    h = keras.layers.Dense(8, name="d1")(h)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    outputs = keras.layers.Dense(3, name="d2")(h)
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.SGD(0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data(84)
+    recorder = Recorder()
+    ema = MultiEMA((0.9,), period=1, verbose=0)
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0,
+              callbacks=[recorder, ema])
+    counter = model.get_layer("counter").count
+    index = [i for i, v in enumerate(model.weights) if v is counter][0]
+    assert float(keras.ops.convert_to_numpy(counter)) == 21.0
+    # Everything but the counter is averaged (kernels, biases, BN gamma and
+    # beta, BN moving statistics); the counter takes its live value.
+    averaged = [i != index for i in range(len(model.weights))]
+    expected = reference_ema(recorder.records, (0.9,), 1, True, averaged)[0]
+    got = ema.ema_weights(0.9)
+    assert float(got[index]) == 21.0
+    for j, (g, e) in enumerate(zip(got, expected)):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6, err_msg=str(j))
+    with ema.swapped_in(0.9):
+        assert float(keras.ops.convert_to_numpy(counter)) == 21.0
+    shipped = ema.ema_model(0.9)
+    count = shipped.get_layer("counter").count
+    assert float(keras.ops.convert_to_numpy(count)) == 21.0
+    assert counter.path not in ema.get_state()["paths"]
+
+
+def test_set_state_is_all_or_nothing():
+    model = tiny_model()
+    x, y = data()
+    ema = MultiEMA(DECAYS, period=1, verbose=0)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[ema])
+    before = ema.get_state()
+    for corrupt, match in [
+        (lambda s: s["shadows"].__setitem__(-1, s["shadows"][-1][..., :1]),
+         "shadow 7 has shape"),
+        (lambda s: s["shadows"][-1].__setitem__((0, 0), np.nan),
+         "shadow 7 .* NaN"),
+        (lambda s: s.pop("best"), r"missing keys \['best'\]"),
+        (lambda s: s.__setitem__("step", "ten"), "bad step"),
+    ]:
+        state = ema.get_state()
+        state["shadows"] = [np.array(s) for s in state["shadows"]]
+        # Every shadow but the last is changed to a valid new value.
+        for s in state["shadows"][:-1]:
+            s += 1.0
+        corrupt(state)
+        with pytest.raises(ValueError, match=match):
+            ema.set_state(state)
+        after = ema.get_state()
+        assert after["step"] == before["step"]
+        for a, b in zip(before["shadows"], after["shadows"]):
+            np.testing.assert_array_equal(a, b)
+
+
+class _Batches(keras.utils.PyDataset):
+    def __init__(self, x, y, batch_size=8):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self):
+        return len(self.x) // self.batch_size
+
+    def __getitem__(self, i):
+        s = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return self.x[s], self.y[s]
+
+
+def _as(kind, x, y):
+    if kind == "tuple":
+        return (x, y)
+    if kind == "pydataset":
+        return _Batches(x, y)
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+
+
+@pytest.mark.parametrize("kind", ["tuple", "pydataset", "tf.data"])
+def test_bad_validation_data_fails_before_training(kind):
+    x, y = data()
+    xv, yv = data(16, seed=2)
+    cases = [
+        (xv[:, :3], yv, "cannot be evaluated on its first batch"),
+        (xv, (yv + 3).astype("int32"), r"class labels must be integers in \[0, 2\]"),
+    ]
+    for bad_x, bad_y, match in cases:
+        model = tiny_model()
+        ema = MultiEMA(DECAYS, validation_data=_as(kind, bad_x, bad_y),
+                       verbose=0)
+        with pytest.raises(ValueError, match=match) as err:
+            model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[ema])
+        assert "\n" not in str(err.value)
+        # Nothing was trained.
+        assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 0
+
+
+def test_validation_data_check_changes_no_result():
+    x, y = data()
+    xv, yv = data(16, seed=2)
+
+    def run(validation_data):
+        keras.utils.set_random_seed(3)
+        model = tiny_model()
+        ema = MultiEMA(DECAYS, period=2, validation_data=validation_data,
+                       verbose=0)
+        model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[ema])
+        return model.get_weights() + ema.ema_weights(0.9)
+
+    for a, b in zip(run(None), run(_as("pydataset", xv, yv))):
+        np.testing.assert_array_equal(a, b)

@@ -18,6 +18,13 @@ _ROW_SUM_TOLERANCE = 1e-3
 _LOG_TEMPERATURE_BOUND = float(np.log(100.0))
 
 
+def _look_like_probabilities(values):
+    """Whether every row is a probability vector (2 classes or more)."""
+    if values.shape[1] < 2 or values.min() < 0.0 or values.max() > 1.0:
+        return False
+    return bool(np.all(np.abs(values.sum(axis=1) - 1.0) <= _ROW_SUM_TOLERANCE))
+
+
 def _check_probs_labels(probs, labels, name="probs"):
     """Float64 `probs` (or logits) and int64 labels, validated."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -50,6 +57,13 @@ def _check_probs_labels(probs, labels, name="probs"):
                 f"Received: row {int(np.argmax(off))} sums to "
                 f"{sums[np.argmax(off)]:.6g}"
             )
+    if name == "logits" and _look_like_probabilities(probs):
+        raise ValueError(
+            "Invalid value for argument `logits`: every row lies in [0, 1] "
+            "and sums to 1, so these are probabilities (softmax outputs); "
+            "pass the logits (the model's outputs before softmax), e.g. from "
+            "a model whose last layer has no softmax activation."
+        )
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.shape != probs.shape[:1]:
@@ -262,8 +276,13 @@ def fit_temperature(logits, labels) -> float:
     returned when the data pushes `T` beyond it, e.g. perfectly separated
     logits).
 
+    Probabilities are refused: a `ValueError` is raised when every row lies
+    in [0, 1] and sums to 1, since the temperature fitted to softmax outputs
+    means nothing.
+
     Args:
-        logits: array `(samples, classes)` of logits on held-out data.
+        logits: array `(samples, classes)` of logits on held-out data (not
+            softmax outputs).
         labels: array `(samples,)` of integer class labels.
 
     Returns:

@@ -263,3 +263,21 @@ def test_fit_temperature_bad_inputs_raise():
         fit_temperature(np.zeros(4), [0, 1, 1, 0])
     with pytest.raises(ValueError, match="logits"):
         apply_temperature(np.zeros(4), 1.0)
+
+
+def test_fit_temperature_refuses_probabilities():
+    rng = np.random.default_rng(5)
+    z = rng.normal(scale=3.0, size=(2000, 4))
+    labels = rng.integers(0, 4, size=2000)
+    p = np.exp(z / 2.0) / np.exp(z / 2.0).sum(axis=1, keepdims=True)
+    for probs in (p, p.astype(np.float32)):
+        with pytest.raises(ValueError, match="probabilities") as info:
+            fit_temperature(probs, labels)
+        assert "\n" not in str(info.value)
+    # Logits that happen to lie in [0, 1] but are not probability rows pass.
+    small = rng.random((2000, 4))
+    assert np.isfinite(fit_temperature(small, labels))
+    # A single probability-like row among logits does not trigger it.
+    mixed = z.copy()
+    mixed[0] = [0.25, 0.25, 0.25, 0.25]
+    assert np.isfinite(fit_temperature(mixed, labels))

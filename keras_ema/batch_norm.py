@@ -52,7 +52,10 @@ def recompute_batch_norm_statistics(
     BatchNorm layers with `trainable=False` normalize with their moving
     statistics even in training mode (Keras' fine-tuning behaviour), compute
     no batch statistics and are left as they are; so is a BatchNorm the
-    forward pass does not reach.
+    forward pass does not reach. A BatchNorm called more than once in one
+    forward pass (one layer shared by two branches, or applied twice) raises
+    a `ValueError`: it would keep the statistics of its last call only, and
+    no single pair of statistics serves both calls.
 
     Args:
         model: `keras.Model`. Functional, `Sequential` or subclassed; called
@@ -145,7 +148,10 @@ def recompute_batch_norm_statistics(
         sums = None
         count = 0
         for x in _batches(data, batch_size, steps):
-            model(x, training=True)
+            if count == 0:
+                _first_call(model, x, layers)
+            else:
+                model(x, training=True)
             # Read after the call: an unbuilt model builds its layers there.
             stats = _statistics(layers)
             if sums is None:
@@ -175,6 +181,42 @@ def recompute_batch_norm_statistics(
         for v, value in originals.values():
             v.assign(value)
     return model
+
+
+def _first_call(model, x, layers):
+    """`model(x, training=True)`, refusing BatchNorm layers called twice.
+
+    Such a layer (shared between two branches, or applied twice) keeps
+    only its last call's batch statistics, so the average would be wrong.
+    """
+    counts = {id(layer): 0 for layer in layers}
+
+    def counting(layer):
+        original = layer.call
+
+        def call(*args, **kwargs):
+            counts[id(layer)] += 1
+            return original(*args, **kwargs)
+
+        return call
+
+    for layer in layers:
+        # Set on the instance, past Keras' attribute tracking; removed below.
+        object.__setattr__(layer, "call", counting(layer))
+    try:
+        model(x, training=True)
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("call", None)
+    shared = [f"{layer.name} ({counts[id(layer)]} calls)" for layer in layers
+              if counts[id(layer)] > 1]
+    if shared:
+        raise ValueError(
+            f"BatchNormalization layers {shared} are called more than once in "
+            "one forward pass, so their statistics cannot be recomputed "
+            "(each call sees different activations). Give each call its own "
+            "BatchNormalization layer."
+        )
 
 
 def _statistics(layers):

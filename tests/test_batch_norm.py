@@ -358,3 +358,45 @@ def test_bad_arguments_raise_and_leave_the_model_unchanged(kwargs, match):
             keras.ops.convert_to_numpy(v), before[v.path], err_msg=v.path
         )
     assert [layer.momentum for layer in batch_norm_layers(model)] == [0.99] * 3
+
+
+class _TwiceBN(keras.Model):
+    """A subclassed model that applies one BatchNorm to two activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.d1 = keras.layers.Dense(3)
+        self.d2 = keras.layers.Dense(3)
+        self.bn = keras.layers.BatchNormalization(name="twice")
+
+    def call(self, x, training=False):
+        return self.bn(self.d1(x), training=training) + self.bn(
+            self.d2(x), training=training
+        )
+
+
+def test_batch_norm_called_twice_is_refused_and_nothing_changes():
+    inputs = keras.Input((4,))
+    shared = keras.layers.BatchNormalization(name="shared")
+    once = keras.layers.BatchNormalization(name="single")
+    a = shared(keras.layers.Dense(3, name="da")(inputs))
+    b = shared(keras.layers.Dense(3, name="db")(inputs))
+    outputs = once(keras.layers.Add()([a, b]))
+    functional = keras.Model(inputs, outputs)
+    subclassed = _TwiceBN()
+    x = np.random.default_rng(0).normal(size=(20, 4)).astype("float32")
+    subclassed(x[:2])
+    for model, name in ((functional, "shared"), (subclassed, "twice")):
+        before = [np.array(keras.ops.convert_to_numpy(v))
+                  for v in model.variables]
+        with pytest.raises(ValueError, match=rf"\['{name} \(2 calls\)'\]") as e:
+            recompute_batch_norm_statistics(model, x, batch_size=8)
+        assert "single" not in str(e.value) and "\n" not in str(e.value)
+        for v, value in zip(model.variables, before):
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), value)
+        # The layers are left callable as before (no counting wrapper).
+        for layer in batch_norm_layers(model):
+            assert "call" not in layer.__dict__
+        assert [layer.momentum for layer in batch_norm_layers(model)] == [
+            0.99
+        ] * len(batch_norm_layers(model))

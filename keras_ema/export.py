@@ -4,9 +4,25 @@ import os
 import shutil
 
 import keras
+import numpy as np
 
 from keras_ema.batch_norm import recompute_batch_norm_statistics
 from keras_ema.multi_ema import batch_norm_statistics
+
+
+def _check_finite(model, when=""):
+    """Raises if a float weight of `model` holds a NaN or an infinity."""
+    for v in model.weights:
+        if "float" not in str(v.dtype):
+            continue
+        value = np.asarray(keras.ops.convert_to_numpy(v))
+        if not np.all(np.isfinite(value)):
+            raise ValueError(
+                f"Cannot export model {model.name}: variable {v.path} holds "
+                f"NaN or infinite values{when}. Nothing was written; export "
+                "weights from before the divergence (e.g. an EMA or a "
+                "checkpoint)."
+            )
 
 
 def export_ema(ema, decay, directory, batch_norm_data=None, verbose=1):
@@ -14,7 +30,9 @@ def export_ema(ema, decay, directory, batch_norm_data=None, verbose=1):
 
     The EMA weights go into an independent copy of the model
     (`MultiEMA.ema_model`), so the live training weights are never touched;
-    then `export_model` writes it.
+    then `export_model` writes it. Non-trainable variables that are not
+    averaged (see `MultiEMA`) take their live values. Non-finite weights are
+    refused with a `ValueError` and nothing is written.
 
     Args:
         ema: a built `MultiEMA` (or subclass).
@@ -55,6 +73,10 @@ def export_model(model, directory, batch_norm_data=None, verbose=1):
       returns the model's outputs (needs TensorFlow, on any Keras backend).
     - `<directory>/model.keras`: `keras.saving.load_model(path)`.
 
+    A model whose weights hold a NaN or an infinity (also after the
+    BatchNorm recompute) is refused with a `ValueError` naming the variable,
+    and nothing is written.
+
     Args:
         model: a built `keras.Model`.
         directory: str, created if needed; existing outputs are replaced.
@@ -65,8 +87,10 @@ def export_model(model, directory, batch_norm_data=None, verbose=1):
     Returns:
         `model`.
     """
+    _check_finite(model)
     if batch_norm_data is not None and batch_norm_statistics(model):
         recompute_batch_norm_statistics(model, batch_norm_data)
+        _check_finite(model, " after recomputing its BatchNorm statistics")
     os.makedirs(directory, exist_ok=True)
     saved_model = os.path.join(directory, "saved_model")
     tmp_saved_model = os.path.join(directory, f".saved_model.tmp{os.getpid()}")

@@ -65,3 +65,27 @@ def test_export_recomputes_batch_norm_first(tmp_path):
     np.testing.assert_allclose(
         served.serve(x).numpy(),
         keras.ops.convert_to_numpy(exported(x, training=False)), atol=1e-5)
+
+
+@pytest.mark.all_backends
+def test_non_finite_weights_are_refused_and_nothing_is_written(tmp_path):
+    model, ema, x = trained_ema()
+    bias = model.layers[-1].bias
+    good = keras.ops.convert_to_numpy(bias)
+    bias.assign(np.array([0.0, np.inf], "float32"))
+    target = tmp_path / "out"
+    with pytest.raises(ValueError, match=rf"{bias.path} holds NaN or inf") as e:
+        keras_ema.export_model(model, str(target), verbose=0)
+    assert "\n" not in str(e.value)
+    assert not target.exists()
+    bias.assign(good)
+    # An EMA holding a NaN (a corrupt shadow) is refused the same way.
+    shadow = ema._shadows[0]
+    value = np.array(keras.ops.convert_to_numpy(shadow))
+    value[0].flat[0] = np.nan
+    shadow.assign(value)
+    with pytest.raises(ValueError, match="holds NaN or infinite values"):
+        export_ema(ema, 0.9, str(target), verbose=0)
+    assert not target.exists()
+    export_ema(ema, 0.99, str(target), verbose=0)  # the other EMA is finite
+    assert sorted(os.listdir(target)) == ["model.keras", "saved_model"]

@@ -132,5 +132,12 @@ class SwitchEMA(MultiEMA):
                     f"into a SwitchEMA with {key}={getattr(self, key)}. Use "
                     "the same arguments."
                 )
+        try:
+            switch_epochs = [int(e) for e in state.get("switch_epochs", [])]
+        except (TypeError, ValueError):
+            raise ValueError(
+                "Invalid SwitchEMA state: switch_epochs must be a list of "
+                f"ints. Received: {state.get('switch_epochs')!r}"
+            ) from None
         super().set_state(state)
-        self.switch_epochs = [int(e) for e in state.get("switch_epochs", [])]
+        self.switch_epochs = switch_epochs

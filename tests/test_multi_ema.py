@@ -314,15 +314,21 @@ class WeightChanges(keras.callbacks.Callback):
         self.last = now
 
 
-@pytest.mark.parametrize("loss_scale", [False, True])
-@pytest.mark.parametrize("period", [1, 3])
-@pytest.mark.parametrize("accumulation", [None, 4])
+@pytest.mark.parametrize(
+    "accumulation,period,loss_scale,spe",
+    [
+        (None, 1, False, 1),
+        (None, 3, False, 1),
+        (4, 1, False, 1),
+        (4, 3, False, 1),
+        (4, 3, True, 1),  # LossScaleOptimizer: its step is read per batch
+        (4, 1, False, 3),  # steps_per_execution=3 on top
+    ],
+)
 def test_gradient_accumulation_counts_real_optimizer_steps(
-    accumulation, period, loss_scale
+    accumulation, period, loss_scale, spe
 ):
-    if loss_scale and (accumulation is None or period == 1):
-        pytest.skip("one LossScaleOptimizer case is enough")
-    model = tiny_model(accumulation=accumulation, loss_scale=loss_scale)
+    model = tiny_model(spe, accumulation=accumulation, loss_scale=loss_scale)
     x, y = data()
     per_step = 4 if accumulation else 1
     # A first fit of 10 batches leaves the batch counter at 10, not a

@@ -303,6 +303,22 @@ class MultiEMA(keras.callbacks.Callback):
                 stacklevel=2,
             )
 
+    def _warn_changed_variables(self):
+        """Warns when another fit() trains variables the EMAs do not hold."""
+        if self._owner is not self.model:
+            return
+        kept = {id(v) for v in self._variables}
+        new = [v.path for v in self._averaged_variables(self.model)
+               if id(v) not in kept]
+        if new:
+            warnings.warn(
+                f"MultiEMA: variables {new} became trainable after the EMAs "
+                "were created; they are not averaged (the EMA model takes "
+                "their live values). Call `reset()` before this fit() to "
+                "average them too.",
+                stacklevel=2,
+            )
+
     def _warn_late_updates(self, steps, accumulation):
         """Warns when updates fall inside a `steps_per_execution` block."""
         execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
@@ -570,6 +586,7 @@ class MultiEMA(keras.callbacks.Callback):
         if epochs and steps:
             self._warn_short_run(epochs * steps // accumulation)
         self._warn_late_updates(steps, accumulation)
+        self._warn_changed_variables()
         if self.validation_data is not None:
             _check_validation_data(
                 self.model, self.validation_data, self.validation_batch_size

@@ -506,3 +506,24 @@ def test_validation_data_check_changes_no_result():
 
     for a, b in zip(run(None), run(_as("pydataset", xv, yv))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_unfrozen_layer_after_the_first_fit_warns():
+    model = tiny_model()
+    model.get_layer("d1").trainable = False
+    model.compile(keras.optimizers.SGD(0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data()
+    ema = MultiEMA(DECAYS, period=1, verbose=0)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[ema])
+    kernel = model.get_layer("d1").kernel
+    assert kernel.path not in ema.get_state()["paths"]
+    model.get_layer("d1").trainable = True
+    model.compile(keras.optimizers.SGD(0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.warns(UserWarning, match=r"d1/kernel.*became trainable"):
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[ema])
+    # The frozen kernel was copied live, never averaged; reset() averages it.
+    ema.reset()
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[ema])
+    assert kernel.path in ema.get_state()["paths"]

@@ -8,6 +8,7 @@ rerun of the same command resumes.
 
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import sys
@@ -31,6 +32,10 @@ AVERAGING = ("ema", "sema", "belay")
 MIXED_PRECISION = ("", "mixed_float16", "mixed_bfloat16")
 EXPORT_FROM = ("final", "best_accuracy", "best_loss")
 DISTRIBUTION = ("none", "mirrored", "multiworker", "data_parallel")
+# Wider copies of the paper's models do not fit in memory (ResNet-18 at 16x
+# has 2.9 billion parameters); the bound turns a typo into a message.
+MAX_WIDTH = 16
+MAX_SEED = 2**32 - 1  # numpy.random.seed and keras.utils.set_random_seed
 # Flags a resumed run may change: where it is written and how it is spread.
 RESUMABLE_CHANGES = ("output_dir", "distribution")
 
@@ -99,8 +104,18 @@ class Config:
             fail("output_dir", "", "required; give the run directory to write")
         if self.model not in zoo.MODELS:
             fail("model", self.model, f"unknown model; use one of {', '.join(zoo.MODELS)}")
-        if not self.width > 0:
-            fail("width", self.width, "must be > 0 (1 is the paper's width)")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(field.name, value, "must be a finite number")
+            if isinstance(value, tuple):
+                for v in value:
+                    if not math.isfinite(v):
+                        fail(field.name, ",".join(map(str, value)),
+                             f"{v} is not a finite number")
+        if not 0 < self.width <= MAX_WIDTH:
+            fail("width", self.width,
+                 f"must be in (0, {MAX_WIDTH}] (1 is the paper's width)")
         for flag in ("epochs", "batch_size"):
             if getattr(self, flag) < 1:
                 fail(flag, getattr(self, flag), "must be >= 1")
@@ -127,8 +142,8 @@ class Config:
         if not 0 <= self.val_fraction < 1:
             fail("val_fraction", self.val_fraction,
                  "must be in [0, 1); 0 trains on all data and validates on test")
-        if self.seed < 0:
-            fail("seed", self.seed, "must be >= 0")
+        if not 0 <= self.seed <= MAX_SEED:
+            fail("seed", self.seed, f"must be in [0, {MAX_SEED}] (numpy's seed range)")
         if self.mixed_precision not in MIXED_PRECISION:
             fail("mixed_precision", self.mixed_precision,
                  "use mixed_float16, mixed_bfloat16 or leave it empty")

@@ -79,6 +79,11 @@ CASES = [
      experiment.ConfigError, r"^--ema_decays=0.9,inf: inf is not a finite number$"),
     ("NaN export decay", dict(ema_decays=(0.5,), export_decay=float("nan")),
      experiment.ConfigError, r"^--export_decay=nan: must be a finite number$"),
+    ("image size on a TFDS dataset", dict(image_size=32), experiment.ConfigError,
+     r"^--image_size=32: resizes folder: and tiny_imagenet images only; leave it 0 "
+     r"for this dataset$"),
+    ("negative image size", dict(image_size=-1), experiment.ConfigError,
+     r"^--image_size=-1: must be in \[0, 1024\]; 0 keeps the stored size$"),
     ("distribution of the other backend", dict(distribution="data_parallel"),
      experiment.ConfigError, r"^--distribution=data_parallel: needs KERAS_BACKEND=jax"),
 ]
@@ -115,6 +120,30 @@ def test_image_folders(tmp_path, what):
         experiment.train(config(run, dataset=name), verbose=0)
     assert "\n" not in str(info.value)
     assert not run.exists()
+
+
+def test_mixed_image_sizes_name_the_flag_that_resizes_them(tmp_path):
+    from PIL import Image
+
+    name = image_folder(tmp_path / "data")
+    Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(tmp_path / "data" / "test" / "b" / "y.png")
+    run = tmp_path / "run"
+    with pytest.raises(DatasetError, match=r"y\.png is 10x12 but .* is 8x8\. Pass "
+                       r"--image_size=64 to train.py \(image_size=64 to load_dataset\) "
+                       r"to resize all images\.$"):
+        experiment.train(config(run, dataset=name), verbose=0)
+    assert not run.exists()
+    summary = experiment.train(config(run, dataset=name, image_size=6, batch_size=2),
+                               verbose=0)
+    assert summary["completed"]
+    assert "--image_size=6\n" in (run / "flags.cfg").read_text()
+    assert experiment.Config.from_flags({"image_size": "6"}).image_size == 6
+
+
+def test_image_size_left_at_zero_is_not_written_so_older_runs_resume():
+    flags = config("run").resolved().to_flags()
+    assert "image_size" not in flags
+    assert experiment.Config.from_flags({}).image_size == 0
 
 
 def test_output_dir_is_a_file(tmp_path):

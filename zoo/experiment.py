@@ -36,6 +36,10 @@ DISTRIBUTION = ("none", "mirrored", "multiworker", "data_parallel")
 # has 2.9 billion parameters); the bound turns a typo into a message.
 MAX_WIDTH = 16
 MAX_SEED = 2**32 - 1  # numpy.random.seed and keras.utils.set_random_seed
+MAX_IMAGE_SIZE = 1024
+# Flags added after run directories were first written: left out of flags.cfg
+# at their default, so that older run directories still resume.
+WRITTEN_ONLY_WHEN_SET = ("image_size",)
 # Flags a resumed run may change: where it is written and how it is spread.
 RESUMABLE_CHANGES = ("output_dir", "distribution")
 
@@ -51,6 +55,7 @@ class Config:
     output_dir: str = ""
     dataset: str = "digits"
     data_dir: str = ""
+    image_size: int = 0  # 0: the stored size; folder: and tiny_imagenet only
     model: str = "resnet18"
     width: float = 1.0
     epochs: int = 200
@@ -116,6 +121,13 @@ class Config:
         if not 0 < self.width <= MAX_WIDTH:
             fail("width", self.width,
                  f"must be in (0, {MAX_WIDTH}] (1 is the paper's width)")
+        if not 0 <= self.image_size <= MAX_IMAGE_SIZE:
+            fail("image_size", self.image_size,
+                 f"must be in [0, {MAX_IMAGE_SIZE}]; 0 keeps the stored size")
+        if self.image_size and not (self.dataset.startswith("folder:")
+                                    or self.dataset.lower() == "tiny_imagenet"):
+            fail("image_size", self.image_size, "resizes folder: and tiny_imagenet "
+                 "images only; leave it 0 for this dataset")
         for flag in ("epochs", "batch_size"):
             if getattr(self, flag) < 1:
                 fail(flag, getattr(self, flag), "must be >= 1")
@@ -206,6 +218,8 @@ class Config:
         lines = []
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.name in WRITTEN_ONLY_WHEN_SET and value == field.default:
+                continue
             if isinstance(value, bool):
                 value = "true" if value else "false"
             elif isinstance(value, tuple):
@@ -449,6 +463,7 @@ def train(config: Config, verbose=None, callbacks=()):
         val_fraction=config.val_fraction,
         seed=config.seed,
         label_noise=config.label_noise or None,
+        image_size=config.image_size or None,
     )
     print(data.summary(), flush=True)
 

@@ -365,6 +365,57 @@ def test_every_model_trains_at_odd_batch_sizes_without_a_native_crash():
     assert result.stdout.count(" ok") == len(zoo.MODELS)
 
 
+# --- Export ---------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="the export writes a SavedModel"
+)
+def test_exported_keras_file_loads_and_predicts_without_zoo(tmp_path):
+    import types
+
+    from zoo import experiment
+    from zoo.schedules import WarmupCosine
+
+    # What training hands to `_export`: a compiled copy of a zoo model whose
+    # optimizer has the zoo's learning-rate schedule.
+    rng = np.random.default_rng(0)
+    x_train = rng.integers(0, 256, size=(6, 8, 8, 3)).astype("uint8")
+    ema = zoo.get_model("resnet18", 3, (8, 8, 3), width=0.0625, weight_decay=1e-4)
+    ema.compile(keras.optimizers.SGD(WarmupCosine(0.1, 10, 2)),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    averager = types.SimpleNamespace(ema_model=lambda decay: ema)
+    mean, std = np.array([0.4, 0.5, 0.6]), np.array([0.2, 0.25, 0.3])
+    data = types.SimpleNamespace(x_train=x_train, mean=mean, std=std,
+                                 image_shape=(8, 8, 3))
+    config = experiment.Config(output_dir=str(tmp_path), export_decay=0.5,
+                               batch_size=4)
+    experiment._export(config, averager, data, str(tmp_path))
+
+    images = rng.integers(0, 256, size=(5, 8, 8, 3)).astype("float32")
+    np.save(tmp_path / "images.npy", images)
+    # Independent reference: the zoo model (BN statistics as recomputed by the
+    # export) on images normalized in numpy.
+    expected = keras.ops.convert_to_numpy(
+        ema((images / 255.0 - mean) / std, training=False))
+    code = (
+        "import sys, numpy as np, keras\n"
+        "model = keras.saving.load_model(sys.argv[1])\n"
+        "assert model.compiled is False or not model.optimizer\n"
+        "np.save(sys.argv[3], model.predict(np.load(sys.argv[2]), verbose=0))\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'zoo'], 'zoo imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "export" / "model.keras"),
+         str(tmp_path / "images.npy"), str(tmp_path / "out.npy")],
+        cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=""), capture_output=True,
+        text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected,
+                               rtol=1e-4, atol=1e-4)
+
+
 # --- Mixed precision ------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ Datasets (`name`):
   `val/val_annotations.txt`). The official validation set is the test set,
   since the official test set has no labels.
 - `folder:PATH`: any folder with `train/<class>/*` and `test/<class>/*`.
-  Every class folder must hold images in both splits. Images become 8-bit
+  Every class folder must hold images. Images become 8-bit
   RGB; 16-bit grayscale is scaled by 255 / 65535, not clipped.
 
 Only the training labels (after the train/validation split) receive noise;

@@ -587,7 +587,10 @@ def _fit(config, data, run, zoo, verbose, extra_callbacks, strategy=None):
 
 
 def _export(config, averager, data, run):
-    """Exports the chosen EMA, its BN recomputed, taking images in 0..255."""
+    """Exports the chosen EMA, its BN recomputed, taking images in 0..255.
+
+    `model.keras` loads with `keras.saving.load_model` alone: no zoo class.
+    """
     from keras_ema.batch_norm import batch_norm_layers
     from keras_ema.batch_norm import recompute_batch_norm_statistics
     from keras_ema.export import export_model
@@ -600,6 +603,10 @@ def _export(config, averager, data, run):
     if batch_norm_layers(model):
         recompute_batch_norm_statistics(model, ArrayLoader(
             data.x_train, None, config.batch_size, data.mean, data.std))
+    # A plain functional model over the same layers: the .keras file then
+    # holds only Keras' own classes and no compile config (the optimizer's
+    # WarmupCosine), so it loads with Keras alone, without `import zoo`.
+    model = keras.Model(model.inputs, model.outputs, name=model.name)
     # The shipped model takes raw images and normalizes them as training did.
     images = keras.Input(data.image_shape, name="images")
     x = keras.layers.Rescaling(1.0 / 255, name="rescale")(images)

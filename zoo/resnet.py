@@ -87,7 +87,12 @@ def subsample(x, stride: int, name: str):
     corrupts memory and aborts the process when the batch size is odd.
     `MaxPooling2D(1, strides)` does the subsampling as a built-in layer
     without weights, so checkpoints of the strided conv still load and saved
-    models need no custom class.
+    models need no custom class. It costs nothing measurable: ResNet-18 at
+    width 0.25, 32x32, batch 64, TensorFlow 2.21 on 2 CPU cores, one process
+    alternating the two models, takes 142.8 ms of CPU time per training step
+    against 143.0 with the strided conv (medians of 12 x 10 steps); turning
+    oneDNN off for the whole process instead (`TF_ENABLE_ONEDNN_OPTS=0`)
+    takes 309-312 ms, about twice as long.
 
     Args:
         x: Tensor. Channels last.

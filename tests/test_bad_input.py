@@ -126,7 +126,8 @@ def test_mixed_image_sizes_name_the_flag_that_resizes_them(tmp_path):
     from PIL import Image
 
     name = image_folder(tmp_path / "data")
-    Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(tmp_path / "data" / "test" / "b" / "y.png")
+    odd = tmp_path / "data" / "test" / "b" / "y.png"
+    Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(odd)
     run = tmp_path / "run"
     with pytest.raises(DatasetError, match=r"y\.png is 10x12 but .* is 8x8\. Pass "
                        r"--image_size=64 to train.py \(image_size=64 to load_dataset\) "

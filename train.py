@@ -20,6 +20,8 @@ flags.DEFINE_string("output_dir", None, "Run directory (created; rerun to resume
 flags.DEFINE_string("dataset", _D.dataset, "digits, cifar10, cifar100, cifar10n, "
                     "cifar100n, tiny_imagenet or folder:PATH.")
 flags.DEFINE_string("data_dir", _D.data_dir, "TFDS data dir, or the dataset folder.")
+flags.DEFINE_integer("image_size", _D.image_size, "Resize folder: and "
+                     "tiny_imagenet images to this many pixels square; 0: keep.")
 flags.DEFINE_string("model", _D.model, "resnet18, resnet34, wrn28_10 or vgg16.")
 flags.DEFINE_float("width", _D.width, "Width multiplier of the model (1 = paper).")
 flags.DEFINE_integer("epochs", _D.epochs, "Training epochs.")

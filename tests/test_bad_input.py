@@ -54,6 +54,36 @@ CASES = [
      r"noise rate must be a number in \[0, 1\)\. Received: label_noise='symmetric:1\.5'"),
     ("CIFAR-N label set on digits", dict(label_noise="worse"), DatasetError,
      r"^Label set 'worse' belongs to cifar10n"),
+    ("seed above numpy's range", dict(seed=2**32), experiment.ConfigError,
+     r"^--seed=4294967296: must be in \[0, 4294967295\] \(numpy's seed range\)$"),
+    ("negative seed", dict(seed=-1), experiment.ConfigError, r"^--seed=-1: must be in \[0, "),
+    ("infinite width", dict(width=float("inf")), experiment.ConfigError,
+     r"^--width=inf: must be a finite number$"),
+    ("huge width", dict(width=1e9), experiment.ConfigError,
+     r"^--width=1000000000.0: must be in \(0, 16\] \(1 is the paper's width\)$"),
+    ("NaN weight decay", dict(weight_decay=float("nan")), experiment.ConfigError,
+     r"^--weight_decay=nan: must be a finite number$"),
+    ("infinite learning rate", dict(lr=float("inf")), experiment.ConfigError,
+     r"^--lr=inf: must be a finite number$"),
+    ("NaN momentum", dict(momentum=float("nan")), experiment.ConfigError,
+     r"^--momentum=nan: must be a finite number$"),
+    ("momentum 1", dict(momentum=1.0), experiment.ConfigError,
+     r"^--momentum=1.0: must be in \[0, 1\)$"),
+    ("NaN validation fraction", dict(val_fraction=float("nan")), experiment.ConfigError,
+     r"^--val_fraction=nan: must be a finite number$"),
+    ("infinite BELAY coupling", dict(belay_coupling=float("-inf")), experiment.ConfigError,
+     r"^--belay_coupling=-inf: must be a finite number$"),
+    ("NaN EMA decay", dict(ema_decays=(float("nan"),)), experiment.ConfigError,
+     r"^--ema_decays=nan: nan is not a finite number$"),
+    ("infinite EMA decay among others", dict(ema_decays=(0.9, float("inf"))),
+     experiment.ConfigError, r"^--ema_decays=0.9,inf: inf is not a finite number$"),
+    ("NaN export decay", dict(ema_decays=(0.5,), export_decay=float("nan")),
+     experiment.ConfigError, r"^--export_decay=nan: must be a finite number$"),
+    ("image size on a TFDS dataset", dict(image_size=32), experiment.ConfigError,
+     r"^--image_size=32: resizes folder: and tiny_imagenet images only; leave it 0 "
+     r"for this dataset$"),
+    ("negative image size", dict(image_size=-1), experiment.ConfigError,
+     r"^--image_size=-1: must be in \[0, 1024\]; 0 keeps the stored size$"),
     ("distribution of the other backend", dict(distribution="data_parallel"),
      experiment.ConfigError, r"^--distribution=data_parallel: needs KERAS_BACKEND=jax"),
 ]
@@ -92,6 +122,31 @@ def test_image_folders(tmp_path, what):
     assert not run.exists()
 
 
+def test_mixed_image_sizes_name_the_flag_that_resizes_them(tmp_path):
+    from PIL import Image
+
+    name = image_folder(tmp_path / "data")
+    odd = tmp_path / "data" / "test" / "b" / "y.png"
+    Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(odd)
+    run = tmp_path / "run"
+    with pytest.raises(DatasetError, match=r"y\.png is 10x12 but .* is 8x8\. Pass "
+                       r"--image_size=64 to train.py \(image_size=64 to load_dataset\) "
+                       r"to resize all images\.$"):
+        experiment.train(config(run, dataset=name), verbose=0)
+    assert not run.exists()
+    summary = experiment.train(config(run, dataset=name, image_size=6, batch_size=2),
+                               verbose=0)
+    assert summary["completed"]
+    assert "--image_size=6\n" in (run / "flags.cfg").read_text()
+    assert experiment.Config.from_flags({"image_size": "6"}).image_size == 6
+
+
+def test_image_size_left_at_zero_is_not_written_so_older_runs_resume():
+    flags = config("run").resolved().to_flags()
+    assert "image_size" not in flags
+    assert experiment.Config.from_flags({}).image_size == 0
+
+
 def test_output_dir_is_a_file(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("mine")
@@ -123,6 +178,20 @@ def test_run_directory_of_an_older_layout(tmp_path):
 def test_evaluate_without_runs():
     with pytest.raises(evaluation.EvaluationError, match=r"^No run directories given"):
         evaluation.load_runs([])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["--lr=inf", "--seed=4294967296", "--weight_decay=nan"])
+def test_out_of_range_flag_prints_one_line_and_writes_nothing(tmp_path, flag):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--output_dir=out",
+         "--epochs=1", "--warmup_epochs=0", flag],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(f"train.py: error: {flag}: ")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -419,7 +419,7 @@ def test_folder_sizes_must_match_unless_resized(tmp_path):
     root = _make_folder(tmp_path / "f")
     odd = root / "test" / "dog" / "big.png"
     _write_png(odd, size=(9, 7))
-    with pytest.raises(DatasetError, match="big.png.*image_size"):
+    with pytest.raises(DatasetError, match="big.png.*--image_size=64 to train.py"):
         load_dataset(f"folder:{root}")
     data = load_dataset(f"folder:{root}", image_size=(5, 4), val_fraction=0)
     assert data.x_train.shape[1:] == (5, 4, 3)
@@ -455,6 +455,59 @@ def test_folder_corrupt_file_is_named(tmp_path):
         load_dataset(f"folder:{root}")
     assert time.monotonic() - start < 5
     assert "\n" not in str(info.value)
+
+
+def test_folder_sixteen_bit_png_is_scaled_to_eight_bits(tmp_path):
+    from PIL import Image
+
+    root = _make_folder(tmp_path / "f", size=(2, 3))
+    wide = np.array([[0, 257, 32768], [40000, 65278, 65535]], np.uint16)
+    path = root / "train" / "cat" / "0.png"
+    Image.fromarray(wide).save(path)
+    assert Image.open(path).mode.startswith("I")
+    data = load_dataset(f"folder:{root}", val_fraction=0)
+    image = data.x_train[0]
+    # 255 / 65535 = 1 / 257: 32768 / 257 = 127.5 -> 128, 40000 / 257 = 155.6.
+    expected = np.array([[0, 1, 128], [156, 254, 255]], np.uint8)
+    for channel in range(3):
+        np.testing.assert_array_equal(image[..., channel], expected)
+
+
+def test_folder_decompression_bomb_is_named(tmp_path, monkeypatch):
+    from PIL import Image
+
+    root = _make_folder(tmp_path / "f")
+    # Pillow refuses images above twice this many pixels; 6x6 = 36 > 2 * 10.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    with pytest.raises(DatasetError, match=r"^Image .*0\.png is too large to decode "
+                       r"safely \(.*\)\. Remove the file or shrink it\.$"):
+        load_dataset(f"folder:{root}")
+
+
+def test_folder_class_symlink_loops_are_named(tmp_path):
+    ancestor = _make_folder(tmp_path / "ancestor")
+    os.symlink("..", ancestor / "train" / "loop")
+    with pytest.raises(DatasetError, match=r"train/loop is a symlink loop: it points "
+                       r"to \.\., which contains it\."):
+        load_dataset(f"folder:{ancestor}")
+    itself = _make_folder(tmp_path / "itself")
+    os.symlink("self", itself / "test" / "self")
+    with pytest.raises(DatasetError, match=r"test/self is a symlink to self that "
+                       r"loops or points nowhere\."):
+        load_dataset(f"folder:{itself}")
+    fine = _make_folder(tmp_path / "fine")
+    os.symlink(ancestor / "train" / "cat", fine / "train" / "lion")
+    os.symlink(ancestor / "test" / "cat", fine / "test" / "lion")
+    assert load_dataset(f"folder:{fine}").class_names == ["cat", "dog", "lion"]
+
+
+def test_folder_empty_test_class_is_refused(tmp_path):
+    root = _make_folder(tmp_path / "f")
+    for p in (root / "test" / "dog").iterdir():
+        p.unlink()
+    with pytest.raises(DatasetError, match=r"^Class folder .*test/dog is empty\. "
+                       r"Add images or remove the folder\.$"):
+        load_dataset(f"folder:{root}")
 
 
 # === Tiny-ImageNet layout ===

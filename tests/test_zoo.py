@@ -254,6 +254,168 @@ def test_keras_file_reload_gives_equal_outputs(name, tmp_path):
     )
 
 
+# --- Strided shortcuts -----------------------------------------------------------
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def _shortcut_gradients(model, x, upstream):
+    """(output, d<output * upstream>/dx, d.../dkernel) on the backend under test."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def loss(x, weights):
+            out, _ = model.stateless_call(weights, [], x)
+            return (out * upstream).sum(), out
+
+        (_, out), (dx, (dw,)) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+            x, [w.value for w in model.trainable_weights]
+        )
+        return np.asarray(out), np.asarray(dx), np.asarray(dw)
+    import tensorflow as tf
+
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = model(x)
+        loss = tf.reduce_sum(out * upstream)
+    dx, dw = tape.gradient(loss, [x, model.trainable_weights[0]])
+    return out.numpy(), dx.numpy(), dw.numpy()
+
+
+@pytest.mark.parametrize("size", [8, 9])
+def test_subsample_then_1x1_conv_equals_a_stride_2_1x1_conv(size):
+    # Reference in numpy: a stride-2 1x1 'valid' conv reads pixels (2i, 2j)
+    # and gives ceil(size / 2) rows; its gradient flows to those pixels only.
+    rng = np.random.default_rng(0)
+    batch, cin, cout = 3, 5, 4
+    images = keras.Input((size, size, cin))
+    conv = keras.layers.Conv2D(cout, 1, use_bias=False, name="s_0_conv")
+    model = keras.Model(images, conv(resnet.subsample(images, 2, name="s_sub")))
+    kernel = rng.normal(size=(1, 1, cin, cout)).astype("float32")
+    conv.kernel.assign(kernel)
+    x = rng.normal(size=(batch, size, size, cin)).astype("float32")
+    half = (size + 1) // 2
+    upstream = rng.normal(size=(batch, half, half, cout)).astype("float32")
+
+    out, dx, dw = _shortcut_gradients(model, x, upstream)
+
+    picked = x[:, 0::2, 0::2, :]
+    assert picked.shape[1:3] == (half, half)
+    np.testing.assert_allclose(out, picked @ kernel[0, 0], rtol=1e-5, atol=1e-5)
+    expected_dx = np.zeros_like(x)
+    expected_dx[:, 0::2, 0::2, :] = upstream @ kernel[0, 0].T
+    np.testing.assert_allclose(dx, expected_dx, rtol=1e-5, atol=1e-5)
+    expected_dw = np.einsum("bijc,bijd->cd", picked, upstream)
+    np.testing.assert_allclose(dw[0, 0], expected_dw, rtol=1e-4, atol=1e-4)
+    assert resnet.subsample(images, 1, name="unused") is images
+
+
+def _old_layout_models():
+    return {
+        "resnet": zoo.ResNet(stackwise_num_blocks=[1, 1], stackwise_num_filters=[4, 8],
+                             num_classes=3, input_shape=(9, 9, 3)),
+        "wrn": zoo.WideResNet(depth=10, widen_factor=1, width=0.25, num_classes=3,
+                              input_shape=(9, 9, 3)),
+    }
+
+
+@pytest.mark.parametrize("key", ["resnet", "wrn"])
+def test_checkpoints_of_the_strided_conv_shortcut_still_load(key):
+    # tests/data holds weights saved when the shortcut was one stride-2 1x1
+    # Conv2D (random values in every variable, BN statistics included) and
+    # that model's logits on 9x9 images (odd size: ceil(9 / 2) = 5 rows).
+    model = _old_layout_models()[key]
+    model.load_weights(os.path.join(DATA, f"{key}_stride2_shortcut.weights.h5"))
+    reference = np.load(os.path.join(DATA, "stride2_shortcut_outputs.npz"))
+    logits = model(reference["images"], training=False)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(logits), reference[key], rtol=1e-5, atol=1e-4
+    )
+    shortcut = [w for w in model.weights if "_0_conv" in w.path]
+    assert shortcut and all(tuple(w.shape)[:2] == (1, 1) for w in shortcut)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="oneDNN is TensorFlow's"
+)
+def test_every_model_trains_at_odd_batch_sizes_without_a_native_crash():
+    # TensorFlow 2.21's oneDNN backward pass of a stride-2 1x1 conv aborts
+    # the process (SIGSEGV or a malloc error) at odd batch sizes; a
+    # subprocess keeps such a crash from taking pytest down with it.
+    code = (
+        "import numpy as np, keras, zoo\n"
+        "rng = np.random.default_rng(0)\n"
+        "for name in zoo.MODELS:\n"
+        "    model = zoo.get_model(name, 3, width=0.125)\n"
+        "    model.compile(keras.optimizers.SGD(0.01), keras.losses."
+        "SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)\n"
+        "    for batch in (1, 3, 29):\n"
+        "        x = rng.random((batch, 32, 32, 3), dtype='float32')\n"
+        "        model.train_on_batch(x, rng.integers(0, 3, batch))\n"
+        "    print(name, 'ok', flush=True)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", PYTHONPATH=root)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+        text=True, timeout=600,
+    )
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr[-2000:])
+    assert result.stdout.count(" ok") == len(zoo.MODELS)
+
+
+# --- Export ---------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="the export writes a SavedModel"
+)
+def test_exported_keras_file_loads_and_predicts_without_zoo(tmp_path):
+    import types
+
+    from zoo import experiment
+    from zoo.schedules import WarmupCosine
+
+    # What training hands to `_export`: a compiled copy of a zoo model whose
+    # optimizer has the zoo's learning-rate schedule.
+    rng = np.random.default_rng(0)
+    x_train = rng.integers(0, 256, size=(6, 8, 8, 3)).astype("uint8")
+    ema = zoo.get_model("resnet18", 3, (8, 8, 3), width=0.0625, weight_decay=1e-4)
+    ema.compile(keras.optimizers.SGD(WarmupCosine(0.1, 10, 2)),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    averager = types.SimpleNamespace(ema_model=lambda decay: ema)
+    mean, std = np.array([0.4, 0.5, 0.6]), np.array([0.2, 0.25, 0.3])
+    data = types.SimpleNamespace(x_train=x_train, mean=mean, std=std,
+                                 image_shape=(8, 8, 3))
+    config = experiment.Config(output_dir=str(tmp_path), export_decay=0.5,
+                               batch_size=4)
+    experiment._export(config, averager, data, str(tmp_path))
+
+    images = rng.integers(0, 256, size=(5, 8, 8, 3)).astype("float32")
+    np.save(tmp_path / "images.npy", images)
+    # Independent reference: the zoo model (BN statistics as recomputed by the
+    # export) on images normalized in numpy.
+    expected = keras.ops.convert_to_numpy(
+        ema((images / 255.0 - mean) / std, training=False))
+    code = (
+        "import sys, numpy as np, keras\n"
+        "model = keras.saving.load_model(sys.argv[1])\n"
+        "assert model.compiled is False or not model.optimizer\n"
+        "np.save(sys.argv[3], model.predict(np.load(sys.argv[2]), verbose=0))\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'zoo'], 'zoo imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "export" / "model.keras"),
+         str(tmp_path / "images.npy"), str(tmp_path / "out.npy")],
+        cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=""), capture_output=True,
+        text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected,
+                               rtol=1e-4, atol=1e-4)
+
+
 # --- Mixed precision ------------------------------------------------------------
 
 

@@ -29,6 +29,8 @@ Datasets (`name`):
   `val/val_annotations.txt`). The official validation set is the test set,
   since the official test set has no labels.
 - `folder:PATH`: any folder with `train/<class>/*` and `test/<class>/*`.
+  Every class folder must hold images. Images become 8-bit
+  RGB; 16-bit grayscale is scaled by 255 / 65535, not clipped.
 
 Only the training labels (after the train/validation split) receive noise;
 validation and test labels stay clean, also for CIFAR-N, whose clean labels
@@ -574,6 +576,23 @@ def _list_images(folder):
     )
 
 
+# Integer grayscale modes Pillow gives 16-bit PNGs and TIFFs: 0..65535.
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_rgb(img, Image):
+    """An 8-bit RGB copy of a Pillow image.
+
+    Pillow's `convert("RGB")` clips 16-bit grayscale to 255, which turns most
+    pixels white; such images are scaled by 255 / 65535 instead.
+    """
+    if img.mode in _WIDE_GRAY_MODES:
+        wide = np.asarray(img).astype(np.float64)
+        eight = np.clip(np.round(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        img = Image.fromarray(eight, "L")
+    return img.convert("RGB")
+
+
 def _read_images(paths, image_size):
     """Decodes files into one uint8 (N, H, W, 3) array, naming any bad file."""
     try:
@@ -586,10 +605,15 @@ def _read_images(paths, image_size):
     for i, path in enumerate(paths):
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB")
+                img = _to_rgb(img, Image)
                 if image_size is not None and img.size != image_size[::-1]:
                     img = img.resize(image_size[::-1], Image.BILINEAR)
                 array = np.asarray(img, dtype=np.uint8)
+        except Image.DecompressionBombError as err:
+            raise DatasetError(
+                f"Image {path} is too large to decode safely ({err}). Remove "
+                "the file or shrink it."
+            ) from None
         except (OSError, ValueError, SyntaxError) as err:
             raise DatasetError(
                 f"Cannot decode {path} as an image ({type(err).__name__}: "
@@ -601,10 +625,31 @@ def _read_images(paths, image_size):
             raise DatasetError(
                 f"Image {path} is {array.shape[1]}x{array.shape[0]} but "
                 f"{paths[0]} is {images.shape[2]}x{images.shape[1]}. Pass "
-                "image_size (e.g. image_size=64) to resize all images."
+                "--image_size=64 to train.py (image_size=64 to load_dataset) "
+                "to resize all images."
             )
         images[i] = array
     return images
+
+
+def _check_class_link(entry, split_dir):
+    """Raises DatasetError when a class folder is a broken or looping symlink."""
+    if not entry.is_symlink():
+        return
+    target = os.readlink(entry)
+    try:
+        resolved = entry.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise DatasetError(
+            f"Class folder {entry} is a symlink to {target} that loops or "
+            "points nowhere. Point it at a folder of images or remove it."
+        ) from None
+    home = split_dir.resolve()
+    if resolved.is_dir() and resolved in (home, *home.parents):
+        raise DatasetError(
+            f"Class folder {entry} is a symlink loop: it points to {target}, "
+            f"which contains it. Point it at a folder of images or remove it."
+        )
 
 
 def _load_folder(path, image_size):
@@ -622,11 +667,10 @@ def _load_folder(path, image_size):
                 f"Image folder {root} has no {split}/ folder. Expected "
                 f"{root}/{split}/<class>/* image files."
             )
-        classes = sorted(
-            d.name
-            for d in split_dir.iterdir()
-            if d.is_dir() and not d.name.startswith(".")
-        )
+        entries = [d for d in split_dir.iterdir() if not d.name.startswith(".")]
+        for d in entries:
+            _check_class_link(d, split_dir)
+        classes = sorted(d.name for d in entries if d.is_dir())
         if not classes:
             raise DatasetError(
                 f"Folder {split_dir} has no class folders. Expected "
@@ -650,22 +694,21 @@ def _load_folder(path, image_size):
     paths, labels, counts = [], [], []
     for split in ("train", "test"):
         split_dir, classes = splits[split]
-        before = len(paths)
-        for c in classes:
-            files = _list_images(split_dir / c)
-            if split == "train" and not files:
-                raise DatasetError(
-                    f"Class folder {split_dir / c} is empty. Add images or "
-                    "remove the folder."
-                )
-            paths += files
-            labels += [label_of[c]] * len(files)
-        if len(paths) == before:
+        files = {c: _list_images(split_dir / c) for c in classes}
+        if not any(files.values()):
             raise DatasetError(
                 f"Folder {split_dir} holds no image files. Expected "
                 f"{split_dir}/<class>/* image files."
             )
-        counts.append(len(paths) - before)
+        for c in classes:
+            if not files[c]:
+                raise DatasetError(
+                    f"Class folder {split_dir / c} is empty. Add images or "
+                    "remove the folder."
+                )
+            paths += files[c]
+            labels += [label_of[c]] * len(files[c])
+        counts.append(sum(len(f) for f in files.values()))
     # One array for both splits: without image_size, test images must match
     # the first training image like every other image.
     images = _read_images(paths, image_size)

@@ -194,12 +194,14 @@ class Evaluator:
     def data(self, run):
         """The run's dataset, as training loaded it (split, noise, statistics)."""
         c = run.config
-        key = (c.dataset, c.data_dir, c.val_fraction, c.seed, c.label_noise)
+        key = (c.dataset, c.data_dir, c.val_fraction, c.seed, c.label_noise,
+               c.image_size)
         if key not in self._data:
             self._data[key] = load_dataset(
                 c.dataset, data_dir=c.data_dir or None,
                 val_fraction=c.val_fraction, seed=c.seed,
                 label_noise=c.label_noise or None,
+                image_size=c.image_size or None,
             )
         return self._data[key]
 

@@ -8,6 +8,7 @@ rerun of the same command resumes.
 
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import sys
@@ -31,6 +32,14 @@ AVERAGING = ("ema", "sema", "belay")
 MIXED_PRECISION = ("", "mixed_float16", "mixed_bfloat16")
 EXPORT_FROM = ("final", "best_accuracy", "best_loss")
 DISTRIBUTION = ("none", "mirrored", "multiworker", "data_parallel")
+# Wider copies of the paper's models do not fit in memory (ResNet-18 at 16x
+# has 2.9 billion parameters); the bound turns a typo into a message.
+MAX_WIDTH = 16
+MAX_SEED = 2**32 - 1  # numpy.random.seed and keras.utils.set_random_seed
+MAX_IMAGE_SIZE = 1024
+# Flags added after run directories were first written: left out of flags.cfg
+# at their default, so that older run directories still resume.
+WRITTEN_ONLY_WHEN_SET = ("image_size",)
 # Flags a resumed run may change: where it is written and how it is spread.
 RESUMABLE_CHANGES = ("output_dir", "distribution")
 
@@ -46,6 +55,7 @@ class Config:
     output_dir: str = ""
     dataset: str = "digits"
     data_dir: str = ""
+    image_size: int = 0  # 0: the stored size; folder: and tiny_imagenet only
     model: str = "resnet18"
     width: float = 1.0
     epochs: int = 200
@@ -99,8 +109,25 @@ class Config:
             fail("output_dir", "", "required; give the run directory to write")
         if self.model not in zoo.MODELS:
             fail("model", self.model, f"unknown model; use one of {', '.join(zoo.MODELS)}")
-        if not self.width > 0:
-            fail("width", self.width, "must be > 0 (1 is the paper's width)")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(field.name, value, "must be a finite number")
+            if isinstance(value, tuple):
+                for v in value:
+                    if not math.isfinite(v):
+                        fail(field.name, ",".join(map(str, value)),
+                             f"{v} is not a finite number")
+        if not 0 < self.width <= MAX_WIDTH:
+            fail("width", self.width,
+                 f"must be in (0, {MAX_WIDTH}] (1 is the paper's width)")
+        if not 0 <= self.image_size <= MAX_IMAGE_SIZE:
+            fail("image_size", self.image_size,
+                 f"must be in [0, {MAX_IMAGE_SIZE}]; 0 keeps the stored size")
+        if self.image_size and not (self.dataset.startswith("folder:")
+                                    or self.dataset.lower() == "tiny_imagenet"):
+            fail("image_size", self.image_size, "resizes folder: and tiny_imagenet "
+                 "images only; leave it 0 for this dataset")
         for flag in ("epochs", "batch_size"):
             if getattr(self, flag) < 1:
                 fail(flag, getattr(self, flag), "must be >= 1")
@@ -127,8 +154,8 @@ class Config:
         if not 0 <= self.val_fraction < 1:
             fail("val_fraction", self.val_fraction,
                  "must be in [0, 1); 0 trains on all data and validates on test")
-        if self.seed < 0:
-            fail("seed", self.seed, "must be >= 0")
+        if not 0 <= self.seed <= MAX_SEED:
+            fail("seed", self.seed, f"must be in [0, {MAX_SEED}] (numpy's seed range)")
         if self.mixed_precision not in MIXED_PRECISION:
             fail("mixed_precision", self.mixed_precision,
                  "use mixed_float16, mixed_bfloat16 or leave it empty")
@@ -191,6 +218,8 @@ class Config:
         lines = []
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.name in WRITTEN_ONLY_WHEN_SET and value == field.default:
+                continue
             if isinstance(value, bool):
                 value = "true" if value else "false"
             elif isinstance(value, tuple):
@@ -434,6 +463,7 @@ def train(config: Config, verbose=None, callbacks=()):
         val_fraction=config.val_fraction,
         seed=config.seed,
         label_noise=config.label_noise or None,
+        image_size=config.image_size or None,
     )
     print(data.summary(), flush=True)
 
@@ -557,7 +587,10 @@ def _fit(config, data, run, zoo, verbose, extra_callbacks, strategy=None):
 
 
 def _export(config, averager, data, run):
-    """Exports the chosen EMA, its BN recomputed, taking images in 0..255."""
+    """Exports the chosen EMA, its BN recomputed, taking images in 0..255.
+
+    `model.keras` loads with `keras.saving.load_model` alone: no zoo class.
+    """
     from keras_ema.batch_norm import batch_norm_layers
     from keras_ema.batch_norm import recompute_batch_norm_statistics
     from keras_ema.export import export_model
@@ -570,6 +603,10 @@ def _export(config, averager, data, run):
     if batch_norm_layers(model):
         recompute_batch_norm_statistics(model, ArrayLoader(
             data.x_train, None, config.batch_size, data.mean, data.std))
+    # A plain functional model over the same layers: the .keras file then
+    # holds only Keras' own classes and no compile config (the optimizer's
+    # WarmupCosine), so it loads with Keras alone, without `import zoo`.
+    model = keras.Model(model.inputs, model.outputs, name=model.name)
     # The shipped model takes raw images and normalizes them as training did.
     images = keras.Input(data.image_shape, name="images")
     x = keras.layers.Rescaling(1.0 / 255, name="rescale")(images)

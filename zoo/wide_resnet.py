@@ -16,6 +16,7 @@ from keras import layers
 from zoo.regularization import weight_decay_regularizer
 from zoo.resnet import conv_kernel_initializer
 from zoo.resnet import scale_filters
+from zoo.resnet import subsample
 from zoo.resnet import validate_input_shape
 from zoo.resnet import validate_width
 
@@ -184,7 +185,8 @@ def apply_wide_basic_block(
 
     BN-ReLU-conv3x3(stride)-BN-ReLU-dropout-conv3x3, added to the input, or
     to a 1x1 conv (same stride, no BN) of the pre-activated input when the
-    channel count changes.
+    channel count changes; a strided shortcut is `zoo.resnet.subsample` then
+    a stride-1 1x1 conv (see there why).
 
     Args:
         x: Tensor. The block input, channels last.
@@ -211,12 +213,11 @@ def apply_wide_basic_block(
         shortcut = layers.Conv2D(
             filters,
             1,
-            strides=stride,
             use_bias=False,
             kernel_initializer=conv_kernel_initializer(),
             kernel_regularizer=regularizer,
             name=f"{name}_0_conv",
-        )(preact)
+        )(subsample(preact, stride, name=f"{name}_0_subsample"))
 
     y = preact
     if stride > 1:

@@ -725,6 +725,11 @@ def _export(config, averager, data, run):
     if batch_norm_layers(model):
         recompute_batch_norm_statistics(model, ArrayLoader(
             data.x_train, None, config.batch_size, data.mean, data.std))
+    # An uncompiled copy: the training optimizer and its schedule (a zoo
+    # class) are not part of the shipped file, which loads without zoo.
+    plain = type(model).from_config(model.get_config())
+    plain.set_weights(model.get_weights())
+    model = plain
     # The shipped model takes raw images and normalizes them as training did.
     images = keras.Input(data.image_shape, name="images")
     x = keras.layers.Rescaling(1.0 / 255, name="rescale")(images)

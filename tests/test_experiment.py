@@ -397,3 +397,19 @@ def test_diverged_run_stops_exports_nothing_and_says_so(tmp_path, monkeypatch):
     with pytest.raises(evaluation.EvaluationError,
                        match=rf"^{run} diverged at epoch 0: .* lower --lr"):
         evaluation.load_runs([str(run)])
+
+
+def test_finished_run_on_a_read_only_directory_is_reported(finished_run, monkeypatch):
+    run, summary = finished_run
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: (
+        False if os.path.abspath(path) == os.path.abspath(run) else access(path, mode)))
+    # Held elsewhere: a reader that took the lock would fail.
+    with run_dir.RunLock(run):
+        assert experiment.train(tiny_config(run), verbose=0) == summary
+
+
+def test_lock_on_a_directory_that_cannot_be_written(tmp_path):
+    with pytest.raises(RunDirError, match=r"^--output_dir=\S+gone cannot be written "
+                                          r"\(No such file or directory\); make it"):
+        run_dir.lock_run_dir(str(tmp_path / "gone"))

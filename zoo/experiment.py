@@ -395,13 +395,15 @@ def _check_run_dir(config):
     return "resume"
 
 
-def _finished_run(run):
-    """Reports the finished run in `run` (locked) and returns its summary.
+def _finished_run(run, clean_up=True):
+    """Reports the finished run in `run` and returns its summary.
 
-    Finishes a clean-up a kill interrupted: the backup and temporary files.
+    With `clean_up` (the run locked), finishes a clean-up a kill interrupted:
+    the backup and temporary files.
     """
-    run_dir.remove_stale_temp_files(run)
-    shutil.rmtree(os.path.join(run, "backup"), ignore_errors=True)
+    if clean_up:
+        run_dir.remove_stale_temp_files(run)
+        shutil.rmtree(os.path.join(run, "backup"), ignore_errors=True)
     summary = run_dir.read_json(os.path.join(run, "summary.json"))
     if summary.get("diverged"):
         raise TrainingDiverged(_diverged_message(run, summary), summary)
@@ -498,6 +500,8 @@ def train(config: Config, verbose=None, callbacks=()):
     locks = []  # the run directory's lock, once taken; held to the end
     try:
         state = _check_run_dir(config)
+        if state == "done" and not os.access(run, os.W_OK):
+            return _finished_run(run, clean_up=False)  # read-only: report it
         if os.path.isdir(run):
             locks.append(run_dir.lock_run_dir(run))
             # Again under the lock: another process may have written meanwhile.

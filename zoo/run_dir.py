@@ -184,13 +184,19 @@ class RunLock:
             import fcntl
         except ImportError:  # not POSIX: no lock
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        run = os.path.dirname(self.path)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise RunDirError(
+                f"--output_dir={run} cannot be written ({error.strerror}); "
+                "make it writable or choose another --output_dir."
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            run = os.path.dirname(self.path)
             raise RunInUseError(
                 f"--output_dir={run} is in use by process {holder}; wait for "
                 "it to finish or choose another --output_dir."

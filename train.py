@@ -7,6 +7,7 @@ Rerunning the same command resumes an interrupted run; `--flagfile=RUN/flags.cfg
 replays a finished one. See README.md for the flags and the run directory.
 """
 
+import signal
 import sys
 
 from absl import app
@@ -72,11 +73,23 @@ def main(argv):
     from zoo.datasets import DatasetError
     from zoo.run_dir import RunDirError
 
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         config = experiment.config_from_flags(FLAGS)
         experiment.train(config)
-    except (experiment.ConfigError, DatasetError, RunDirError) as error:
+    except (experiment.ConfigError, DatasetError, RunDirError,
+            experiment.TrainingDiverged, experiment.ExportError) as error:
         sys.exit(f"train.py: error: {error}")
+    except KeyboardInterrupt as interrupt:
+        how = str(interrupt) or "SIGINT"
+        print(f"train.py: stopped by {how}; what was trained is kept: rerun the "
+              "same command to resume.", file=sys.stderr, flush=True)
+        sys.exit(143 if how == "SIGTERM" else 130)
+
+
+def _interrupt(signum, frame):
+    """SIGTERM ends the run like Ctrl-C: files stay whole, the run resumable."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

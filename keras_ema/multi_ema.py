@@ -569,6 +569,32 @@ class MultiEMA(keras.callbacks.Callback):
         self.set_state(state)
         return True
 
+    def restore_backup(self, model) -> bool:
+        """Builds the EMAs of `model` and loads them from `backup_dir`, outside fit.
+
+        Training restores the backup by itself; this serves a program that
+        needs the EMAs of a run whose training already ended (say, a rerun
+        that finds every epoch done), with `model` holding the weights and
+        optimizer step the backup was taken at.
+
+        Args:
+            model: the built, compiled model these EMAs average.
+
+        Returns:
+            `True` if a state saved at the optimizer step of `model` was
+            restored; `False` if there is none (the EMAs then equal the
+            model's current weights).
+        """
+        if not self.backup_dir:
+            raise ValueError(
+                "MultiEMA.restore_backup needs a backup_dir. Received: "
+                f"backup_dir={self.backup_dir!r}"
+            )
+        self.set_model(model)
+        self._build(model)
+        self._step = self._optimizer_step() if model.optimizer is not None else 0
+        return self._restore_backup(self._step)
+
     def _require_built(self):
         if self._shadows is None:
             raise ValueError(

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from zoo import experiment
+from zoo import run_dir
 from zoo.datasets import DatasetError
 from zoo.run_dir import RunDirError
 
@@ -240,3 +241,175 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1] == "train.py: error: --ema_decays=0.9,2.0: decay 2.0 is outside (0, 1)"
     assert not (tmp_path / "out").exists()
+
+
+# === A run's life cycle: cut after the last epoch, lock, divergence ===
+
+
+def _without_time(summary):
+    return {k: v for k, v in summary.items() if k != "train_seconds"}
+
+
+def test_run_cut_after_its_last_epoch_is_finished_by_a_rerun(
+        finished_run, tmp_path, monkeypatch):
+    clean, clean_summary = finished_run
+    run = tmp_path / "cut"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("killed in the results phase")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(experiment, "plot_curves", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            experiment.train(tiny_config(run), verbose=0)
+    assert read_summary(run)["completed"] is False
+    assert os.path.isdir(run / "backup")
+    # The rerun trains no epoch and writes the results from disk alone.
+    summary = experiment.train(tiny_config(run), verbose=0)
+    assert _without_time(summary) == _without_time(clean_summary)
+    assert _without_time(read_summary(run)) == _without_time(clean_summary)
+    assert read_history(run) == read_history(clean)
+    assert os.path.exists(run / "curves.png")
+    assert not os.path.exists(run / "backup")
+    for name in ("sgd_last.weights.h5", "ema_0.8_best_accuracy.weights.h5"):
+        a, b = weights_of(os.path.join(clean, name)), weights_of(run / name)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}:{key}")
+
+
+def test_export_cut_midway_is_redone_identically(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow")
+    import keras_ema.export
+
+    run = tmp_path / "export_cut"
+    config = tiny_config(run, epochs=1, warmup_epochs=0, export=True)
+    export_model = keras_ema.export.export_model
+    images = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    first = []
+
+    def export_then_fail(model, directory, **kwargs):
+        export_model(model, directory, **kwargs)
+        first.append(keras.ops.convert_to_numpy(model(images)))
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(keras_ema.export, "export_model", export_then_fail)
+        with pytest.raises(OSError, match="No space left"):
+            experiment.train(config, verbose=0)
+    # Nothing half-exported is left, and the run is not marked completed.
+    assert not os.path.exists(run / "export")
+    assert not [n for n in os.listdir(run) if ".tmp" in n]
+    assert read_summary(run)["completed"] is False
+    summary = experiment.train(config, verbose=0)
+    assert summary["completed"] is True
+    reloaded = keras.saving.load_model(str(run / "export" / "model.keras"))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(reloaded(images)),
+                               first[0], rtol=1e-6, atol=1e-6)
+    assert json.load(open(run / "export" / "export.json"))["weights"] == "final"
+
+
+def test_a_run_directory_in_use_is_refused(finished_run):
+    run, _ = finished_run
+    before = sorted(os.listdir(run))
+    with run_dir.RunLock(run):
+        with pytest.raises(run_dir.RunInUseError) as error:
+            experiment.train(tiny_config(run), verbose=0)
+    assert str(error.value) == (
+        f"--output_dir={run} is in use by process {os.getpid()}; wait for it "
+        "to finish or choose another --output_dir.")
+    assert sorted(os.listdir(run)) == before
+    # Released: the same call now reports the finished run.
+    assert experiment.train(tiny_config(run), verbose=0)["completed"] is True
+
+
+def test_lock_and_leftovers_of_a_failed_start_do_not_block_a_new_run(tmp_path):
+    run = tmp_path / "failed_start"
+    run.mkdir()
+    with pytest.raises(DatasetError):  # locks the existing, empty directory
+        experiment.train(tiny_config(run, dataset="mnist"), verbose=0)
+    assert os.listdir(run) == [".lock"]
+    (run / ".flags.tmp99999999.cfg").write_text("--half")
+    assert experiment._check_run_dir(tiny_config(run).resolved()) == "new"
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="holds no flags.cfg"):
+        experiment._check_run_dir(tiny_config(run).resolved())
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    run = tmp_path / "run"
+    (run / "backup").mkdir(parents=True)
+    (run / ".export.tmp123" / "saved_model").mkdir(parents=True)
+    stale = [".sgd_best_accuracy.tmp26045.weights.h5",
+             "ema_0.5_best_accuracy.tmp.weights.h5",
+             ".history.tmp77.csv", "backup/multi_ema_000000000010.npz.tmp.npz",
+             "backup/.epoch_3.tmp26045.weights.h5"]
+    kept = ["history.csv", "summary.json", "sgd_last.weights.h5", ".lock",
+            "ema_0.5_best_accuracy.weights.h5", "backup/epoch_3.weights.h5",
+            "backup/training_metadata.json", "tmp.txt"]
+    for name in stale + kept:
+        (run / name).write_text("x")
+    run_dir.remove_stale_temp_files(str(run))
+    left = sorted(os.path.relpath(os.path.join(d, f), run)
+                  for d, _, files in os.walk(run) for f in files)
+    assert left == sorted(kept)
+    assert not (run / ".export.tmp123").exists()
+
+
+def test_json_files_are_strict(tmp_path):
+    path = tmp_path / "s.json"
+    run_dir.write_json(str(path), {"a": float("nan"), "b": [1.5, float("inf")],
+                                   "c": {"d": float("-inf"), "e": "NaN"}})
+    text = path.read_text()
+    assert "NaN" not in text.replace('"NaN"', "") and "Infinity" not in text
+
+    def reject(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    assert json.loads(text, parse_constant=reject) == {
+        "a": None, "b": [1.5, None], "c": {"d": None, "e": "NaN"}}
+
+
+def test_diverged_run_stops_exports_nothing_and_says_so(tmp_path, monkeypatch):
+    from zoo import evaluation
+
+    run = tmp_path / "diverged"
+    config = tiny_config(run, lr=1e6, warmup_epochs=0, epochs=2, export=True,
+                         export_from="best_loss")
+    with pytest.raises(experiment.TrainingDiverged,
+                       match=r"diverged at epoch 0 \(optimizer step \d+\).*"
+                             r"lower --lr \(this run has --lr=1000000.0\)"):
+        experiment.train(config, verbose=0)
+
+    def reject(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    summary = json.loads((run / "summary.json").read_text(), parse_constant=reject)
+    assert summary["completed"] is True
+    assert summary["diverged"]["epoch"] == 0 and summary["diverged"]["step"] >= 1
+    assert summary["epochs_done"] == 0 and summary["sgd"] == {}
+    assert not os.path.exists(run / "export")
+    assert not os.path.exists(run / "backup")
+    assert not [n for n in os.listdir(run) if n.endswith(".weights.h5")]
+    # A rerun reports it again without loading data or training.
+    monkeypatch.setattr(experiment, "load_dataset", None)
+    with pytest.raises(experiment.TrainingDiverged, match="diverged at epoch 0"):
+        experiment.train(config, verbose=0)
+    with pytest.raises(evaluation.EvaluationError,
+                       match=rf"^{run} diverged at epoch 0: .* lower --lr"):
+        evaluation.load_runs([str(run)])
+
+
+def test_finished_run_on_a_read_only_directory_is_reported(finished_run, monkeypatch):
+    run, summary = finished_run
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: (
+        False if os.path.abspath(path) == os.path.abspath(run) else access(path, mode)))
+    # Held elsewhere: a reader that took the lock would fail.
+    with run_dir.RunLock(run):
+        assert experiment.train(tiny_config(run), verbose=0) == summary
+
+
+def test_lock_on_a_directory_that_cannot_be_written(tmp_path):
+    with pytest.raises(RunDirError, match=r"^--output_dir=\S+gone cannot be written "
+                                          r"\(No such file or directory\); make it"):
+        run_dir.lock_run_dir(str(tmp_path / "gone"))

@@ -527,3 +527,27 @@ def test_unfrozen_layer_after_the_first_fit_warns():
     ema.reset()
     model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[ema])
     assert kernel.path in ema.get_state()["paths"]
+
+def test_restore_backup_outside_fit(tmp_path):
+    x, y = data()
+    backup = str(tmp_path / "backup")
+    model = tiny_model()
+    trained = MultiEMA(DECAYS, period=3, validation_data=data(12, seed=3),
+                       backup_dir=backup, verbose=0)
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[trained])
+    # A new MultiEMA, as in a program started after training ended.
+    restored = MultiEMA(DECAYS, period=3, backup_dir=backup, verbose=0)
+    assert restored.restore_backup(model) is True
+    assert restored.step == 20 and restored.num_updates == trained.num_updates
+    assert restored.best == trained.best
+    for decay in DECAYS:
+        for a, b in zip(trained.ema_weights(decay), restored.ema_weights(decay)):
+            np.testing.assert_array_equal(a, b)
+    # No state at the model's step: the EMAs start from the current weights.
+    model.optimizer.iterations.assign(7)
+    fresh = MultiEMA(DECAYS, period=3, backup_dir=str(tmp_path / "none"), verbose=0)
+    assert fresh.restore_backup(model) is False
+    for a, b in zip(fresh.ema_weights(0.5), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="backup_dir=None"):
+        MultiEMA(DECAYS, verbose=0).restore_backup(model)

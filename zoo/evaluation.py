@@ -93,6 +93,7 @@ def load_runs(paths) -> list:
         )
     runs = []
     for path in paths:
+        _check_not_diverged(path)
         try:
             loaded = run_dir.load_run(path)
         except run_dir.RunDirError as error:
@@ -124,6 +125,23 @@ def load_runs(paths) -> list:
                 "pass each seed's run once."
             )
     return runs
+
+
+def _check_not_diverged(path):
+    """Raises EvaluationError if the run in `path` stopped on a non-finite loss."""
+    summary_path = os.path.join(path, "summary.json")
+    if not os.path.isfile(summary_path):
+        return
+    try:
+        diverged = run_dir.read_json(summary_path).get("diverged")
+    except (OSError, ValueError, AttributeError):
+        return  # load_run reports an unreadable summary
+    if diverged:
+        raise EvaluationError(
+            f"{path} diverged at epoch {diverged.get('epoch')}: its training "
+            "loss became NaN or infinite, so it has no result to evaluate; "
+            "train it again with a lower --lr, or leave it out."
+        )
 
 
 def select_ema(summary, criterion, decay=None):

@@ -48,6 +48,22 @@ class ConfigError(ValueError):
     """A training configuration is invalid; the message says which flag and why."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the run stopped there.
+
+    `summary` is the run's `summary.json`, whose `"diverged"` entry holds the
+    epoch and optimizer step. Nothing was exported.
+    """
+
+    def __init__(self, message, summary):
+        super().__init__(message)
+        self.summary = summary
+
+
+class ExportError(RuntimeError):
+    """The weights to export are missing or not finite; nothing was exported."""
+
+
 @dataclasses.dataclass
 class Config:
     """Every setting of a training run; the field names are `train.py`'s flags."""
@@ -337,7 +353,7 @@ def summarize(config, data_summary, rows, completed, averager, seconds):
         summary["switch_epochs"] = list(getattr(averager, "switch_epochs", []))
     if config.averaging == "belay":
         summary["belay_coupling"] = config.belay_coupling
-    return summary
+    return run_dir.finite_json(summary)
 
 
 # === The protocol ===
@@ -372,7 +388,11 @@ def _check_run_dir(config):
     run_dir.check_output_dir(run)
     flags_path = os.path.join(run, "flags.cfg")
     if not os.path.exists(flags_path):
-        if os.path.isdir(run) and os.listdir(run):
+        # The lock and leftovers of a killed start are the kit's own files.
+        if os.path.isdir(run) and [
+            n for n in os.listdir(run)
+            if n != run_dir.LOCK_FILE and not run_dir.is_temp_name(n)
+        ]:
             raise run_dir.RunDirError(
                 f"--output_dir={run} exists, is not empty and holds no "
                 "flags.cfg; choose a new or empty directory."
@@ -401,6 +421,61 @@ def _check_run_dir(config):
     if os.path.exists(summary_path) and run_dir.read_json(summary_path).get("completed"):
         return "done"
     return "resume"
+
+
+def _finished_run(run, clean_up=True):
+    """Reports the finished run in `run` and returns its summary.
+
+    With `clean_up` (the run locked), finishes a clean-up a kill interrupted:
+    the backup and temporary files.
+    """
+    if clean_up:
+        run_dir.remove_stale_temp_files(run)
+        shutil.rmtree(os.path.join(run, "backup"), ignore_errors=True)
+    summary = run_dir.read_json(os.path.join(run, "summary.json"))
+    if summary.get("diverged"):
+        raise TrainingDiverged(_diverged_message(run, summary), summary)
+    print(f"{run} holds a completed run; nothing to do. Its summary: "
+          f"{os.path.join(run, 'summary.json')}", flush=True)
+    return summary
+
+
+def _diverged_message(run, summary):
+    where = summary["diverged"]
+    flags = run_dir.read_flags(os.path.join(run, "flags.cfg"))
+    return (
+        f"the run in {run} diverged at epoch {where['epoch']} (optimizer step "
+        f"{where['step']}): the training loss became NaN or infinite, so "
+        "nothing was exported; train again in a new --output_dir with a lower "
+        f"--lr (this run has --lr={flags.get('lr')})."
+    )
+
+
+class _Diverged(Exception):
+    """Raised by `_StopOnNonFiniteLoss` out of `model.fit`."""
+
+    def __init__(self, epoch, step):
+        super().__init__(f"non-finite loss at epoch {epoch}, step {step}")
+        self.epoch = epoch
+        self.step = step
+
+
+class _StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops `fit` at the first batch whose training loss is not finite.
+
+    Unlike `keras.callbacks.TerminateOnNaN` it ends fit at once, before any
+    epoch end, so no row, best weights or backup of the diverged epoch is
+    written.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            raise _Diverged(self.epoch, step)
 
 
 def _jit_compile():
@@ -439,21 +514,39 @@ def train(config: Config, verbose=None, callbacks=()):
     Raises:
         ConfigError: an invalid setting.
         zoo.datasets.DatasetError: the data cannot be loaded.
-        zoo.run_dir.RunDirError: the output directory holds another run.
-        In all three cases nothing has been written.
+        zoo.run_dir.RunDirError: the output directory holds another run, or
+            another process trains in it (`zoo.run_dir.RunInUseError`).
+        In these cases nothing has been written.
+        TrainingDiverged: the training loss became NaN or infinite (now or
+            in the finished run found in the output directory).
+        ExportError: the weights to export are missing or not finite.
     """
-    import zoo
-
     config = config.resolved()
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     run = config.output_dir
-    state = _check_run_dir(config)
-    if state == "done":
-        print(f"{run} holds a completed run; nothing to do. Its summary: "
-              f"{os.path.join(run, 'summary.json')}", flush=True)
-        return run_dir.read_json(os.path.join(run, "summary.json"))
+    locks = []  # the run directory's lock, once taken; held to the end
+    try:
+        state = _check_run_dir(config)
+        if state == "done" and not os.access(run, os.W_OK):
+            return _finished_run(run, clean_up=False)  # read-only: report it
+        if os.path.isdir(run):
+            locks.append(run_dir.lock_run_dir(run))
+            # Again under the lock: another process may have written meanwhile.
+            state = _check_run_dir(config)
+        if state == "done":
+            return _finished_run(run)
+        return _start(config, state, verbose, callbacks, locks)
+    finally:
+        for lock in locks:
+            lock.release()
 
+
+def _start(config, state, verbose, callbacks, locks):
+    """Loads the data, then trains holding the run directory's lock."""
+    import zoo
+
+    run = config.output_dir
     # MultiWorkerMirroredStrategy must be made before TensorFlow starts work.
     strategy = _make_strategy(config.distribution)
     _banner("Data")
@@ -467,7 +560,13 @@ def train(config: Config, verbose=None, callbacks=()):
     )
     print(data.summary(), flush=True)
 
-    os.makedirs(run, exist_ok=True)
+    if not locks:  # a new directory: created now, locked before any write
+        os.makedirs(run, exist_ok=True)
+        locks.append(run_dir.lock_run_dir(run))
+        state = _check_run_dir(config)
+        if state == "done":
+            return _finished_run(run)
+    run_dir.remove_stale_temp_files(run)
     if state == "new":
         run_dir.write_text(os.path.join(run, "flags.cfg"), config.to_flags())
     else:
@@ -561,29 +660,72 @@ def _fit(config, data, run, zoo, verbose, extra_callbacks, strategy=None):
     backup = AtomicBackupAndRestore(os.path.join(run, "backup"),
                                     delete_checkpoint=False)
     _banner("Training")
-    model.fit(
-        train_loader,
-        epochs=config.epochs,
-        validation_data=validation,
-        shuffle=False,
-        verbose=verbose,
-        callbacks=[EpochSetter(train_loader), averager, logger, backup]
-        + extra_callbacks,
-    )
+    try:
+        model.fit(
+            train_loader,
+            epochs=config.epochs,
+            validation_data=validation,
+            shuffle=False,
+            verbose=verbose,
+            callbacks=[_StopOnNonFiniteLoss(), EpochSetter(train_loader),
+                       averager, logger, backup] + extra_callbacks,
+        )
+    except _Diverged as diverged:
+        return _finish_diverged(config, run, logger, summary_of, diverged)
 
     _banner("Results")
-    with run_dir.atomic_path(os.path.join(run, "sgd_last.weights.h5")) as tmp:
-        model.save_weights(tmp)
-    plot_curves(logger.rows, os.path.join(run, "curves.png"),
-                title=f"{config.model} on {config.dataset}")
-    if config.export:
-        _export(config, averager, data, run)
-    summary = summary_of(logger.rows, True)
+    rows = logger.rows
+    if rows is None:
+        # Every epoch was done before: a kill cut the results phase. Redo it
+        # from disk: `fit` loaded the last backup into the model, the history
+        # and the EMAs come from their files.
+        rows = run_dir.read_csv(os.path.join(run, "history.csv"))
+        if not averager.restore_backup(model):
+            raise run_dir.RunDirError(
+                f"--output_dir={run} has every epoch trained but no EMA state "
+                f"of the last epoch in {os.path.join(run, 'backup')}; remove "
+                "the directory and train again."
+            )
+    _write_results(config, run, model, averager, data, rows, summary_of)
+    summary = summary_of(rows, True)
+    # The summary marks the run completed only once everything is written;
+    # the backup goes last (a rerun that finds it removes it).
     run_dir.write_json(os.path.join(run, "summary.json"), summary)
     shutil.rmtree(os.path.join(run, "backup"), ignore_errors=True)
     print(format_summary(summary), flush=True)
     print(f"Run directory: {run}", flush=True)
     return summary
+
+
+def _write_results(config, run, model, averager, data, rows, summary_of):
+    """The files of a finished run: last SGD weights, curves, export.
+
+    Each is written atomically from the trained state alone, so a kill at
+    any point leaves a run that a rerun finishes the same way.
+    """
+    with run_dir.atomic_path(os.path.join(run, "sgd_last.weights.h5")) as tmp:
+        model.save_weights(tmp)
+    plot_curves(rows, os.path.join(run, "curves.png"),
+                title=f"{config.model} on {config.dataset}")
+    if config.export:
+        _export(config, averager, data, run)
+
+
+def _finish_diverged(config, run, logger, summary_of, diverged):
+    """Records a diverged run as finished, exports nothing, raises."""
+    rows = logger.rows
+    if rows is None:
+        rows = run_dir.read_csv(os.path.join(run, "history.csv"))
+    rows = [r for r in rows if int(r["epoch"]) < diverged.epoch]
+    run_dir.write_csv(os.path.join(run, "history.csv"), rows)
+    if rows:
+        plot_curves(rows, os.path.join(run, "curves.png"),
+                    title=f"{config.model} on {config.dataset} (diverged)")
+    summary = summary_of(rows, True)
+    summary["diverged"] = {"epoch": diverged.epoch, "step": diverged.step}
+    run_dir.write_json(os.path.join(run, "summary.json"), summary)
+    shutil.rmtree(os.path.join(run, "backup"), ignore_errors=True)
+    raise TrainingDiverged(_diverged_message(run, summary), summary)
 
 
 def _export(config, averager, data, run):
@@ -598,8 +740,24 @@ def _export(config, averager, data, run):
     decay = config.export_decay
     model = averager.ema_model(decay)
     if config.export_from != "final":
-        model.load_weights(os.path.join(
-            run, f"ema_{decay}_{config.export_from}.weights.h5"))
+        path = os.path.join(run, f"ema_{decay}_{config.export_from}.weights.h5")
+        if not os.path.exists(path):
+            criterion = config.export_from.replace("best_", "validation ")
+            raise ExportError(
+                f"--export_from={config.export_from}: no epoch of the EMA "
+                f"{decay} had a finite {criterion}, so there are no such "
+                f"weights to export; retrain with --export_from=final in a new "
+                "--output_dir."
+            )
+        model.load_weights(path)
+    bad = [v.path for v in model.weights
+           if not np.all(np.isfinite(keras.ops.convert_to_numpy(v)))]
+    if bad:
+        raise ExportError(
+            f"the EMA {decay} to export has {len(bad)} non-finite weights "
+            f"(e.g. {bad[0]}); nothing was exported. Train again with a lower "
+            "--lr in a new --output_dir."
+        )
     if batch_norm_layers(model):
         recompute_batch_norm_statistics(model, ArrayLoader(
             data.x_train, None, config.batch_size, data.mean, data.std))
@@ -613,13 +771,31 @@ def _export(config, averager, data, run):
     x = keras.layers.Normalization(mean=data.mean, variance=np.square(data.std),
                                    name="normalize")(x)
     shipped = keras.Model(images, model(x), name=f"{config.model}_ema_{decay}")
-    export_model(shipped, os.path.join(run, "export"))
-    run_dir.write_json(os.path.join(run, "export", "export.json"), {
-        "decay": decay, "weights": config.export_from,
-        "input": "float32 images (batch, height, width, channels) in 0..255, "
-                 "normalized inside the model",
-        "mean": data.mean.tolist(), "std": data.std.tolist(),
-    })
+    # Written whole under a temporary name, then put in place of `export/`.
+    tmp = os.path.join(run, f".export.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        export_model(shipped, tmp)
+        run_dir.write_json(os.path.join(tmp, "export.json"), {
+            "decay": decay, "weights": config.export_from,
+            "input": "float32 images (batch, height, width, channels) in 0..255, "
+                     "normalized inside the model",
+            "mean": data.mean.tolist(), "std": data.std.tolist(),
+        })
+        _replace_dir(tmp, os.path.join(run, "export"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(new, path):
+    """Renames the folder `new` onto `path`, removing an older `path`."""
+    if os.path.exists(path):
+        old = f"{new}.old"
+        os.replace(path, old)
+        os.replace(new, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, path)
 
 
 def format_summary(summary) -> str:
@@ -665,5 +841,6 @@ def config_from_flags(flag_values) -> Config:
     return Config(**kwargs)
 
 
-__all__ = ["Config", "ConfigError", "RunLogger", "config_from_flags",
-           "format_summary", "summarize", "train"]
+__all__ = ["Config", "ConfigError", "ExportError", "RunLogger",
+           "TrainingDiverged", "config_from_flags", "format_summary",
+           "summarize", "train"]

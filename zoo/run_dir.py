@@ -12,6 +12,7 @@ A run directory holds:
   `ema_<decay>_best_loss.weights.h5`: weights to evaluate.
 - `noise_mask.npy` with label noise; `curves.png`; `backup/` while training;
   `export/` with `--export`.
+- `.lock`: locked by the process that trains the run (see `lock_run_dir`).
 
 Every file is written to a temporary name in the same directory and renamed
 (`os.replace` is atomic on POSIX), so a reader or a resumed run sees either
@@ -22,11 +23,17 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
+import re
 import shutil
 
 LAYOUT_VERSION = 1
 REQUIRED_FILES = ("flags.cfg", "history.csv", "summary.json", "sgd_last.weights.h5")
+LOCK_FILE = ".lock"
+# Temporary names: `atomic_path`'s `.<stem>.tmp<pid>.<ext>`, and `<name>.tmp.*`
+# or `<name>.tmp<pid>.*` of writers that rename their own files.
+_TEMP_NAME = re.compile(r"\.tmp(\d*)(\.|$)")
 
 
 class RunDirError(ValueError):
@@ -62,7 +69,23 @@ def write_text(path, text):
 
 
 def write_json(path, data):
-    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Writes strict JSON: NaN and infinities become `null`."""
+    text = json.dumps(finite_json(data), indent=2, sort_keys=True, allow_nan=False)
+    write_text(path, text + "\n")
+
+
+def finite_json(value):
+    """`value` with every non-finite float, also nested, replaced by `None`.
+
+    Strict JSON has no NaN or infinity; `None` is written as `null`.
+    """
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def read_json(path):
@@ -136,6 +159,100 @@ def check_output_dir(path):
         raise RunDirError(
             f"--output_dir={path} cannot be created: {parent} is not writable."
         )
+
+
+class RunInUseError(RunDirError):
+    """Another live process trains in the run directory."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held until `release` or exit.
+
+    `fcntl.flock` on `RUN/.lock`: the operating system drops it when the
+    process ends, however it ends, so a killed run never leaves a stale
+    lock. The file holds the pid of the holder. On systems without `fcntl`
+    no lock is taken.
+    """
+
+    def __init__(self, run):
+        self.path = os.path.join(run, LOCK_FILE)
+        self._fd = None
+
+    def acquire(self):
+        """Takes the lock; raises RunInUseError naming the holder's pid."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return self
+        run = os.path.dirname(self.path)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise RunDirError(
+                f"--output_dir={run} cannot be written ({error.strerror}); "
+                "make it writable or choose another --output_dir."
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunInUseError(
+                f"--output_dir={run} is in use by process {holder}; wait for "
+                "it to finish or choose another --output_dir."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self):
+        """Drops the lock (the file stays: removing it would race)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+def lock_run_dir(run) -> RunLock:
+    """Locks the existing directory `run` for this process; see `RunLock`.
+
+    Raises:
+        RunInUseError: another process holds the lock.
+    """
+    return RunLock(run).acquire()
+
+
+def is_temp_name(name) -> bool:
+    """Whether `name` is a temporary file name of a writer in a run directory."""
+    return bool(_TEMP_NAME.search(name))
+
+
+def remove_stale_temp_files(run):
+    """Removes the temporary files and folders other processes left in `run`.
+
+    Call it holding the run's lock: then no other process writes there, and
+    every temporary name not of this process is a leftover of a killed one.
+    Looks in `run` and its `backup/` folder.
+    """
+    mine = f".tmp{os.getpid()}"
+    for folder in (run, os.path.join(run, "backup")):
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            if not is_temp_name(name) or mine in name:
+                continue
+            path = os.path.join(folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
 
 
 def load_run(path):

@@ -23,6 +23,7 @@ from zoo.datasets import ArrayLoader
 from zoo.datasets import EpochSetter
 from zoo.datasets import load_dataset
 from zoo.plots import plot_curves
+from zoo.regularization import PyTorchSGD
 from zoo.schedules import WarmupCosine
 
 # The paper's weight decay per architecture (App. F).
@@ -501,7 +502,7 @@ def _fit(config, data, run, zoo, verbose, extra_callbacks, strategy=None):
                             config.warmup_epochs * steps_per_epoch)
     with scope():
         model.compile(
-            optimizer=keras.optimizers.SGD(
+            optimizer=PyTorchSGD(
                 learning_rate=schedule, momentum=config.momentum,
                 nesterov=config.nesterov,
             ),

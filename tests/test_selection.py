@@ -5,6 +5,7 @@ The runs train on a tiny image folder (2 classes, 40 training images each,
 split and of the 80-image full training set, has the same even size.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -39,7 +40,7 @@ def folder(tmp_path_factory):
 def config(folder, output_dir, **overrides):
     settings = dict(
         output_dir=str(output_dir), dataset=folder, model="resnet18",
-        width=0.0625, epochs=4, batch_size=16, lr=0.05, warmup_epochs=1,
+        width=0.0625, epochs=3, batch_size=16, lr=0.05, warmup_epochs=1,
         ema_decays=(0.5, 0.8), ema_period=1, seed=0,
     )
     settings.update(overrides)
@@ -69,21 +70,27 @@ def history(run):
                 for r in csv.DictReader(f)}
 
 
+@functools.lru_cache(maxsize=None)
+def dataset(folder, val_fraction):
+    return load_dataset(folder, val_fraction=val_fraction, seed=0)
+
+
 def evaluate_file(folder, run, name, val_fraction, split):
     """Keras metrics of a weights file, compiled as training compiles."""
-    data = load_dataset(folder, val_fraction=val_fraction, seed=0)
+    data = dataset(folder, val_fraction)
     model = zoo.get_model("resnet18", num_classes=2, input_shape=data.image_shape,
                           width=0.0625, weight_decay=1e-4)
+    model.load_weights(os.path.join(run, name))
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
-    model.load_weights(os.path.join(run, name))
     x, y = (data.x_test, data.y_test) if split == "test" else (data.x_val, data.y_val)
     return model.evaluate(ArrayLoader(x, y, 32, data.mean, data.std), verbose=0,
                           return_dict=True)
 
 
 # The epochs the tuning run is made to have chosen (all before the last).
-CHOSEN = {"sgd": 1, "0.5": {"accuracy": 0, "loss": 2}, "0.8": {"accuracy": 1, "loss": 0}}
+CHOSEN = {"sgd": 1, "0.5": {"accuracy": 0, "loss": 1}, "0.8": {"accuracy": 1, "loss": 0}}
+LAST = 2
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +123,7 @@ def test_full_run_keeps_the_epochs_the_tuning_run_chose(folder, tune, full):
     assert summary["selection_from"] == tune[1]
     rows = history(run)
     checks = [("sgd_best_accuracy.weights.h5", CHOSEN["sgd"], ""),
-              ("sgd_last.weights.h5", 3, "")]
+              ("sgd_last.weights.h5", LAST, "")]
     for decay in ("0.5", "0.8"):
         for criterion in ("accuracy", "loss"):
             record = summary["ema"][decay][f"best_{criterion}"]
@@ -124,7 +131,7 @@ def test_full_run_keeps_the_epochs_the_tuning_run_chose(folder, tune, full):
             assert record["chosen_by"] == {"run": tune[1], "split": "validation",
                                            "criterion": criterion}
             checks.append((record["weights"], record["epoch"], f"ema_{decay}_"))
-        checks.append((f"ema_{decay}_last.weights.h5", 3, f"ema_{decay}_"))
+        checks.append((f"ema_{decay}_last.weights.h5", LAST, f"ema_{decay}_"))
     assert summary["sgd"]["best_accuracy"]["chosen_by"]["run"] == tune[1]
     for name, epoch, prefix in checks:
         # The file scores on test what the history logged for that epoch.
@@ -166,8 +173,8 @@ def test_bad_selection_from_fails_before_writing(folder, tune, tmp_path):
         (dict(selection_from=str(unfinished)), "unfinished run"),
         (dict(selection_from=tune[1], val_fraction=0.2),
          "this run has --val_fraction=0.2"),
-        (dict(selection_from=tune[1], epochs=5),
-         r"another configuration \(--epochs=4 there, 5 here\)"),
+        (dict(selection_from=tune[1], epochs=4),
+         r"another configuration \(--epochs=3 there, 4 here\)"),
         (dict(selection_from=tune[1], ema_decays=(0.5, 0.9)),
          r"--ema_decays=0.5,0.8 there, 0.5,0.9 here"),
         (dict(selection_from=tune[1], model="vgg16"), "--model=resnet18 there"),
@@ -219,7 +226,7 @@ def test_full_run_without_selection_chooses_nothing(folder, plain_full):
     for decay in ("0.5", "0.8"):
         assert set(summary["ema"][decay]) == {"last"}
     got = evaluate_file(folder, run, "ema_0.8_last.weights.h5", 0.0, "test")
-    assert got["loss"] == pytest.approx(history(run)[3]["ema_0.8_val_loss"], rel=1e-4)
+    assert got["loss"] == pytest.approx(history(run)[LAST]["ema_0.8_val_loss"], rel=1e-4)
 
 
 def test_evaluate_without_selection_reports_last_epochs_only(plain_full, tmp_path):
@@ -229,7 +236,7 @@ def test_evaluate_without_selection_reports_last_epochs_only(plain_full, tmp_pat
     assert list(res["evals"]["generalization"]["table"]) == ["baseline", "ema_last"]
     chosen = res["selection"]["run"]
     assert chosen["ema_last"] == {"weights": "ema_0.8_last.weights.h5", "decay": 0.8,
-                                  "epoch": 3, "chosen_by": None}
+                                  "epoch": LAST, "chosen_by": None}
     assert res["setup"]["selection_split"] == "none"
     text = evaluation.format_markdown(res)
     assert "no early stopping" in text and "EMA (last epoch)" in text
@@ -276,14 +283,15 @@ def test_sema_sgd_files_hold_the_model_the_history_describes(folder, tmp_path):
                                       ema_decays=(0.8,)), verbose=0)
     rows = history(str(run))
     best = summary["sgd"]["best_accuracy"]["epoch"]
-    for name, epoch in (("sgd_last.weights.h5", 3), ("sgd_best_accuracy.weights.h5", best)):
+    for name, epoch in (("sgd_last.weights.h5", LAST),
+                        ("sgd_best_accuracy.weights.h5", best)):
         got = evaluate_file(folder, str(run), name, 0.2, "val")
         assert got["accuracy"] == pytest.approx(rows[epoch]["val_accuracy"], abs=1e-6), name
         assert got["loss"] == pytest.approx(rows[epoch]["val_loss"], rel=1e-4), name
     # The EMA (which SEMA copies into the model at each epoch end) differs.
     ema = evaluate_file(folder, str(run), "ema_0.8_last.weights.h5", 0.2, "val")
-    assert ema["loss"] == pytest.approx(rows[3]["ema_0.8_val_loss"], rel=1e-4)
-    assert ema["loss"] != pytest.approx(rows[3]["val_loss"], rel=1e-4)
+    assert ema["loss"] == pytest.approx(rows[LAST]["ema_0.8_val_loss"], rel=1e-4)
+    assert ema["loss"] != pytest.approx(rows[LAST]["val_loss"], rel=1e-4)
     runs = evaluation.load_runs([str(run)])
     ev = evaluation.Evaluator(runs, log=lambda s: None)
     assert ev.name("baseline") == "SEMA model (last, before the switch)"

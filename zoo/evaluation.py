@@ -307,14 +307,14 @@ class Evaluator:
         if model == "sgd_best_accuracy":
             record = run.summary["sgd"]["best_accuracy"]
             return {"weights": "sgd_best_accuracy.weights.h5", "decay": None,
-                    "epoch": record["epoch"], "chosen_by": record.get("chosen_by")}
+                    "epoch": record["epoch"], "chosen_by": _chooser(run, record)}
         criterion = model.split("_", 1)[1]
         decay, epoch, weights = select_ema(run.summary, criterion, self.decay)
         record = run.summary["ema"][next(
             d for d in run.summary["ema"] if float(d) == decay)]
         key = criterion if criterion == "last" else f"best_{criterion}"
         return {"weights": weights, "decay": decay, "epoch": epoch,
-                "chosen_by": record[key].get("chosen_by")}
+                "chosen_by": _chooser(run, record[key])}
 
     def name(self, which):
         """The table row of model `which`, named for what its weights hold."""
@@ -376,6 +376,14 @@ class Evaluator:
     def labels(self, run, split="test"):
         data = self.data(run)
         return data.y_test if split == "test" else data.y_val
+
+
+def _chooser(run, record):
+    """`chosen_by` of a summary record, "." (the run itself) as its path."""
+    by = record.get("chosen_by")
+    if by and by.get("run") == ".":
+        by = {**by, "run": run.path}
+    return by
 
 
 def mean_std(values):

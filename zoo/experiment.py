@@ -300,7 +300,7 @@ def summarize(config, data_summary, rows, completed, averager, seconds, tuned=No
         if best:
             sgd["best_accuracy"] = {**best, **_at(rows, best["epoch"], ("val_loss",)),
                                     "weights": "sgd_best_accuracy.weights.h5",
-                                    "chosen_by": chosen_by(config.output_dir, "accuracy")}
+                                    "chosen_by": chosen_by(".", "accuracy")}
     elif split == "tuning_run" and "best_accuracy" in tuned["sgd"]:
         record = tuned["sgd"]["best_accuracy"]
         sgd["best_accuracy"] = {
@@ -321,7 +321,7 @@ def summarize(config, data_summary, rows, completed, averager, seconds, tuned=No
                     **record,
                     f"val_{other}": other_value[f"ema_{decay}_val_{other}"],
                     "weights": weights,
-                    "chosen_by": chosen_by(config.output_dir, criterion),
+                    "chosen_by": chosen_by(".", criterion),
                 }
             elif split == "tuning_run":
                 record = tuned["ema"][str(decay)][f"best_{criterion}"]

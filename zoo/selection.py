@@ -48,7 +48,11 @@ def selection_split(config) -> str:
 
 
 def chosen_by(run: str, criterion: str) -> dict:
-    """The record of a choice: the run whose validation split made it, and how."""
+    """The record of a choice: the run whose validation split made it, and how.
+
+    `run` is `"."` for the run itself (its directory may move), else the
+    `--selection_from` path as given.
+    """
     return {"run": run, "split": "validation", "criterion": criterion}
 
 

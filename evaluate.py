@@ -42,6 +42,7 @@ def main(argv):
         if FLAGS.probe_epochs < 1:
             raise evaluation.EvaluationError(
                 f"--probe_epochs={FLAGS.probe_epochs}: must be >= 1.")
+        decay = evaluation.parse_decay(FLAGS.decay)
         runs = evaluation.load_runs(paths)
         output_dir = FLAGS.output_dir or os.path.join(
             os.path.dirname(os.path.abspath(paths[0])), "results")
@@ -52,7 +53,7 @@ def main(argv):
         results, figures = evaluation.evaluate(
             runs, [e.strip() for e in FLAGS.evals if e.strip()],
             bn_recompute=FLAGS.bn_recompute,
-            decay=evaluation.parse_decay(FLAGS.decay),
+            decay=decay,
             transfer_dataset=FLAGS.transfer_dataset,
             transfer_data_dir=FLAGS.transfer_data_dir,
             probe_epochs=FLAGS.probe_epochs,

@@ -19,8 +19,9 @@ flags.DEFINE_list("evals", ["generalization", "calibration", "churn"],
                   "label_noise.")
 flags.DEFINE_boolean("bn_recompute", True, "Recompute the EMA models' BatchNorm "
                      "statistics on the training split first (the paper's protocol).")
-flags.DEFINE_float("decay", None, "The EMA decay to evaluate; default: the one "
-                   "with the best validation value for each criterion.")
+flags.DEFINE_string("decay", "largest", "The EMA decay to evaluate: largest "
+                    "(the paper's tables), best_on_validation (per criterion, the "
+                    "decay best on the validation split), or a number such as 0.998.")
 flags.DEFINE_string("transfer_dataset", None, "Target dataset of --evals=transfer "
                     "(digits, cifar10, cifar100, folder:PATH, ...).")
 flags.DEFINE_string("transfer_data_dir", None, "data_dir of the transfer dataset.")
@@ -41,6 +42,7 @@ def main(argv):
         if FLAGS.probe_epochs < 1:
             raise evaluation.EvaluationError(
                 f"--probe_epochs={FLAGS.probe_epochs}: must be >= 1.")
+        decay = evaluation.parse_decay(FLAGS.decay)
         runs = evaluation.load_runs(paths)
         output_dir = FLAGS.output_dir or os.path.join(
             os.path.dirname(os.path.abspath(paths[0])), "results")
@@ -50,7 +52,8 @@ def main(argv):
         print(f"Evaluating {len(runs)} run(s): {', '.join(paths)}", flush=True)
         results, figures = evaluation.evaluate(
             runs, [e.strip() for e in FLAGS.evals if e.strip()],
-            bn_recompute=FLAGS.bn_recompute, decay=FLAGS.decay,
+            bn_recompute=FLAGS.bn_recompute,
+            decay=decay,
             transfer_dataset=FLAGS.transfer_dataset,
             transfer_data_dir=FLAGS.transfer_data_dir,
             probe_epochs=FLAGS.probe_epochs,

@@ -62,6 +62,9 @@ flags.DEFINE_integer("sema_start_epoch", _D.sema_start_epoch,
                      "SEMA: first epoch (0-based) that may end with a switch.")
 flags.DEFINE_float("belay_coupling", _D.belay_coupling,
                    "BELAY: pull k of the model toward the EMA at each update.")
+flags.DEFINE_string("selection_from", _D.selection_from, "A finished tuning run "
+                    "(--val_fraction>0) of this configuration: with --val_fraction=0, "
+                    "keep the weights at the epochs its validation split chose.")
 
 FLAGS = flags.FLAGS
 

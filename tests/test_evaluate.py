@@ -97,14 +97,24 @@ def test_baseline_accuracy_and_loss_match_an_independent_computation(runs, resul
 
 def test_ema_selection_follows_the_validation_records(runs, results):
     _, res = results
-    for run in runs:
+    # By default the largest decay, as the paper's tables.
+    assert res["setup"]["decay"] == "largest"
+    ev = evaluation.Evaluator(evaluation.load_runs(runs), decay="best_on_validation")
+    for run, loaded in zip(runs, ev.runs):
         summary = json.load(open(os.path.join(run, "summary.json")))
+        chosen = res["selection"][os.path.basename(run)]
+        for model, criterion in (("ema_accuracy", "accuracy"), ("ema_loss", "loss")):
+            record = summary["ema"]["0.8"][f"best_{criterion}"]
+            assert chosen[model] == {
+                "weights": f"ema_0.8_best_{criterion}.weights.h5", "decay": 0.8,
+                "epoch": record["epoch"],
+                "chosen_by": {"run": run, "split": "validation", "criterion": criterion}}
+        # --decay=best_on_validation: the decay whose validation value is best.
         acc = {d: e["best_accuracy"]["value"] for d, e in summary["ema"].items()}
         loss = {d: e["best_loss"]["value"] for d, e in summary["ema"].items()}
-        chosen = res["selection"][os.path.basename(run)]
-        assert chosen["ema_accuracy"]["decay"] == float(
+        assert ev.selection(loaded, "ema_accuracy")["decay"] == float(
             max(acc, key=lambda d: (acc[d], float(d))))
-        assert chosen["ema_loss"]["decay"] == float(
+        assert ev.selection(loaded, "ema_loss")["decay"] == float(
             min(loss, key=lambda d: (loss[d], -float(d))))
 
 

@@ -3,17 +3,25 @@
 A group of run directories, one per seed of one configuration, is evaluated
 on the test split of their dataset. Each run contributes three models:
 
-- `baseline`: the last SGD iterate (`sgd_last.weights.h5`);
+- `baseline`: the last iterate of the model that trains (`sgd_last.weights.h5`):
+  plain SGD, or for `--averaging=sema` / `belay` the trained model before the
+  last switch / with its coupling (the rows are named so);
 - `ema_accuracy`: the EMA at its epoch of best validation accuracy;
 - `ema_loss`: the EMA at its epoch of lowest validation loss.
 
 The generalization tables add `sgd_best_accuracy`, SGD at its epoch of best
 validation accuracy, for comparison.
 
-The EMA's decay is, unless `decay` is given, the one whose selection value is
-best on the validation split (highest accuracy, lowest loss), so that nothing
-is chosen on the test split. With `--val_fraction=0` the runs selected on the
-test split itself; the tables say so.
+The epochs are chosen on a validation split, never on test (`zoo.selection`):
+the run's own (`--val_fraction` > 0) or that of the tuning run a full run
+names with `--selection_from`. A full run without one chose nothing: it is
+evaluated without early stopping, at its last epoch only (`baseline` and
+`ema_last`, the final EMA), and the tables say so.
+
+The EMA's decay is by default the largest the runs track, as in the paper's
+tables (`decay="largest"`); `decay="best_on_validation"` takes for each
+criterion the decay whose chosen value on the validation split is best, and a
+number takes that decay.
 
 With `bn_recompute` (the paper's protocol, on by default) the EMA models'
 BatchNorm statistics are recomputed on one pass over the training split, in
@@ -55,9 +63,23 @@ MODEL_NAMES = {
     "sgd_best_accuracy": "SGD (best accuracy)",
     "ema_accuracy": "EMA (best accuracy)",
     "ema_loss": "EMA (lowest loss)",
+    "ema_last": "EMA (last epoch)",
 }
+# The model that trains, where it is not plain SGD: its files hold it as the
+# history's SGD columns describe it (for SEMA: before the epoch end's switch).
+TRAINED_MODEL_NAMES = {
+    "sema": {"baseline": "SEMA model (last, before the switch)",
+             "sgd_best_accuracy": "SEMA model (best accuracy, before the switch)"},
+    "belay": {"baseline": "BELAY model (last)",
+              "sgd_best_accuracy": "BELAY model (best accuracy)"},
+}
+# Without a chosen epoch (no validation split, no --selection_from) the
+# models are replaced by the last epoch, or dropped.
+WITHOUT_SELECTION = {"sgd_best_accuracy": None, "ema_accuracy": "ema_last",
+                     "ema_loss": "ema_last"}
+DECAY_CHOICES = ("largest", "best_on_validation")
 # Settings that may differ between the runs of one group.
-PER_RUN_FLAGS = ("seed", "output_dir", "distribution")
+PER_RUN_FLAGS = ("seed", "output_dir", "distribution", "selection_from")
 
 
 class EvaluationError(ValueError):
@@ -124,6 +146,15 @@ def load_runs(paths) -> list:
                 f"{a.path} and {b.path} have the same --seed={a.config.seed}; "
                 "pass each seed's run once."
             )
+    for run in runs:
+        _check_selection(run)
+    for run in runs[1:]:
+        if _has_selection(run) != _has_selection(first):
+            raise EvaluationError(
+                f"{first.path} has chosen epochs ({first.summary['selection_split']}), "
+                f"{run.path} has none ({run.summary['selection_split']}); "
+                "pass full runs that all use --selection_from, or none does."
+            )
     return runs
 
 
@@ -144,30 +175,77 @@ def _check_not_diverged(path):
         )
 
 
-def select_ema(summary, criterion, decay=None):
+def _has_selection(run):
+    return run.summary.get("selection_split") in ("validation", "tuning_run")
+
+
+def _check_selection(run):
+    """Refuses runs written before the selection rules of `zoo.selection`."""
+    split = run.summary.get("selection_split")
+    if split not in ("validation", "tuning_run", "none"):
+        raise EvaluationError(
+            f"{run.path} chose its epochs on the {split} split (an older "
+            "train.py): retrain it, with --selection_from=TUNE_RUN for a "
+            "--val_fraction=0 run, so that nothing is chosen on test."
+        )
+    if "weights" not in run.summary.get("sgd", {}).get("last", {}):
+        raise EvaluationError(
+            f"{run.path} was written by an older train.py, whose SEMA runs saved "
+            "the EMA in the sgd_* files: retrain it with this version."
+        )
+
+
+def parse_decay(text) -> "str | float":
+    """`--decay`'s value: `"largest"`, `"best_on_validation"` or a float."""
+    if text is None:
+        return "largest"
+    if isinstance(text, str) and text.strip() in DECAY_CHOICES:
+        return text.strip()
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not 0 < value < 1:
+        raise EvaluationError(
+            f"--decay={text}: use largest (the paper's tables), "
+            "best_on_validation, or one of the runs' decays, e.g. 0.998."
+        )
+    return value
+
+
+def select_ema(summary, criterion, decay="largest"):
     """`(decay, epoch, weights file)` of the EMA chosen by `criterion`.
 
     Args:
         summary: a run's `summary.json`.
-        criterion: `"accuracy"` (highest) or `"loss"` (lowest).
-        decay: float or `None`: the decay to use; `None` picks the decay
-            whose best validation value is best.
+        criterion: `"accuracy"` (highest), `"loss"` (lowest) or `"last"`
+            (the final EMA).
+        decay: `"largest"` (the largest tracked decay, the paper's tables),
+            `"best_on_validation"` (the decay whose chosen value on the
+            validation split is best) or a float. Defaults to `"largest"`.
     """
+    decay = parse_decay(decay)
     emas = summary.get("ema", {})
-    key = f"best_{criterion}"
+    key = criterion if criterion == "last" else f"best_{criterion}"
     candidates = {d: e[key] for d, e in emas.items() if key in e}
     if not candidates:
         raise EvaluationError(f"The run's summary.json records no EMA {key}.")
-    if decay is not None:
-        name = next((d for d in candidates if float(d) == float(decay)), None)
+    if decay == "largest":
+        name = max(candidates, key=float)
+    elif decay == "best_on_validation":
+        if criterion == "last":
+            raise EvaluationError(
+                "--decay=best_on_validation: these runs have no validation "
+                "split and no --selection_from; use largest or a decay.")
+        sign = 1.0 if criterion == "accuracy" else -1.0
+        name = max(candidates, key=lambda d: (sign * candidates[d]["value"], float(d)))
+    else:
+        name = next((d for d in candidates if float(d) == decay), None)
         if name is None:
             raise EvaluationError(
                 f"--decay={decay}: not one of the runs' decays "
                 f"{', '.join(sorted(candidates))}."
             )
-    else:
-        sign = 1.0 if criterion == "accuracy" else -1.0
-        name = max(candidates, key=lambda d: (sign * candidates[d]["value"], float(d)))
     record = candidates[name]
     return float(name), int(record["epoch"]), record["weights"]
 
@@ -196,14 +274,16 @@ class Evaluator:
         runs: list of `Run` (see `load_runs`).
         bn_recompute: bool, recompute the EMA models' BatchNorm statistics
             on the training split first.
-        decay: float or `None`, see `select_ema`.
+        decay: `"largest"`, `"best_on_validation"` or a float, see
+            `select_ema`; `None` is `"largest"`.
         log: a function printing one line of progress.
     """
 
-    def __init__(self, runs, bn_recompute=True, decay=None, log=print):
+    def __init__(self, runs, bn_recompute=True, decay="largest", log=print):
         self.runs = runs
         self.bn_recompute = bn_recompute
-        self.decay = decay
+        self.decay = parse_decay(decay)
+        self.early_stopping = all(_has_selection(r) for r in runs)
         self.log = log
         self._data = {}
         self._models = {}
@@ -223,17 +303,43 @@ class Evaluator:
             )
         return self._data[key]
 
+    def models(self, wanted):
+        """`wanted` models, or without chosen epochs their last-epoch stand-ins."""
+        if self.early_stopping:
+            return tuple(wanted)
+        out = []
+        for which in wanted:
+            which = WITHOUT_SELECTION.get(which, which)
+            if which and which not in out:
+                out.append(which)
+        return tuple(out)
+
     def selection(self, run, model):
-        """`{"weights", "decay", "epoch"}` of one of `MODELS` of `run`."""
+        """`{"weights", "decay", "epoch", "chosen_by"}` of a model of `run`.
+
+        `chosen_by` names the run and split that chose the epoch
+        (`{"run", "split", "criterion"}`), or is `None` for a last epoch.
+        """
         if model == "baseline":
+            record = run.summary["sgd"]["last"]
             return {"weights": "sgd_last.weights.h5", "decay": None,
-                    "epoch": run.summary["sgd"]["last"]["epoch"]}
+                    "epoch": record["epoch"], "chosen_by": None}
         if model == "sgd_best_accuracy":
+            record = run.summary["sgd"]["best_accuracy"]
             return {"weights": "sgd_best_accuracy.weights.h5", "decay": None,
-                    "epoch": run.summary["sgd"]["best_accuracy"]["epoch"]}
+                    "epoch": record["epoch"], "chosen_by": _chooser(run, record)}
         criterion = model.split("_", 1)[1]
         decay, epoch, weights = select_ema(run.summary, criterion, self.decay)
-        return {"weights": weights, "decay": decay, "epoch": epoch}
+        record = run.summary["ema"][next(
+            d for d in run.summary["ema"] if float(d) == decay)]
+        key = criterion if criterion == "last" else f"best_{criterion}"
+        return {"weights": weights, "decay": decay, "epoch": epoch,
+                "chosen_by": _chooser(run, record[key])}
+
+    def name(self, which):
+        """The table row of model `which`, named for what its weights hold."""
+        averaging = self.runs[0].config.averaging
+        return TRAINED_MODEL_NAMES.get(averaging, {}).get(which, MODEL_NAMES[which])
 
     def model(self, run, which):
         """The keras model `which` of `run`, weights loaded (cached)."""
@@ -280,7 +386,7 @@ class Evaluator:
         if key not in self._logits:
             data = self.data(run)
             x = data.x_test if split == "test" else data.x_val
-            self.log(f"  {run.name}: {MODEL_NAMES[which]} on {split}")
+            self.log(f"  {run.name}: {self.name(which)} on {split}")
             model = self.model(run, which)
             loader = ArrayLoader(x, None, 256, data.mean, data.std)
             self._logits[key] = np.asarray(model.predict(loader, verbose=0),
@@ -290,6 +396,14 @@ class Evaluator:
     def labels(self, run, split="test"):
         data = self.data(run)
         return data.y_test if split == "test" else data.y_val
+
+
+def _chooser(run, record):
+    """`chosen_by` of a summary record, "." (the run itself) as its path."""
+    by = record.get("chosen_by")
+    if by and by.get("run") == ".":
+        by = {**by, "run": run.path}
+    return by
 
 
 def mean_std(values):
@@ -320,6 +434,7 @@ GENERALIZATION_MODELS = ("baseline", "sgd_best_accuracy", "ema_accuracy", "ema_l
 
 
 def evaluate_generalization(ev, runs, models=GENERALIZATION_MODELS):
+    models = ev.models(models)
     per_run = []
     for run in runs:
         row = {}
@@ -359,6 +474,7 @@ def evaluate_calibration(ev, runs, figures, models=("baseline", "ema_loss")):
     from keras_ema.calibration import expected_calibration_error
     from keras_ema.calibration import fit_temperature
 
+    models = ev.models(models)
     per_run = []
     tuned_on = "validation"
     for run in runs:
@@ -386,7 +502,7 @@ def evaluate_calibration(ev, runs, figures, models=("baseline", "ema_loss")):
     for which in models:
         figures[f"reliability_{which}.png"] = (
             softmax(ev.logits(first, which)), ev.labels(first),
-            f"{MODEL_NAMES[which]}, seed {first.config.seed}",
+            f"{ev.name(which)}, seed {first.config.seed}",
         )
     return {"per_run": per_run, "table": _aggregate(per_run),
             "temperature_tuned_on": tuned_on}
@@ -397,6 +513,7 @@ def evaluate_churn(ev, runs, models=("baseline", "ema_loss")):
     from keras_ema.disagreement import jensen_shannon
 
     _check_churn(runs)
+    models = ev.models(models)
     per_pair = []
     for a, b in itertools.combinations(runs, 2):
         row = {"pair": [a.name, b.name]}
@@ -437,8 +554,8 @@ def evaluate_transfer(ev, runs, dataset, data_dir=None, epochs=50, seed=0):
         train = (_normalized(target.x_train, source), target.y_train)
         test = (_normalized(target.x_test, source), target.y_test)
         row = {}
-        for which in MODELS:
-            ev.log(f"  {run.name}: linear probe of {MODEL_NAMES[which]} on {dataset}")
+        for which in ev.models(MODELS):
+            ev.log(f"  {run.name}: linear probe of {ev.name(which)} on {dataset}")
             row[which] = {"accuracy": 100 * linear_probe(
                 ev.model(run, which), train, test, epochs=epochs, seed=seed)}
         per_run.append(row)
@@ -469,55 +586,61 @@ def _table(header, rows):
 def format_markdown(results) -> str:
     """The tables of `results` (see `evaluate`) as Markdown."""
     setup = results["setup"]
+    names = setup.get("model_names", MODEL_NAMES)
     lines = [
         f"# {setup['model']} (width {setup['width']:g}) on {setup['dataset']}",
         "",
         f"{setup['seeds']} seed(s) ({', '.join(map(str, setup['seed_values']))}); "
         f"averaging {setup['averaging']}; label noise "
-        f"{setup['label_noise'] or 'none'}; EMA selection on the "
-        f"{setup['selection_split']} split; BN statistics of the EMA models "
+        f"{setup['label_noise'] or 'none'}; {setup['selection_text']}; EMA "
+        f"decay: {setup['decay_text']}; BN statistics of the EMA models "
         f"{'recomputed' if setup['bn_recompute'] else 'as averaged'}. "
         "Mean ± sample std over seeds (over pairs for churn).",
     ]
     chosen = results.get("selection", {})
     if chosen:
-        lines += ["", "Chosen EMAs: " + "; ".join(
-            f"{run}: accuracy {c['ema_accuracy']['decay']} @ epoch "
-            f"{c['ema_accuracy']['epoch']}, loss {c['ema_loss']['decay']} @ "
-            f"epoch {c['ema_loss']['epoch']}" for run, c in chosen.items())]
+        def where(c):
+            by = c.get("chosen_by")
+            return "last epoch" if by is None else f"chosen on {by['run']} {by['split']}"
+
+        lines += ["", "Evaluated weights: " + "; ".join(
+            f"{run}: " + ", ".join(
+                f"{names[m]} " + (f"{c['decay']} " if c["decay"] else "")
+                + f"@ epoch {c['epoch']} ({where(c)})" for m, c in models.items())
+            for run, models in chosen.items())]
     evals = results["evals"]
     if "generalization" in evals:
         t = evals["generalization"]["table"]
         lines += ["", "## Generalization (Table 1)", "",
                   _table(["Model", "Test accuracy (%)", "Test loss"],
-                         [[MODEL_NAMES[m], _fmt(t[m]["accuracy"], 2),
+                         [[names[m], _fmt(t[m]["accuracy"], 2),
                            _fmt(t[m]["loss"], 4)] for m in t])]
     if "label_noise" in evals:
         e = evals["label_noise"]
         t = e["table"]
         lines += ["", f"## Label noise {e['label_noise']} (Table 2)", "",
                   _table(["Model", "Clean test accuracy (%)", "Test loss"],
-                         [[MODEL_NAMES[m], _fmt(t[m]["accuracy"], 2),
+                         [[names[m], _fmt(t[m]["accuracy"], 2),
                            _fmt(t[m]["loss"], 4)] for m in t])]
     if "churn" in evals:
         t = evals["churn"]["table"]
         lines += ["", "## Prediction disagreement between seeds (Table 3)", "",
                   _table(["Model", "Churn (%)", "JS divergence"],
-                         [[MODEL_NAMES[m], _fmt(t[m]["churn"], 2),
+                         [[names[m], _fmt(t[m]["churn"], 2),
                            _fmt(t[m]["jensen_shannon"], 4)] for m in t])]
     if "transfer" in evals:
         e = evals["transfer"]
         t = e["table"]
         lines += ["", f"## Linear probe on {e['transfer_dataset']} (Table 4)", "",
                   _table(["Model", "Test accuracy (%)"],
-                         [[MODEL_NAMES[m], _fmt(t[m]["accuracy"], 2)] for m in t])]
+                         [[names[m], _fmt(t[m]["accuracy"], 2)] for m in t])]
     if "calibration" in evals:
         e = evals["calibration"]
         t = e["table"]
         rows = []
         for m in t:
             ts = _fmt(t[m]["ece_ts"], 2) if "ece_ts" in t[m] else "-"
-            rows.append([MODEL_NAMES[m], _fmt(t[m]["accuracy"], 2),
+            rows.append([names[m], _fmt(t[m]["accuracy"], 2),
                          _fmt(t[m]["ece"], 2), ts])
         lines += ["", "## Calibration (Table 5)", "",
                   _table(["Model", "Accuracy (%)", "ECE (%)", "ECE after TS (%)"], rows),
@@ -525,14 +648,38 @@ def format_markdown(results) -> str:
                   + ("Temperature fitted by NLL on each run's validation split."
                      if e["temperature_tuned_on"] else
                      "No validation split (--val_fraction=0): no temperature scaling."),
-                  "", "![baseline](reliability_baseline.png) "
-                  "![EMA](reliability_ema_loss.png)"]
+                  "", "  ".join(f"![{names[m]}](reliability_{m}.png)" for m in t)]
     return "\n".join(lines) + "\n"
 
 
-def evaluate(runs, evals, bn_recompute=True, decay=None, transfer_dataset=None,
+def _selection_text(runs, early_stopping):
+    split = runs[0].summary.get("selection_split")
+    if not early_stopping:
+        return ("no early stopping: the runs have no validation split "
+                "(--val_fraction=0) and no --selection_from, so only the last "
+                "epoch of each model is reported")
+    if split == "tuning_run":
+        tuners = sorted({r.summary.get("selection_from") for r in runs})
+        return (f"epochs chosen on the validation split of the tuning run(s) "
+                f"{', '.join(tuners)} (--selection_from), not on test")
+    return "epochs chosen on each run's validation split"
+
+
+def _decay_text(runs, decay):
+    decays = sorted({float(d) for r in runs for d in r.summary.get("ema", {})})
+    if decay == "largest":
+        return f"the largest tracked, {max(decays)} (the paper's tables)"
+    if decay == "best_on_validation":
+        return "per criterion, the one best on the validation split"
+    return f"{decay} (--decay)"
+
+
+def evaluate(runs, evals, bn_recompute=True, decay="largest", transfer_dataset=None,
              transfer_data_dir=None, probe_epochs=50, log=print):
     """Runs `evals` on `runs`; returns `(results dict, figures)`.
+
+    `decay`: `"largest"` (default), `"best_on_validation"` or a float; see
+    `select_ema`.
 
     `figures` maps PNG file names to `(probs, labels, title)` of reliability
     diagrams; nothing is written here (see `write_results`).
@@ -553,6 +700,13 @@ def evaluate(runs, evals, bn_recompute=True, decay=None, transfer_dataset=None,
     if "label_noise" in evals:
         _check_label_noise(runs)
     ev = Evaluator(runs, bn_recompute=bn_recompute, decay=decay, log=log)
+    if not ev.early_stopping and ev.decay == "best_on_validation":
+        select_ema(runs[0].summary, "last", ev.decay)  # raises: nothing to choose on
+    models = ev.models(GENERALIZATION_MODELS)
+    selection_text = _selection_text(runs, ev.early_stopping)
+    decay_text = _decay_text(runs, ev.decay)
+    log(f"Selection: {selection_text}.")
+    log(f"EMA decay: {decay_text}.")
     first = runs[0].config
     results = {
         "setup": {
@@ -560,10 +714,13 @@ def evaluate(runs, evals, bn_recompute=True, decay=None, transfer_dataset=None,
             "averaging": first.averaging, "label_noise": first.label_noise or None,
             "seeds": len(runs), "seed_values": [r.config.seed for r in runs],
             "runs": [r.path for r in runs], "bn_recompute": bn_recompute,
-            "selection_split": runs[0].summary.get("selection_split", "validation"),
-            "decay": decay,
+            "selection_split": runs[0].summary.get("selection_split"),
+            "early_stopping": ev.early_stopping,
+            "selection_text": selection_text,
+            "decay": ev.decay, "decay_text": decay_text,
+            "model_names": {m: ev.name(m) for m in models},
         },
-        "selection": {r.name: {m: ev.selection(r, m) for m in MODELS} for r in runs},
+        "selection": {r.name: {m: ev.selection(r, m) for m in models} for r in runs},
         "evals": {},
     }
     figures = {}

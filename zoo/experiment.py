@@ -24,7 +24,12 @@ from zoo.datasets import ArrayLoader
 from zoo.datasets import EpochSetter
 from zoo.datasets import load_dataset
 from zoo.plots import plot_curves
+from zoo.regularization import PyTorchSGD
 from zoo.schedules import WarmupCosine
+from zoo.selection import ChosenWeights
+from zoo.selection import check_selection
+from zoo.selection import chosen_by
+from zoo.selection import selection_split
 
 # The paper's weight decay per architecture (App. F).
 DEFAULT_WEIGHT_DECAY = {"resnet": 1e-4, "wrn": 5e-4, "vgg": 5e-4}
@@ -97,6 +102,7 @@ class Config:
     sema_every_epochs: int = 1
     sema_start_epoch: int = 0
     belay_coupling: float = 0.1
+    selection_from: str = ""  # a tuning run whose validation chose the epochs
 
     def resolved(self):
         """A copy with the model-dependent defaults filled in, validated."""
@@ -254,7 +260,6 @@ class RunLogger(keras.callbacks.Callback):
 
     Rows from epochs at or after the epoch a resumed run restarts from are
     dropped first, so the file always matches the restored training state.
-    Also keeps the SGD model's best-validation-accuracy weights.
 
     Place it after the averaging callback so that its metrics are in `logs`.
     """
@@ -279,12 +284,6 @@ class RunLogger(keras.callbacks.Callback):
         row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
         self.rows.append(row)
         run_dir.write_csv(self._path("history.csv"), self.rows)
-        accuracies = [r.get("val_accuracy", -1.0) for r in self.rows]
-        if row.get("val_accuracy", -1.0) >= 0 and accuracies.index(
-            max(accuracies)
-        ) == len(self.rows) - 1:
-            with run_dir.atomic_path(self._path("sgd_best_accuracy.weights.h5")) as tmp:
-                self.model.save_weights(tmp)
         run_dir.write_json(self._path("summary.json"), self.summarize(self.rows, False))
 
 
@@ -310,8 +309,14 @@ def _at(rows, epoch, columns):
     return {c: row.get(c) for c in columns}
 
 
-def summarize(config, data_summary, rows, completed, averager, seconds):
-    """The `summary.json` of a run from its history rows."""
+def summarize(config, data_summary, rows, completed, averager, seconds, tuned=None):
+    """The `summary.json` of a run from its history rows.
+
+    `tuned` holds the choices of the `--selection_from` run
+    (`zoo.selection.check_selection`); see `zoo.selection` for the three
+    values of `selection_split`.
+    """
+    split = selection_split(config)
     summary = {
         "layout_version": run_dir.LAYOUT_VERSION,
         "completed": completed,
@@ -323,30 +328,64 @@ def summarize(config, data_summary, rows, completed, averager, seconds):
         "seed": config.seed,
         "label_noise": config.label_noise or None,
         "averaging": config.averaging,
-        "selection_split": "validation" if config.val_fraction > 0 else "test",
+        "selection_split": split,
+        "selection_from": config.selection_from or None,
+        # What the history's val_* columns were measured on.
+        "validation_data": "validation" if config.val_fraction > 0 else "test",
         "train_seconds": round(seconds, 1),
     }
     sgd = {}
+    last_epoch = int(rows[-1]["epoch"]) if rows else None
     if rows:
-        sgd["last"] = {"epoch": int(rows[-1]["epoch"]),
-                       **_at(rows, int(rows[-1]["epoch"]), ("val_accuracy", "val_loss"))}
+        sgd["last"] = {"epoch": last_epoch,
+                       **_at(rows, last_epoch, ("val_accuracy", "val_loss")),
+                       "weights": "sgd_last.weights.h5"}
+    if split == "validation":
         best = _best(rows, "val_accuracy", 1.0)
         if best:
-            sgd["best_accuracy"] = {**best, **_at(rows, best["epoch"], ("val_loss",))}
+            sgd["best_accuracy"] = {**best, **_at(rows, best["epoch"], ("val_loss",)),
+                                    "weights": "sgd_best_accuracy.weights.h5",
+                                    "chosen_by": chosen_by(".", "accuracy")}
+    elif split == "tuning_run" and "best_accuracy" in tuned["sgd"]:
+        record = tuned["sgd"]["best_accuracy"]
+        sgd["best_accuracy"] = {
+            **record, **_at(rows, record["epoch"], ("val_accuracy", "val_loss")),
+            "weights": "sgd_best_accuracy.weights.h5",
+            "chosen_by": chosen_by(tuned["run"], "accuracy")}
     summary["sgd"] = sgd
     emas = {}
     for decay in config.ema_decays:
         entry = {}
         records = averager.best.get(decay, {})
         for criterion, other in (("accuracy", "loss"), ("loss", "accuracy")):
-            record = records.get(criterion)
-            if record:
+            weights = f"ema_{decay}_best_{criterion}.weights.h5"
+            if split == "validation" and records.get(criterion):
+                record = records[criterion]
                 other_value = _at(rows, record["epoch"], (f"ema_{decay}_val_{other}",))
                 entry[f"best_{criterion}"] = {
                     **record,
                     f"val_{other}": other_value[f"ema_{decay}_val_{other}"],
-                    "weights": f"ema_{decay}_best_{criterion}.weights.h5",
+                    "weights": weights,
+                    "chosen_by": chosen_by(".", criterion),
                 }
+            elif split == "tuning_run":
+                record = tuned["ema"][str(decay)][f"best_{criterion}"]
+                logged = _at(rows, record["epoch"], (f"ema_{decay}_val_accuracy",
+                                                     f"ema_{decay}_val_loss"))
+                entry[f"best_{criterion}"] = {
+                    **record,
+                    "val_accuracy": logged[f"ema_{decay}_val_accuracy"],
+                    "val_loss": logged[f"ema_{decay}_val_loss"],
+                    "weights": weights,
+                    "chosen_by": chosen_by(tuned["run"], criterion),
+                }
+        if last_epoch is not None and last_epoch == config.epochs - 1:
+            logged = _at(rows, last_epoch, (f"ema_{decay}_val_accuracy",
+                                            f"ema_{decay}_val_loss"))
+            entry["last"] = {"epoch": last_epoch,
+                             "val_accuracy": logged[f"ema_{decay}_val_accuracy"],
+                             "val_loss": logged[f"ema_{decay}_val_loss"],
+                             "weights": f"ema_{decay}_last.weights.h5"}
         emas[str(decay)] = entry
     summary["ema"] = emas
     if config.averaging == "sema":
@@ -365,7 +404,9 @@ def _averaging_callback(config, validation, run):
         warmup=config.ema_warmup,
         average_batch_norm=config.average_batch_norm,
         validation_data=validation,
-        best_weights_dir=run,
+        # Without a validation split the logged metrics are on test: keep no
+        # "best" files chosen on them (zoo.selection keeps the chosen epochs).
+        best_weights_dir=run if config.val_fraction > 0 else None,
         backup_dir=os.path.join(run, "backup"),
     )
     if config.averaging == "sema":
@@ -547,6 +588,7 @@ def _start(config, state, verbose, callbacks, locks):
     import zoo
 
     run = config.output_dir
+    check_selection(config)  # before anything is written
     # MultiWorkerMirroredStrategy must be made before TensorFlow starts work.
     strategy = _make_strategy(config.distribution)
     _banner("Data")
@@ -630,7 +672,7 @@ def _fit(config, data, run, zoo, verbose, extra_callbacks, strategy=None):
                             config.warmup_epochs * steps_per_epoch)
     with scope():
         model.compile(
-            optimizer=keras.optimizers.SGD(
+            optimizer=PyTorchSGD(
                 learning_rate=schedule, momentum=config.momentum,
                 nesterov=config.nesterov,
             ),
@@ -647,6 +689,8 @@ def _fit(config, data, run, zoo, verbose, extra_callbacks, strategy=None):
     )
 
     averager = _averaging_callback(config, validation, run)
+    tuned = check_selection(config)
+    chosen = ChosenWeights(run, averager, config.epochs, selection_split(config), tuned)
     previous = run_dir.read_json(os.path.join(run, "summary.json")) if os.path.exists(
         os.path.join(run, "summary.json")) else {}
     seconds_before = previous.get("train_seconds", 0.0)
@@ -654,7 +698,7 @@ def _fit(config, data, run, zoo, verbose, extra_callbacks, strategy=None):
 
     def summary_of(rows, completed):
         return summarize(config, data.summary(), rows, completed, averager,
-                         seconds_before + time.perf_counter() - start)
+                         seconds_before + time.perf_counter() - start, tuned)
 
     logger = RunLogger(run, summary_of)
     backup = AtomicBackupAndRestore(os.path.join(run, "backup"),
@@ -668,7 +712,7 @@ def _fit(config, data, run, zoo, verbose, extra_callbacks, strategy=None):
             shuffle=False,
             verbose=verbose,
             callbacks=[_StopOnNonFiniteLoss(), EpochSetter(train_loader),
-                       averager, logger, backup] + extra_callbacks,
+                       chosen, averager, logger, backup] + extra_callbacks,
         )
     except _Diverged as diverged:
         return _finish_diverged(config, run, logger, summary_of, diverged)
@@ -698,13 +742,14 @@ def _fit(config, data, run, zoo, verbose, extra_callbacks, strategy=None):
 
 
 def _write_results(config, run, model, averager, data, rows, summary_of):
-    """The files of a finished run: last SGD weights, curves, export.
+    """The files of a finished run: curves and export.
+
+    The last SGD and EMA weights are written by `zoo.selection.ChosenWeights`
+    at the last epoch's end, before SwitchEMA's copy.
 
     Each is written atomically from the trained state alone, so a kill at
     any point leaves a run that a rerun finishes the same way.
     """
-    with run_dir.atomic_path(os.path.join(run, "sgd_last.weights.h5")) as tmp:
-        model.save_weights(tmp)
     plot_curves(rows, os.path.join(run, "curves.png"),
                 title=f"{config.model} on {config.dataset}")
     if config.export:
@@ -799,28 +844,46 @@ def _replace_dir(new, path):
 
 
 def format_summary(summary) -> str:
-    """A few lines: SGD last and best vs each EMA's best epochs."""
-    lines = [f"{'':24s} {'epoch':>5s} {'val acc':>8s} {'val loss':>9s}"]
+    """A few lines: SGD last and best vs each EMA's chosen and last epochs."""
+    on = "test" if summary.get("validation_data") == "test" else "val"
+    lines = [f"{'':24s} {'epoch':>5s} {on + ' acc':>8s} {on + ' loss':>9s}"]
 
     def line(name, epoch, acc, loss):
         fmt = lambda v, p: "-" if v is None else f"{v:{p}}"  # noqa: E731
         lines.append(f"{name:24s} {epoch:>5} {fmt(acc, '8.4f'):>8s} "
                      f"{fmt(loss, '9.4f'):>9s}")
 
+    # The model that trains: plain SGD, or SGD switched / pulled to its EMA.
+    trained = {"sema": "SEMA model", "belay": "BELAY model"}.get(
+        summary.get("averaging"), "SGD")
     sgd = summary.get("sgd", {})
     if "last" in sgd:
         last = sgd["last"]
-        line("SGD last", last["epoch"], last.get("val_accuracy"), last.get("val_loss"))
+        line(f"{trained} last", last["epoch"], last.get("val_accuracy"),
+             last.get("val_loss"))
     if "best_accuracy" in sgd:
         b = sgd["best_accuracy"]
-        line("SGD best accuracy", b["epoch"], b["value"], b.get("val_loss"))
+        line(f"{trained} best accuracy", b["epoch"], b.get("val_accuracy", b["value"]),
+             b.get("val_loss"))
     for decay, entry in summary.get("ema", {}).items():
         if "best_accuracy" in entry:
             b = entry["best_accuracy"]
-            line(f"EMA {decay} best accuracy", b["epoch"], b["value"], b.get("val_loss"))
+            line(f"EMA {decay} best accuracy", b["epoch"],
+                 b.get("val_accuracy", b["value"]), b.get("val_loss"))
         if "best_loss" in entry:
             b = entry["best_loss"]
-            line(f"EMA {decay} lowest loss", b["epoch"], b.get("val_accuracy"), b["value"])
+            line(f"EMA {decay} lowest loss", b["epoch"], b.get("val_accuracy"),
+                 b.get("val_loss", b["value"]))
+        if "last" in entry:
+            b = entry["last"]
+            line(f"EMA {decay} last", b["epoch"], b.get("val_accuracy"), b.get("val_loss"))
+    split = summary.get("selection_split")
+    if split == "tuning_run":
+        lines.append(f"Best epochs chosen on the validation split of "
+                     f"{summary.get('selection_from')}, not on test.")
+    elif split == "none":
+        lines.append("No validation split (--val_fraction=0) and no "
+                     "--selection_from: no epoch chosen, only the last ones kept.")
     return "\n".join(lines)
 
 

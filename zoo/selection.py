@@ -1,0 +1,215 @@
+"""Which epochs' weights a training run keeps, and which split chose them.
+
+The paper (Sec. 4.1) chooses the hyperparameters and the EMA's early-stopping
+epoch on an 80/20 split of the training set; the final run trains on all of
+the training data with those choices and is evaluated on test: "early stopping
+is not tuned again on the test set". A run's `summary.json` says in
+`selection_split` which of three cases it is:
+
+- `"validation"` (`--val_fraction` > 0): the run chooses on its own held-out
+  split: the SGD model at its best validation accuracy, each EMA at its best
+  validation accuracy and at its lowest validation loss.
+- `"tuning_run"` (`--val_fraction=0 --selection_from=TUNE_RUN`): the run keeps
+  the SGD and EMA weights at the epochs that TUNE_RUN's validation split chose,
+  under the same file names, and records where each epoch came from.
+- `"none"` (`--val_fraction=0` alone): the run logs test metrics per epoch for
+  its curves but chooses nothing; only its last epoch is kept and evaluated.
+
+Every run also keeps its last epoch: `sgd_last.weights.h5` and
+`ema_<decay>_last.weights.h5`. The `sgd_*` files hold the model that the
+history's SGD columns (`val_accuracy`, `val_loss`) describe, saved before the
+averaging callback's epoch end: for `--averaging=sema` that is the trained
+model before SwitchEMA copies the EMA into it.
+
+The tuning run must be a finished run of the same configuration with a
+validation split. Its seed may differ (the paper tunes once and reuses the
+choices for every seed of the final runs), and so may the flags that do not
+change training: where the run and its data are, the device layout and the
+export.
+"""
+
+import os
+
+import keras
+
+from zoo import run_dir
+
+# Flags in which a final run may differ from the tuning run it takes epochs from.
+MAY_DIFFER = ("output_dir", "val_fraction", "seed", "data_dir", "distribution",
+              "export", "export_decay", "export_from", "selection_from")
+CRITERIA = ("accuracy", "loss")
+
+
+def selection_split(config) -> str:
+    """`"validation"`, `"tuning_run"` or `"none"`: see the module docstring."""
+    if config.val_fraction > 0:
+        return "validation"
+    return "tuning_run" if config.selection_from else "none"
+
+
+def chosen_by(run: str, criterion: str) -> dict:
+    """The record of a choice: the run whose validation split made it, and how.
+
+    `run` is `"."` for the run itself (its directory may move), else the
+    `--selection_from` path as given.
+    """
+    return {"run": run, "split": "validation", "criterion": criterion}
+
+
+def check_selection(config):
+    """Checks `config`'s selection flags; returns the tuning run's choices.
+
+    Args:
+        config: a resolved `zoo.experiment.Config`.
+
+    Returns:
+        `None` without `--selection_from`; otherwise
+        `{"run": TUNE_RUN, "seed": int, "sgd": {"best_accuracy": record},
+        "ema": {decay: {"best_accuracy": record, "best_loss": record}}}`
+        with `record = {"epoch": int, "value": float}`, the value on the
+        tuning run's validation split.
+
+    Raises:
+        zoo.experiment.ConfigError: `--selection_from` is not a finished
+            tuning run of the same configuration, or `--export_from` asks
+            for a chosen epoch that no split chooses.
+    """
+    from zoo.experiment import Config
+    from zoo.experiment import ConfigError
+
+    path = config.selection_from
+
+    def fail(what):
+        raise ConfigError(f"--selection_from={path}: {what}")
+
+    if not path:
+        if config.val_fraction == 0 and config.export_from != "final":
+            raise ConfigError(
+                f"--export_from={config.export_from}: with --val_fraction=0 no "
+                "epoch is chosen; pass --selection_from=TUNE_RUN or use "
+                "--export_from=final"
+            )
+        return None
+    if config.val_fraction > 0:
+        fail(f"takes the epochs of a tuning run for a full run with "
+             f"--val_fraction=0; this run has --val_fraction={config.val_fraction} "
+             "and chooses on its own split")
+    try:
+        tuned = run_dir.load_run(path)
+    except run_dir.RunDirError as error:
+        fail(str(error))
+    except (OSError, ValueError) as error:
+        fail(f"cannot read the run ({error}); pass a finished train.py run")
+    flags = tuned["flags"]
+    tune_config = Config.from_flags(flags)
+    if not tune_config.val_fraction > 0:
+        fail(f"that run has --val_fraction={tune_config.val_fraction}: it has no "
+             "validation split to choose on; tune with --val_fraction>0 (the "
+             "_tune.cfg configs)")
+    ours = run_dir.read_flags_text(config.to_flags())
+    differ = [k for k in sorted(set(flags) | set(ours))
+              if k not in MAY_DIFFER and flags.get(k) != ours.get(k)]
+    if differ:
+        changes = ", ".join(f"--{k}={flags.get(k)} there, {ours.get(k)} here"
+                            for k in differ[:3])
+        fail(f"a tuning run of another configuration ({changes}); only "
+             f"{', '.join('--' + k for k in MAY_DIFFER)} may differ")
+    summary = tuned["summary"]
+    if summary.get("selection_split", "validation") != "validation":
+        fail(f"that run chose nothing on validation (selection_split "
+             f"{summary.get('selection_split')}); pass a tuning run")
+    choices = {"run": path, "seed": tune_config.seed, "sgd": {}, "ema": {}}
+    record = summary.get("sgd", {}).get("best_accuracy")
+    if record:
+        choices["sgd"]["best_accuracy"] = _record(record, config, fail)
+    for decay in config.ema_decays:
+        entry = summary.get("ema", {}).get(str(decay), {})
+        chosen = {}
+        for criterion in CRITERIA:
+            record = entry.get(f"best_{criterion}")
+            if not record:
+                fail(f"its summary.json records no best_{criterion} epoch for "
+                     f"decay {decay} (did its validation diverge?); retrain it")
+            chosen[f"best_{criterion}"] = _record(record, config, fail)
+        choices["ema"][str(decay)] = chosen
+    return choices
+
+
+def _record(record, config, fail):
+    epoch = int(record["epoch"])
+    if not 0 <= epoch < config.epochs:
+        fail(f"its chosen epoch {epoch} is outside this run's --epochs="
+             f"{config.epochs}; train as many epochs as the tuning run")
+    return {"epoch": epoch, "value": record.get("value")}
+
+
+class ChosenWeights(keras.callbacks.Callback):
+    """Saves the SGD and EMA weights at the chosen epochs and at the last one.
+
+    - `sgd_best_accuracy.weights.h5`: with a validation split, at each new
+      best `val_accuracy`; with a tuning run, at the epoch it chose.
+    - `ema_<decay>_best_accuracy.weights.h5`, `ema_<decay>_best_loss.weights.h5`:
+      with a tuning run, at the epochs it chose (with a validation split the
+      averaging callback itself writes them).
+    - `sgd_last.weights.h5`, `ema_<decay>_last.weights.h5`: at the last epoch.
+
+    Place it before the averaging callback: at the epoch end the model then
+    still holds the weights that `fit`'s `val_*` logs describe (SwitchEMA
+    copies the EMA in later), and the EMAs are final for the epoch (they are
+    updated at batch ends). A resumed run reads the best validation accuracy
+    so far from `history.csv`; files of past epochs are already on disk.
+
+    Args:
+        run: str. The run directory.
+        averager: the run's `keras_ema.MultiEMA` (or subclass).
+        epochs: int. The run's number of epochs.
+        split: str. `selection_split` of the run.
+        tuned: dict or `None`. The choices of `check_selection`.
+    """
+
+    def __init__(self, run, averager, epochs, split, tuned=None):
+        super().__init__()
+        self.run = run
+        self.averager = averager
+        self.epochs = epochs
+        self.split = split
+        self.tuned = tuned
+        self._best_accuracy = None
+
+    def _path(self, name):
+        return os.path.join(self.run, name)
+
+    def _save_sgd(self, name):
+        with run_dir.atomic_path(self._path(name)) as tmp:
+            self.model.save_weights(tmp)
+
+    def _save_ema(self, decay, name):
+        with run_dir.atomic_path(self._path(name)) as tmp:
+            self.averager.save_weights(decay, tmp)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._best_accuracy is None:
+            rows = run_dir.read_csv(self._path("history.csv"))
+            seen = [r["val_accuracy"] for r in rows
+                    if int(r["epoch"]) < epoch and "val_accuracy" in r]
+            self._best_accuracy = max(seen, default=-float("inf"))
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self.split == "validation":
+            accuracy = logs.get("val_accuracy")
+            if accuracy is not None and float(accuracy) > self._best_accuracy:
+                self._best_accuracy = float(accuracy)
+                self._save_sgd("sgd_best_accuracy.weights.h5")
+        elif self.split == "tuning_run":
+            record = self.tuned["sgd"].get("best_accuracy")
+            if record and record["epoch"] == epoch:
+                self._save_sgd("sgd_best_accuracy.weights.h5")
+            for decay in self.averager.decays:
+                for key, record in self.tuned["ema"][str(decay)].items():
+                    if record["epoch"] == epoch:
+                        self._save_ema(decay, f"ema_{decay}_{key}.weights.h5")
+        if epoch == self.epochs - 1:
+            self._save_sgd("sgd_last.weights.h5")
+            for decay in self.averager.decays:
+                self._save_ema(decay, f"ema_{decay}_last.weights.h5")

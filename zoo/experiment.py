@@ -238,8 +238,7 @@ class RunLogger(keras.callbacks.Callback):
         if row.get("val_accuracy", -1.0) >= 0 and accuracies.index(
             max(accuracies)
         ) == len(self.rows) - 1:
-            with run_dir.atomic_path(self._path("sgd_best_accuracy.weights.h5")) as tmp:
-                self.model.save_weights(tmp)
+            run_dir.save_weights(self.model, self._path("sgd_best_accuracy.weights.h5"))
         run_dir.write_json(self._path("summary.json"), self.summarize(self.rows, False))
 
 
@@ -419,6 +418,9 @@ def train(config: Config, verbose=None, callbacks=()):
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     run = config.output_dir
+    # Before anything is loaded: a read-only or damaged run directory stops
+    # here with one line (damaged backups are handled by the backup callback).
+    run_dir.check_resumable(run)
     state = _check_run_dir(config)
     if state == "done":
         print(f"{run} holds a completed run; nothing to do. Its summary: "
@@ -455,7 +457,8 @@ def train(config: Config, verbose=None, callbacks=()):
     if config.distribution == "data_parallel":
         keras.distribution.set_distribution(keras.distribution.DataParallel())
     try:
-        return _fit(config, data, run, zoo, verbose, list(callbacks), strategy)
+        with run_dir.disk_errors():  # a full disk: one line naming the file
+            return _fit(config, data, run, zoo, verbose, list(callbacks), strategy)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
         keras.distribution.set_distribution(previous_distribution)
@@ -529,7 +532,8 @@ def _fit(config, data, run, zoo, verbose, extra_callbacks, strategy=None):
 
     logger = RunLogger(run, summary_of)
     backup = AtomicBackupAndRestore(os.path.join(run, "backup"),
-                                    delete_checkpoint=False)
+                                    delete_checkpoint=False, ema_state=True,
+                                    history_path=os.path.join(run, "history.csv"))
     _banner("Training")
     model.fit(
         train_loader,
@@ -542,8 +546,7 @@ def _fit(config, data, run, zoo, verbose, extra_callbacks, strategy=None):
     )
 
     _banner("Results")
-    with run_dir.atomic_path(os.path.join(run, "sgd_last.weights.h5")) as tmp:
-        model.save_weights(tmp)
+    run_dir.save_weights(model, os.path.join(run, "sgd_last.weights.h5"))
     plot_curves(logger.rows, os.path.join(run, "curves.png"),
                 title=f"{config.model} on {config.dataset}")
     if config.export:

@@ -166,7 +166,7 @@ def _fitted_ema(backup, epochs=2):
     keras.utils.set_random_seed(1)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-    ema = MultiEMA((0.5, 0.9), period=1, backup_dir=backup, verbose=0)
+    ema = MultiEMA((0.5, 0.9), period=1, warmup=False, backup_dir=backup, verbose=0)
     x = np.random.default_rng(0).normal(size=(8, 3))
     model.fit(x, x[:, :2], batch_size=4, epochs=epochs, verbose=0, callbacks=[ema])
     return model, ema
@@ -186,7 +186,7 @@ def test_ema_state_files_damaged_or_missing_are_named(tmp_path):
         f.truncate(os.path.getsize(newest) // 2)
     assert ema.backup_steps() == [2]
 
-    fresh = MultiEMA((0.5, 0.9), period=1, backup_dir=backup, verbose=0)
+    fresh = MultiEMA((0.5, 0.9), period=1, warmup=False, backup_dir=backup, verbose=0)
     fresh._build(model)
     shadows = [np.array(s) for s in fresh.get_state()["shadows"]]
     with pytest.raises(ValueError, match=r"^MultiEMA state file .*004\.npz is damaged \("):
@@ -343,6 +343,19 @@ def test_damaged_files_of_a_finished_run_are_one_line(runs, tmp_path):
         assert "\n" not in str(info.value)
 
 
+def test_damaged_weights_of_a_finished_run_are_one_line(runs, tmp_path):
+    clean, _ = runs
+    run = copy_of(clean, tmp_path)
+    garble(os.path.join(run, "sgd_last.weights.h5"))
+    evaluator = evaluation.Evaluator(evaluation.load_runs([run]), bn_recompute=False,
+                                     log=lambda *args: None)
+    with pytest.raises(RunDirError, match=(
+            r"^.*sgd_last\.weights\.h5 is damaged \(.*\); restore it from a copy, or "
+            r"retrain the run with --flagfile=.*flags\.cfg --output_dir=NEW$")) as info:
+        evaluator.model(evaluator.runs[0], "baseline")
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("what", ["newest weights", "newest EMA state", "metadata"])
 def test_damaged_backup_resumes_from_the_older_epoch(runs, tmp_path, what, capsys):
     clean, stopped = runs
@@ -427,11 +440,17 @@ def tmpfs(path, size):
 
 
 def test_read_only_run_directory_fails_before_loading_data(runs, tmp_path, monkeypatch):
-    _, stopped = runs
-    with tmpfs(tmp_path / f"ro{uuid.uuid4().hex[:6]}", "32m") as mount:
-        run = os.path.join(mount, "run")
-        shutil.copytree(stopped, run)
+    clean, stopped = runs
+    # A finished run needs no writing: it is reported, as on a writable disk.
+    with tmpfs(tmp_path / f"done{uuid.uuid4().hex[:6]}", "32m") as run:
+        shutil.copytree(clean, run, dirs_exist_ok=True)
+        subprocess.run(["mount", "-o", "remount,ro", run], check=True)
+        assert experiment.train(tiny_config(run), verbose=0) == read_summary(clean)
+    # The run directory itself is the read-only mount; its parent is writable.
+    with tmpfs(tmp_path / f"ro{uuid.uuid4().hex[:6]}", "32m") as run:
+        shutil.copytree(stopped, run, dirs_exist_ok=True)
         before = sorted(os.listdir(run))
+        mount = run
         subprocess.run(["mount", "-o", "remount,ro", mount], check=True)
 
         def no_data(*args, **kwargs):

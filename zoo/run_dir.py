@@ -167,6 +167,15 @@ def save_weights(model, path):
         write_weights(model, tmp)
 
 
+def load_weights(model, path, remedy=""):
+    """`model.load_weights(path)`; a file that does not load raises `DamagedFileError`."""
+    try:
+        model.load_weights(path)
+    except Exception as error:  # h5py and Keras raise many kinds
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        raise DamagedFileError(path, reason[:200], remedy) from None
+
+
 def check_writable(path):
     """Raises RunDirError unless a file can be created in directory `path`.
 
@@ -215,7 +224,9 @@ def write_csv(path, rows):
 def read_csv(path):
     """Rows of a CSV file as dicts of floats (empty cells are dropped).
 
-    The `epoch` column is read back as an int, as it was written.
+    The `epoch` column is read back as an int, as it was written. A cell
+    that is not a number raises `DamagedFileError`; `read_history` checks a
+    history whole.
     """
     if not os.path.exists(path):
         return []
@@ -398,27 +409,31 @@ def check_resumable(run):
     `run/backup` is not writable (a read-only mount), or if `flags.cfg` or a
     finished run's `summary.json` is damaged. An unfinished run's damaged
     `summary.json` is removed: training rewrites it from `history.csv` at
-    the next epoch end. A new (absent or empty) directory passes.
+    the next epoch end. A new (absent or empty) directory and a completed
+    run (nothing is written) pass.
     """
     if not os.path.isfile(os.path.join(run, "flags.cfg")):
         return
-    check_writable(run)
-    backup = os.path.join(run, "backup")
-    if os.path.isdir(backup):
-        check_writable(backup)
     read_flags(os.path.join(run, "flags.cfg"))
     summary = os.path.join(run, "summary.json")
-    if not os.path.exists(summary):
-        return
-    remedy = _rewrite_remedy(run)
-    try:
-        if isinstance(read_json(summary, remedy), dict):
-            return
-        error = DamagedFileError(summary, "not a JSON object", remedy)
-    except DamagedFileError as damaged:
-        error = damaged
-    if not os.path.isdir(backup):
-        raise error
-    os.remove(summary)
-    print(f"{summary} was damaged ({error.reason}); it is rewritten from "
-          "history.csv at the next epoch end.", flush=True)
+    backup = os.path.join(run, "backup")
+    damaged = None
+    if os.path.exists(summary):
+        remedy = _rewrite_remedy(run)
+        try:
+            content = read_json(summary, remedy)
+            if not isinstance(content, dict):
+                damaged = DamagedFileError(summary, "not a JSON object", remedy)
+            elif content.get("completed"):
+                return
+        except DamagedFileError as error:
+            damaged = error
+    if damaged is not None and not os.path.isdir(backup):
+        raise damaged
+    check_writable(run)
+    if os.path.isdir(backup):
+        check_writable(backup)
+    if damaged is not None:
+        os.remove(summary)
+        print(f"{summary} was damaged ({damaged.reason}); it is rewritten from "
+              "history.csv at the next epoch end.", flush=True)

@@ -172,7 +172,10 @@ class MultiEMA(keras.callbacks.Callback):
         backup_dir: str or `None`. If given, the whole state is written there
             at each epoch end, and a run that resumes at the same optimizer
             step (for example through `keras.callbacks.BackupAndRestore` with
-            `save_freq="epoch"`) restores it. Defaults to `None`.
+            `save_freq="epoch"`) restores it; the two newest states are
+            kept. A resume at a step whose state is damaged, or missing while
+            other steps are saved, raises `ValueError` naming the file instead
+            of restarting the EMAs. Defaults to `None`.
         raise_on_nonfinite: bool. Raise `FloatingPointError` instead of
             skipping an update on non-finite weights. Defaults to `False`.
         jit_compile: bool. Compile the update with XLA. Defaults to `True`.

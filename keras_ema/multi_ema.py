@@ -1,11 +1,14 @@
 """MultiEMA: several exponential moving averages of a model's weights at once."""
 
 import contextlib
+import errno
 import glob
+import io
 import json
 import math
 import os
 import warnings
+import zipfile
 
 import keras
 import numpy as np
@@ -197,7 +200,10 @@ class MultiEMA(keras.callbacks.Callback):
         backup_dir: str or `None`. If given, the whole state is written there
             at each epoch end, and a run that resumes at the same optimizer
             step (for example through `keras.callbacks.BackupAndRestore` with
-            `save_freq="epoch"`) restores it. Defaults to `None`.
+            `save_freq="epoch"`) restores it; the two newest states are
+            kept. A resume at a step whose state is damaged, or missing while
+            other steps are saved, raises `ValueError` naming the file instead
+            of restarting the EMAs. Defaults to `None`.
         raise_on_nonfinite: bool. Raise `FloatingPointError` instead of
             skipping an update on non-finite weights. Defaults to `False`.
         jit_compile: bool. Compile the update with XLA. Defaults to `True`.
@@ -531,42 +537,60 @@ class MultiEMA(keras.callbacks.Callback):
         pattern = os.path.join(self.backup_dir, f"{_STATE_PREFIX}*.npz")
         return sorted(glob.glob(pattern))
 
+    def backup_steps(self) -> list:
+        """Optimizer steps whose state files in `backup_dir` read back whole.
+
+        A resume can continue these EMAs only at one of these steps; a
+        damaged file is left out.
+        """
+        return backup_steps(self.backup_dir) if self.backup_dir else []
+
     def _save_backup(self):
         state = self.get_state()
         shadows = state.pop("shadows")
         os.makedirs(self.backup_dir, exist_ok=True)
-        path = os.path.join(
-            self.backup_dir, f"{_STATE_PREFIX}{self._step:012d}.npz"
-        )
-        tmp = path + ".tmp.npz"
-        np.savez(
-            tmp,
-            meta=np.asarray(json.dumps(state)),
-            **{f"s{i}": s for i, s in enumerate(shadows)},
-        )
-        os.replace(tmp, path)
+        path = _state_path(self.backup_dir, self._step)
+        tmp = _temp_path(path)
+        try:
+            np.savez(
+                tmp,
+                meta=np.asarray(json.dumps(state)),
+                **{f"s{i}": s for i, s in enumerate(shadows)},
+            )
+            os.replace(tmp, path)
+        except Exception as error:
+            raise _disk_full_error(error, path) from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         # Keep the two newest: a kill between this file and the model's own
-        # backup leaves the model one epoch behind, and that state is kept.
+        # backup leaves the model one epoch behind, and that state is kept;
+        # a damaged newest file leaves the older one to resume from.
         for old in self._state_files()[:-2]:
             os.remove(old)
 
     def _restore_backup(self, step):
+        """Restores the state saved at optimizer step `step`, if any.
+
+        Returns `False` when `backup_dir` holds no state (a new run) or
+        `step` is 0. Raises `ValueError` naming the file when the state of
+        `step` is damaged, or when other steps are saved but not `step`: the
+        EMAs never restart silently from the current weights.
+        """
         files = self._state_files()
-        path = os.path.join(self.backup_dir, f"{_STATE_PREFIX}{step:012d}.npz")
-        if path not in files:
-            if files:
-                warnings.warn(
+        path = _state_path(self.backup_dir, step)
+        if not os.path.exists(path):
+            if files and step > 0:
+                steps = ", ".join(str(s) for s in _file_steps(files))
+                raise ValueError(
                     f"MultiEMA: no saved state at optimizer step {step} in "
-                    f"{self.backup_dir} (found {os.path.basename(files[-1])}); "
-                    "the EMAs restart from the current weights.",
-                    stacklevel=2,
+                    f"{self.backup_dir} (it holds steps {steps}), so the EMAs "
+                    "cannot continue. Resume the model from one of those "
+                    f"steps, or remove {os.path.join(self.backup_dir, _STATE_PREFIX)}"
+                    "*.npz to restart the EMAs from the current weights."
                 )
             return False
-        with np.load(path) as data:
-            state = json.loads(str(data["meta"]))
-            n = len([k for k in data.files if k.startswith("s")])
-            state["shadows"] = [data[f"s{i}"] for i in range(n)]
-        self.set_state(state)
+        self.set_state(read_state_file(path))
         return True
 
     def restore_backup(self, model) -> bool:
@@ -829,10 +853,16 @@ class MultiEMA(keras.callbacks.Callback):
         directory = os.path.dirname(path)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        tmp = path[: -len(".weights.h5")] + ".tmp.weights.h5"
-        with self.swapped_in(decay) as model:
-            model.save_weights(tmp, overwrite=True)
-        os.replace(tmp, path)
+        tmp = _temp_path(path)
+        try:
+            with self.swapped_in(decay) as model:
+                write_weights(model, tmp)
+            os.replace(tmp, path)
+        except Exception as error:
+            raise _disk_full_error(error, path) from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def ema_model(self, decay) -> keras.Model:
         """An independent copy of the model holding the EMA of `decay`.
@@ -956,6 +986,119 @@ def _check_validation_data(model, data, batch_size):
             f"evaluated on its first batch ({type(e).__name__}: {detail}). "
             "Check the shapes of x and y against the model."
         ) from None
+
+
+def _state_path(directory, step):
+    return os.path.join(directory, f"{_STATE_PREFIX}{int(step):012d}.npz")
+
+
+def _file_steps(files):
+    steps = []
+    for f in files:
+        digits = os.path.basename(f)[len(_STATE_PREFIX):-len(".npz")]
+        if digits.isdigit():
+            steps.append(int(digits))
+    return sorted(steps)
+
+
+def _temp_path(path):
+    """`.NAME.tmpPID.EXT` beside `path`: the temporary name of every writer.
+
+    The pid tells a leftover of a killed process from a live writer's file;
+    `.weights.h5` is kept whole because Keras insists on it.
+    """
+    directory, base = os.path.split(path)
+    ext = ".weights.h5" if base.endswith(".weights.h5") else os.path.splitext(base)[1]
+    stem = base[: len(base) - len(ext)]
+    return os.path.join(directory, f".{stem}.tmp{os.getpid()}{ext}")
+
+
+def _one_line(error):
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def _is_disk_full(error) -> bool:
+    """Whether `error` (also h5py's wrappers of it) is a full disk (ENOSPC)."""
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC:
+            return True
+        text = str(error)
+        if "No space left on device" in text or "errno = 28" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _disk_full_error(error, path):
+    """`error`, or an `OSError(ENOSPC)` naming `path` if the disk is full."""
+    if _is_disk_full(error) and not (
+        isinstance(error, OSError) and error.filename == path
+    ):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    return error
+
+
+def write_weights(model, path):
+    """`model.save_weights(path)`, built in memory and then written to `path`.
+
+    On a full disk, h5py writing straight to the file raises from its
+    destructors and then crashes the process (a segmentation fault); built in
+    memory, the weights reach the disk through one plain write that fails
+    with an ordinary `OSError`.
+    """
+    try:
+        from keras.src.saving import saving_lib
+
+        store = saving_lib.H5IOStore(io.BytesIO(), mode="w")
+    except (ImportError, AttributeError, TypeError):  # another Keras layout
+        model.save_weights(path, overwrite=True)
+        return
+    buffer = store.path_or_io
+    try:
+        saving_lib._save_state(model, weights_store=store, assets_store=None,
+                               inner_path="", visited_saveables=set())
+    finally:
+        store.close()
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_state_file(path) -> dict:
+    """The MultiEMA state saved in `path` (a `multi_ema_step<step>.npz`).
+
+    Raises:
+        ValueError: one line naming the file if it does not read back whole.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            state = json.loads(str(data["meta"]))
+            n = len([k for k in data.files if k.startswith("s")])
+            state["shadows"] = [np.asarray(data[f"s{i}"]) for i in range(n)]
+        if not isinstance(state, dict) or not all(
+            k in state for k in ("decays", "step", "attempted", "best")
+        ):
+            raise ValueError("its metadata lacks the MultiEMA fields")
+    except (OSError, ValueError, KeyError, EOFError, TypeError,
+            zipfile.BadZipFile) as error:
+        raise ValueError(
+            f"MultiEMA state file {path} is damaged ({_one_line(error)})."
+        ) from None
+    return state
+
+
+def backup_steps(directory) -> list:
+    """Optimizer steps whose MultiEMA state files in `directory` read back whole."""
+    files = sorted(glob.glob(os.path.join(directory, f"{_STATE_PREFIX}*.npz")))
+    steps = []
+    for step in _file_steps(files):
+        try:
+            read_state_file(_state_path(directory, step))
+        except ValueError:
+            continue
+        steps.append(step)
+    return steps
 
 
 def _evaluate(model, data, batch_size):

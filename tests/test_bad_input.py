@@ -203,3 +203,15 @@ def test_non_numeric_flag_exits_nonzero(tmp_path):
     assert result.returncode != 0
     assert "--lr=fast" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_damaged_flags_file(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "flags.cfg").write_bytes(b"--model=\xff\xfe\x00resnet18\n")
+    with pytest.raises(RunDirError, match=(
+            r"flags\.cfg is damaged \(not text: .*\); restore it, or rerun with "
+            r"--output_dir=NEW to train again$")) as info:
+        experiment.train(config(run), verbose=0)
+    assert "\n" not in str(info.value)
+    assert sorted(os.listdir(run)) == ["flags.cfg"]

@@ -1,37 +1,91 @@
-"""BackupAndRestore whose backup survives a kill at any instant."""
+"""BackupAndRestore whose backup survives a kill at any instant, and damage."""
 
-import json
+import glob
 import os
+import re
 
 import keras
 
 from zoo import run_dir
 
+_WEIGHTS_NAME = re.compile(r"^epoch_(\d+)\.weights\.h5$")
+
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`keras.callbacks.BackupAndRestore` with kill-safe files.
+    """`keras.callbacks.BackupAndRestore` with kill-safe, damage-tolerant files.
 
     Keras' callback overwrites `latest.weights.h5` in place and writes the
     epoch to a second file afterwards, so a kill in between resumes the
     weights of one epoch with the epoch number of another. Here each backup
     writes `epoch_<e>.weights.h5` under a temporary name, renames it, and
-    only then replaces `training_metadata.json`, which names that file; the
-    previous weights are removed last. Whatever instant the process dies at,
-    the metadata names a complete weights file of the epoch it records.
+    only then replaces `training_metadata.json`, which names it and the
+    previous epoch's file, newest first; older weights are removed last.
+    Whatever instant the process dies at, the metadata names complete
+    weights files of the epochs it records.
+
+    Two epochs are kept so that a damaged file (a disk error, a careless
+    copy) costs one epoch instead of the run. On resume, the newest epoch
+    whose weights load (and, with `ema_state`, whose MultiEMA state at that
+    epoch's optimizer step reads back whole) is restored, else the older
+    one; if the metadata is damaged it is rebuilt from the
+    `epoch_<e>.weights.h5` files present. With `history_path`, a copy of the
+    run's `history.csv` is kept in the backup, and the rows a resumed run
+    keeps are checked and, if damaged, restored from that copy. When
+    nothing can be restored, `zoo.run_dir.RunDirError` names the damaged
+    files and says to remove the backup.
 
     Args:
         backup_dir: str. Where the backup lives; removed when training ends
             (unless `delete_checkpoint=False`).
         delete_checkpoint: bool. Whether to remove the backup at the end of
             training. Defaults to `True`.
+        ema_state: bool. Whether a `keras_ema.MultiEMA` keeps its state in
+            the same `backup_dir`; an epoch is then restored only with its
+            EMA state. Defaults to `False`.
+        history_path: str or `None`. The run's `history.csv`, copied into the
+            backup at each epoch end and checked on resume. Defaults to
+            `None`.
     """
 
-    def __init__(self, backup_dir, delete_checkpoint=True):
+    def __init__(self, backup_dir, delete_checkpoint=True, ema_state=False,
+                 history_path=None):
         super().__init__(backup_dir, save_freq="epoch",
                          delete_checkpoint=delete_checkpoint)
+        self.ema_state = ema_state
+        self.history_path = history_path
 
     def on_train_begin(self, logs=None):
         self._load_model()
+
+    def _history_copy(self):
+        return os.path.join(self.backup_dir, "history.csv")
+
+    def _entries(self):
+        """`[{"epoch", "weights"}]` of the backups, newest first; `[]` if damaged."""
+        path = self._training_metadata_path
+        if not os.path.exists(path):
+            return []
+        try:
+            metadata = run_dir.read_json(path)
+            entries = metadata.get("backups") or [
+                {"epoch": metadata["epoch"], "weights": metadata["weights"]}
+            ]
+            entries = [{"epoch": int(e["epoch"]), "weights": str(e["weights"])}
+                       for e in entries]
+        except (run_dir.RunDirError, AttributeError, KeyError, TypeError,
+                ValueError):
+            return []
+        return sorted(entries, key=lambda e: -e["epoch"])
+
+    def _files(self):
+        """`[{"epoch", "weights"}]` of the weights files present, newest first."""
+        entries = []
+        for path in glob.glob(os.path.join(self.backup_dir, "epoch_*.weights.h5")):
+            match = _WEIGHTS_NAME.match(os.path.basename(path))
+            if match:
+                entries.append({"epoch": int(match.group(1)),
+                                "weights": os.path.basename(path)})
+        return sorted(entries, key=lambda e: -e["epoch"])
 
     def _load_model(self):
         if not self.model.built:
@@ -39,29 +93,115 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                 "AtomicBackupAndRestore needs a built model; call the model "
                 "on a batch before fit()."
             )
-        if not os.path.exists(self._training_metadata_path):
+        problems = []
+        entries = self._entries()
+        if not entries and os.path.exists(self._training_metadata_path):
+            problems.append(f"{self._training_metadata_path} (rebuilt from "
+                            "the weights files present)")
+        if not entries:
+            # No metadata (a kill before the first one was written) or a
+            # damaged one: rebuild it from the weights files present.
+            entries = self._files()
+            if os.path.exists(self._training_metadata_path) and not entries:
+                raise run_dir.RunDirError(
+                    f"{self._training_metadata_path} is damaged and "
+                    f"{self.backup_dir} holds no epoch_<e>.weights.h5 to "
+                    f"rebuild it from; remove {self.backup_dir} to restart "
+                    "the run from scratch."
+                )
+        if not entries:
             return
-        metadata = run_dir.read_json(self._training_metadata_path)
-        weights = os.path.join(self.backup_dir, metadata["weights"])
-        if self.model.optimizer is not None and not self.model.optimizer.built:
-            self.model.optimizer.build(self.model.trainable_variables)
-        self.model.load_weights(weights)
-        self.model._initial_epoch = metadata["epoch"]
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        ema_steps = None
+        for entry in entries:
+            epoch = entry["epoch"]
+            weights = os.path.join(self.backup_dir, entry["weights"])
+            try:
+                self.model.load_weights(weights)
+            except Exception as error:  # h5py and Keras raise many kinds
+                problems.append(f"{weights} ({_describe(error)})")
+                continue
+            if self.ema_state and optimizer is not None:
+                from keras_ema import multi_ema
+
+                step = int(keras.ops.convert_to_numpy(optimizer.iterations))
+                if ema_steps is None:
+                    ema_steps = multi_ema.backup_steps(self.backup_dir)
+                if step not in ema_steps:
+                    problems.append(_ema_problem(self.backup_dir, step))
+                    continue
+            if self.history_path and epoch > 0:
+                try:
+                    self._restore_history(epoch)
+                except run_dir.DamagedFileError as error:
+                    problems.append(f"{error.path} ({error.reason})")
+                    continue
+            if problems:
+                print(f"Resuming from epoch {epoch}, the newest backup that "
+                      f"reads back whole; damaged: {'; '.join(problems)}",
+                      flush=True)
+            self.model._initial_epoch = epoch
+            return
+        raise run_dir.RunDirError(
+            f"Cannot resume from {self.backup_dir}: {'; '.join(problems)}; "
+            f"remove {self.backup_dir} to restart the run from scratch."
+        )
+
+    def _restore_history(self, epochs):
+        """Makes the run's history the first `epochs` rows, whole.
+
+        The rows are taken from the run's `history.csv` if they are whole
+        there, else from the copy in the backup; later rows (of epochs the
+        resumed run trains again) are dropped.
+        """
+        try:
+            rows = run_dir.read_history(self.history_path, epochs)
+        except run_dir.DamagedFileError as damaged:
+            try:
+                rows = run_dir.read_history(self._history_copy(), epochs)
+            except run_dir.DamagedFileError:
+                raise damaged from None
+            print(f"{self.history_path} was damaged ({damaged.reason}); its "
+                  f"first {epochs} rows were restored from "
+                  f"{self._history_copy()}.", flush=True)
+        run_dir.write_csv(self.history_path, rows)
 
     def _save_model(self):
         os.makedirs(self.backup_dir, exist_ok=True)
+        if self.history_path and os.path.exists(self.history_path):
+            with open(self.history_path, "rb") as f:
+                run_dir.write_bytes(self._history_copy(), f.read())
         name = f"epoch_{self._current_epoch}.weights.h5"
-        path = os.path.join(self.backup_dir, name)
-        with run_dir.atomic_path(path) as tmp:
-            self.model.save_weights(tmp, overwrite=True)
-        previous = None
-        if os.path.exists(self._training_metadata_path):
-            previous = run_dir.read_json(self._training_metadata_path)["weights"]
-        run_dir.write_text(
-            self._training_metadata_path,
-            json.dumps({"epoch": self._current_epoch, "weights": name}),
-        )
-        if previous and previous != name:
-            old = os.path.join(self.backup_dir, previous)
-            if os.path.exists(old):
-                os.remove(old)
+        run_dir.save_weights(self.model, os.path.join(self.backup_dir, name))
+        newest = {"epoch": self._current_epoch, "weights": name}
+        older = [e for e in self._entries() or self._files()
+                 if e["epoch"] < self._current_epoch]
+        kept = [newest] + older[:1]
+        run_dir.write_json(self._training_metadata_path, {
+            "epoch": newest["epoch"], "weights": name, "backups": kept,
+        })
+        names = {e["weights"] for e in kept}
+        for entry in self._files():
+            if entry["weights"] not in names:
+                os.remove(os.path.join(self.backup_dir, entry["weights"]))
+
+
+def _describe(error):
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _ema_problem(backup_dir, step):
+    """Why the MultiEMA state of `step` cannot be restored, in a few words."""
+    from keras_ema import multi_ema
+
+    path = os.path.join(backup_dir, f"multi_ema_step{step:012d}.npz")
+    if not os.path.exists(path):
+        return f"{path} (missing)"
+    try:
+        multi_ema.read_state_file(path)
+    except ValueError as error:
+        return str(error).rstrip(".")
+    return f"{path} (unreadable)"

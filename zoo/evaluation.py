@@ -370,7 +370,9 @@ class Evaluator:
                 f"{path} is missing; the run directory is incomplete: rerun "
                 "its training or remove it."
             )
-        model.load_weights(path)
+        run_dir.load_weights(model, path, remedy=(
+            "restore it from a copy, or retrain the run with --flagfile="
+            f"{os.path.join(run.path, 'flags.cfg')} --output_dir=NEW"))
         if which.startswith("ema") and self.bn_recompute and batch_norm_layers(model):
             recompute_batch_norm_statistics(
                 model,

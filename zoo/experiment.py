@@ -566,6 +566,9 @@ def train(config: Config, verbose=None, callbacks=()):
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     run = config.output_dir
+    # Before anything is loaded: a read-only or damaged run directory stops
+    # here with one line (damaged backups are handled by the backup callback).
+    run_dir.check_resumable(run)
     locks = []  # the run directory's lock, once taken; held to the end
     try:
         state = _check_run_dir(config)
@@ -626,7 +629,8 @@ def _start(config, state, verbose, callbacks, locks):
     if config.distribution == "data_parallel":
         keras.distribution.set_distribution(keras.distribution.DataParallel())
     try:
-        return _fit(config, data, run, zoo, verbose, list(callbacks), strategy)
+        with run_dir.disk_errors():  # a full disk: one line naming the file
+            return _fit(config, data, run, zoo, verbose, list(callbacks), strategy)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
         keras.distribution.set_distribution(previous_distribution)
@@ -702,7 +706,8 @@ def _fit(config, data, run, zoo, verbose, extra_callbacks, strategy=None):
 
     logger = RunLogger(run, summary_of)
     backup = AtomicBackupAndRestore(os.path.join(run, "backup"),
-                                    delete_checkpoint=False)
+                                    delete_checkpoint=False, ema_state=True,
+                                    history_path=os.path.join(run, "history.csv"))
     _banner("Training")
     try:
         model.fit(

@@ -14,13 +14,17 @@ A run directory holds:
   `export/` with `--export`.
 - `.lock`: locked by the process that trains the run (see `lock_run_dir`).
 
-Every file is written to a temporary name in the same directory and renamed
-(`os.replace` is atomic on POSIX), so a reader or a resumed run sees either
-the old file or the new one.
+Every file is written to a temporary name in the same directory,
+`.NAME.tmpPID.EXT`, and renamed (`os.replace` is atomic on POSIX), so a reader
+or a resumed run sees either the old file or the new one. A full disk stops
+the writer with `DiskFullError` naming the file, its temporary file removed.
+Files damaged by something else (a disk error, a careless edit) are detected
+when read: `DamagedFileError` names the file and what to do.
 """
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import math
@@ -40,19 +44,104 @@ class RunDirError(ValueError):
     """A run directory is missing, incomplete or of another layout."""
 
 
+class DamagedFileError(RunDirError):
+    """A file of a run directory does not read back; the message says what to do."""
+
+    def __init__(self, path, reason, remedy=""):
+        self.path = path
+        self.reason = " ".join(str(reason).split())
+        message = f"{path} is damaged ({self.reason})"
+        super().__init__(message + (f"; {remedy}" if remedy else "."))
+
+
+class DiskFullError(RunDirError):
+    """The disk filled up while a run file was written (its temporary file removed)."""
+
+    def __init__(self, path):
+        self.path = path
+        super().__init__(
+            f"No space left on device while writing {path}; free some space "
+            "and rerun the same command."
+        )
+
+
+# `.NAME.tmpPID.EXT`: the temporary file of a writer with process id PID.
+TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.tmp(?P<pid>\d+)(?P<ext>(\.[^/]*)?)$")
+
+
+def temp_path(path):
+    """The temporary name of `path` for this process: `.NAME.tmpPID.EXT`.
+
+    `EXT` is `.weights.h5` for weight files (Keras insists on it), else the
+    last extension; the pid tells a killed process's leftover from a live
+    writer's file.
+    """
+    directory, base = os.path.split(os.path.abspath(path))
+    ext = ".weights.h5" if base.endswith(".weights.h5") else os.path.splitext(base)[1]
+    stem = base[: len(base) - len(ext)]
+    return os.path.join(directory, f".{stem}.tmp{os.getpid()}{ext}")
+
+
+def _final_path(path):
+    """`path` with a temporary name `.NAME.tmpPID.EXT` turned back into NAME.EXT."""
+    directory, base = os.path.split(path)
+    match = TEMP_NAME.match(base)
+    if not match:
+        return path
+    return os.path.join(directory, match.group("stem") + match.group("ext"))
+
+
+def is_disk_full(error) -> bool:
+    """Whether `error`, or an error it wraps (h5py, TensorFlow), is ENOSPC."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "errno", None) == errno.ENOSPC:
+            return True
+        text = str(error)
+        if "No space left on device" in text or "errno = 28" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def disk_errors(default_path="the run directory"):
+    """Turns a full disk (`OSError` ENOSPC or a library's wrapper) into `DiskFullError`.
+
+    The file named is the one the error names (a temporary name turned back
+    into the file's own), else `default_path`.
+    """
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        path = getattr(error, "filename", None)
+        if not path:
+            match = re.search(r"filename = '([^']+)'", str(error))
+            path = match.group(1) if match else default_path
+        raise DiskFullError(_final_path(str(path))) from None
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yields a temporary path beside `path`; renames it onto `path` on success.
 
-    The temporary name keeps the extension (`.weights.h5`, `.keras`) that
-    some writers insist on. On an exception the temporary file is removed.
+    The temporary name (`temp_path`) keeps the extension (`.weights.h5`,
+    `.keras`) that some writers insist on. On an exception the temporary
+    file is removed; a full disk raises `DiskFullError` naming `path`.
     """
-    directory, base = os.path.split(os.path.abspath(path))
-    stem, dot, ext = base.partition(".")
-    tmp = os.path.join(directory, f".{stem}.tmp{os.getpid()}{dot}{ext}")
+    tmp = temp_path(path)
     try:
         yield tmp
         os.replace(tmp, path)
+    except Exception as error:
+        if is_disk_full(error):
+            raise DiskFullError(path) from None
+        raise
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -60,12 +149,56 @@ def atomic_path(path):
             os.remove(tmp)
 
 
-def write_text(path, text):
+def write_bytes(path, data):
     with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+
+
+def write_text(path, text):
+    write_bytes(path, text.encode("utf-8"))
+
+
+def save_weights(model, path):
+    """`model.save_weights(path)`, atomically; a full disk raises `DiskFullError`.
+
+    The file is built in memory first: h5py writing to a full disk crashes
+    the process.
+    """
+    from keras_ema.multi_ema import write_weights
+
+    with atomic_path(path) as tmp:
+        write_weights(model, tmp)
+
+
+def load_weights(model, path, remedy=""):
+    """`model.load_weights(path)`; a file that does not load raises `DamagedFileError`."""
+    try:
+        model.load_weights(path)
+    except Exception as error:  # h5py and Keras raise many kinds
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        raise DamagedFileError(path, reason[:200], remedy) from None
+
+
+def check_writable(path):
+    """Raises RunDirError unless a file can be created in directory `path`.
+
+    `os.access` is not enough: it says yes for root on some read-only
+    mounts. A temporary file is created and removed.
+    """
+    probe = os.path.join(path, f".write_check.tmp{os.getpid()}")
+    try:
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise RunDirError(
+            f"{path} is not writable ({os.strerror(error.errno or 0)}); make it "
+            "writable, or copy the run to a writable place and rerun with "
+            "--output_dir=COPY."
+        ) from None
 
 
 def write_json(path, data):
@@ -88,9 +221,13 @@ def finite_json(value):
     return value
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+def read_json(path, remedy=""):
+    """The JSON in `path`; raises `DamagedFileError` (with `remedy`) if it is not JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DamagedFileError(path, f"not JSON: {error}", remedy) from None
 
 
 def write_csv(path, rows):
@@ -109,25 +246,98 @@ def write_csv(path, rows):
 def read_csv(path):
     """Rows of a CSV file as dicts of floats (empty cells are dropped).
 
-    The `epoch` column is read back as an int, as it was written.
+    The `epoch` column is read back as an int, as it was written. A cell
+    that is not a number raises `DamagedFileError`; `read_history` checks a
+    history whole.
     """
     if not os.path.exists(path):
         return []
-    with open(path, newline="") as f:
-        rows = [
-            {k: float(v) for k, v in row.items() if v not in ("", None)}
-            for row in csv.DictReader(f)
-        ]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [
+                {k: float(v) for k, v in row.items() if v not in ("", None)}
+                for row in csv.DictReader(f)
+            ]
+    except (UnicodeDecodeError, csv.Error, ValueError, TypeError) as error:
+        raise DamagedFileError(path, f"not a CSV of numbers: {error}") from None
     for row in rows:
         if "epoch" in row:
             row["epoch"] = int(row["epoch"])
     return rows
 
 
+def read_history(path, epochs=None, remedy=""):
+    """The rows of a `history.csv`, checked whole: epochs 0, 1, ... in order.
+
+    Every row must have a number in every column (a blank cell, a stray
+    byte, a row cut short is damage) and the file must end with a line end
+    (a number cut in half at the end, `0.9` of `0.9375`, still parses).
+
+    Args:
+        path: str, the file.
+        epochs: int or `None`. Check and return only the first `epochs` rows
+            (those a resumed run keeps); `None`: every row. Defaults to `None`.
+        remedy: str, what to do, appended to the error. Defaults to `""`.
+
+    Raises:
+        DamagedFileError: naming the file, the first bad row and `remedy`.
+    """
+    def damaged(reason):
+        return DamagedFileError(path, reason, remedy)
+
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except FileNotFoundError:
+        raise damaged("missing") from None
+    except UnicodeDecodeError as error:
+        raise damaged(f"not text: {error}") from None
+    if "\0" in text or "\r" in text:
+        raise damaged("stray bytes")
+    complete = text.endswith("\n")
+    lines = text.split("\n")
+    lines = lines[:-1] if complete else lines
+    try:
+        table = list(csv.reader(lines))
+    except csv.Error as error:
+        raise damaged(f"not CSV: {error}") from None
+    if not table or "epoch" not in table[0]:
+        raise damaged("no header line with an epoch column")
+    header, body = table[0], table[1:]
+    wanted = len(body) if epochs is None else epochs
+    if len(body) < wanted:
+        raise damaged(f"{len(body)} rows, the resumed run needs {wanted}")
+    rows = []
+    for i, cells in enumerate(body[:wanted]):
+        if i == len(body) - 1 and not complete:
+            raise damaged(f"the row of epoch {i} is cut short (no line end)")
+        if len(cells) != len(header):
+            raise damaged(f"the row of epoch {i} has {len(cells)} cells, the "
+                          f"header {len(header)}")
+        row = {}
+        for column, cell in zip(header, cells):
+            try:
+                row[column] = float(cell)
+            except ValueError:
+                raise damaged(f"the row of epoch {i} has {column}={cell!r}, "
+                              "not a number") from None
+        if row["epoch"] != i:
+            raise damaged(f"row {i + 1} has epoch {row['epoch']:g}, "
+                          f"expected {i}")
+        row["epoch"] = i
+        rows.append(row)
+    return rows
+
+
 def read_flags(path):
     """`--name=value` lines of a flag file as a dict of strings."""
-    with open(path) as f:
-        return read_flags_text(f.read())
+    try:
+        with open(path, encoding="utf-8") as f:
+            return read_flags_text(f.read())
+    except UnicodeDecodeError as error:
+        raise DamagedFileError(
+            path, f"not text: {error}",
+            "restore it, or rerun with --output_dir=NEW to train again") from None
 
 
 def read_flags_text(text):
@@ -271,7 +481,10 @@ def load_run(path):
             f"Run directory {path} is incomplete: {', '.join(missing)} missing. "
             "Finish the run (rerun its train.py command) or remove it."
         )
-    summary = read_json(os.path.join(path, "summary.json"))
+    summary = read_json(os.path.join(path, "summary.json"), _rewrite_remedy(path))
+    if not isinstance(summary, dict):
+        raise DamagedFileError(os.path.join(path, "summary.json"),
+                               "not a JSON object", _rewrite_remedy(path))
     version = summary.get("layout_version")
     if version != LAYOUT_VERSION:
         raise RunDirError(
@@ -287,5 +500,56 @@ def load_run(path):
         "path": path,
         "flags": read_flags(os.path.join(path, "flags.cfg")),
         "summary": summary,
-        "history": read_csv(os.path.join(path, "history.csv")),
+        "history": read_history(
+            os.path.join(path, "history.csv"),
+            remedy="restore it from a copy, or retrain the run with "
+                   f"--flagfile={os.path.join(path, 'flags.cfg')} "
+                   "--output_dir=NEW",
+        ),
     }
+
+
+def _rewrite_remedy(run):
+    """What to do about a damaged summary.json of `run`."""
+    if os.path.isdir(os.path.join(run, "backup")):
+        return "rerun the run's train.py command to rewrite it"
+    return ("the run has finished and its backup is gone, so it cannot be "
+            "rewritten: restore it from a copy, or retrain the run with "
+            f"--flagfile={os.path.join(run, 'flags.cfg')} --output_dir=NEW")
+
+
+def check_resumable(run):
+    """Checks an existing run directory before a run resumes in it.
+
+    Raises RunDirError (one line naming the file and what to do) if `run` or
+    `run/backup` is not writable (a read-only mount), or if `flags.cfg` or a
+    finished run's `summary.json` is damaged. An unfinished run's damaged
+    `summary.json` is removed: training rewrites it from `history.csv` at
+    the next epoch end. A new (absent or empty) directory and a completed
+    run (nothing is written) pass.
+    """
+    if not os.path.isfile(os.path.join(run, "flags.cfg")):
+        return
+    read_flags(os.path.join(run, "flags.cfg"))
+    summary = os.path.join(run, "summary.json")
+    backup = os.path.join(run, "backup")
+    damaged = None
+    if os.path.exists(summary):
+        remedy = _rewrite_remedy(run)
+        try:
+            content = read_json(summary, remedy)
+            if not isinstance(content, dict):
+                damaged = DamagedFileError(summary, "not a JSON object", remedy)
+            elif content.get("completed"):
+                return
+        except DamagedFileError as error:
+            damaged = error
+    if damaged is not None and not os.path.isdir(backup):
+        raise damaged
+    check_writable(run)
+    if os.path.isdir(backup):
+        check_writable(backup)
+    if damaged is not None:
+        os.remove(summary)
+        print(f"{summary} was damaged ({damaged.reason}); it is rewritten from "
+              "history.csv at the next epoch end.", flush=True)

@@ -180,12 +180,10 @@ class ChosenWeights(keras.callbacks.Callback):
         return os.path.join(self.run, name)
 
     def _save_sgd(self, name):
-        with run_dir.atomic_path(self._path(name)) as tmp:
-            self.model.save_weights(tmp)
+        run_dir.save_weights(self.model, self._path(name))
 
     def _save_ema(self, decay, name):
-        with run_dir.atomic_path(self._path(name)) as tmp:
-            self.averager.save_weights(decay, tmp)
+        self.averager.save_weights(decay, self._path(name))  # atomic itself
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._best_accuracy is None:

@@ -61,6 +61,9 @@ flags.DEFINE_integer("sema_start_epoch", _D.sema_start_epoch,
                      "SEMA: first epoch (0-based) that may end with a switch.")
 flags.DEFINE_float("belay_coupling", _D.belay_coupling,
                    "BELAY: pull k of the model toward the EMA at each update.")
+flags.DEFINE_integer("snapshot_every", _D.snapshot_every, "Write post-hoc EMA "
+                     "snapshots to RUN/snapshots every this many optimizer "
+                     "steps (0: off); see evaluate.py --evals=posthoc.")
 
 FLAGS = flags.FLAGS
 

@@ -448,13 +448,18 @@ def synthesize(snapshot_dir: str, target, step=None):
                 out = [None] * n
             for j in range(n):
                 s = data[f"s{j}"]
-                term = np.tensordot(coeffs, s.astype(np.float64, copy=False), axes=1)
                 if out[j] is None:
-                    out[j] = term
-                else:
-                    out[j] += term
-                del s, term
-    return [o.astype(np.float32) for o in out], report
+                    out[j] = np.zeros(s.shape[1:])
+                tmp = np.empty(s.shape[1:])
+                for i, c in enumerate(coeffs):
+                    if c != 0.0:  # float64 multiply-add, no float64 copy of s
+                        np.multiply(s[i], c, out=tmp)
+                        np.add(out[j], tmp, out=out[j])
+                del s, tmp
+    for j, o in enumerate(out):  # one float64 array freed at a time
+        out[j] = o.astype(np.float32)
+        del o
+    return out, report
 
 
 def synthesize_into(model, snapshot_dir: str, target, step=None) -> Report:

@@ -212,3 +212,31 @@ def test_snapshot_arguments_are_checked():
         keras_ema.MultiEMA(snapshot_dir="x")
     with pytest.raises(ValueError, match="snapshot_dtype='int8'"):
         keras_ema.MultiEMA(snapshot_dir="x", snapshot_every=1, snapshot_dtype="int8")
+
+
+# === train.py flag and the sweep's plot ===
+
+
+def test_snapshot_every_flag_is_checked():
+    from zoo.experiment import Config
+    from zoo.experiment import ConfigError
+
+    with pytest.raises(ConfigError, match="--snapshot_every=-1"):
+        Config(output_dir="x", snapshot_every=-1).resolved()
+    with pytest.raises(ConfigError, match="averaging=ema"):
+        Config(output_dir="x", snapshot_every=10, averaging="sema").resolved()
+
+
+def test_sweep_plot_is_written(tmp_path):
+    from zoo.posthoc_sweep import plot_sweep
+    from zoo.posthoc_sweep import targets
+
+    labels = targets(1000, 1, True)
+    assert len(labels) == 14
+    rows = [{"kind": kind, "length": t.length(1000), "accuracy": 90.0 + i,
+             "loss": 0.5 - 0.01 * i} for i, (_, kind, t) in enumerate(labels)]
+    path = str(tmp_path / "sweep.png")
+    plot_sweep(rows, {"0.99": 99.0}, path, "title")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(tmp_path) == ["sweep.png"]

@@ -81,6 +81,7 @@ class Config:
     sema_every_epochs: int = 1
     sema_start_epoch: int = 0
     belay_coupling: float = 0.1
+    snapshot_every: int = 0  # optimizer steps between post-hoc EMA snapshots; 0: off
 
     def resolved(self):
         """A copy with the model-dependent defaults filled in, validated."""
@@ -173,6 +174,11 @@ class Config:
                  "mirrored or multiworker on TensorFlow")
         if self.averaging not in AVERAGING:
             fail("averaging", self.averaging, f"use one of {', '.join(AVERAGING)}")
+        if self.snapshot_every < 0:
+            fail("snapshot_every", self.snapshot_every, "must be >= 0 (0: no snapshots)")
+        if self.snapshot_every and self.averaging != "ema":
+            fail("snapshot_every", self.snapshot_every,
+                 f"post-hoc snapshots need --averaging=ema (not {self.averaging})")
         if self.averaging != "ema" and len(self.ema_decays) != 1:
             fail("ema_decays", ",".join(map(str, self.ema_decays)),
                  f"--averaging={self.averaging} keeps one EMA; give one decay")
@@ -363,6 +369,9 @@ def _averaging_callback(config, validation, run):
         return keras_ema.Belay(
             decay=config.ema_decays[0], coupling=config.belay_coupling, **common
         )
+    if config.snapshot_every:
+        common.update(snapshot_dir=os.path.join(run, "snapshots"),
+                      snapshot_every=config.snapshot_every)
     return keras_ema.MultiEMA(decays=config.ema_decays, **common)
 
 

@@ -1,6 +1,6 @@
 """Post-hoc EMA synthesis: time and peak memory against model size and snapshots.
 
-    python benchmarks/posthoc.py                    # 1M, 4M, 16M parameters x 10, 40 snapshots
+    python benchmarks/posthoc.py                    # 1M, 4M, 10M parameters x 8, 32 snapshots
     python benchmarks/posthoc.py --params=4 --snapshots=20 --decays=2
 
 Writes synthetic snapshots (as MultiEMA does: decays 0.99 and 0.999, float32,
@@ -90,9 +90,9 @@ def case(params_m, snapshots, decays):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=float, nargs="*", default=[1, 4, 16],
+    parser.add_argument("--params", type=float, nargs="*", default=[1, 4, 10],
                         help="model sizes in millions of parameters")
-    parser.add_argument("--snapshots", type=int, nargs="*", default=[10, 40])
+    parser.add_argument("--snapshots", type=int, nargs="*", default=[8, 32])
     parser.add_argument("--decays", type=int, default=2, help="EMAs per snapshot")
     args = parser.parse_args()
     decays = [0.99, 0.999, 0.9, 0.9995, 0.9999][: args.decays]

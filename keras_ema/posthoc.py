@@ -28,6 +28,7 @@ print(report.profile_error)
 ```
 """
 
+import contextlib
 import json
 import math
 import os
@@ -66,7 +67,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The power-EMA exponent `gamma` whose relative width is `sigma_rel`.
 
     Inverts `gamma_to_sigma_rel` (EDM2 Algorithm 2: the largest real root of
-    `t^3 (g^3 + 7 g^2 + 16 g + 12) = g + 1` with `t = sigma_rel`, written as
+    `t^2 (g^3 + 7 g^2 + 16 g + 12) = g + 1` with `t = sigma_rel`, written as
     the cubic `g^3 + 7 g^2 + (16 - 1/t^2) g + 12 - 1/t^2 = 0`).
     0.10 -> 6.94, 0.05 -> 16.97.
 
@@ -288,6 +289,16 @@ def log_profiles(start: int, log_steps, log_decays, at_steps):
     return iterates, out
 
 
+def _one_blas_thread():
+    """BLAS on one thread: the products here are small or memory-bound, and
+    a threaded BLAS waking its threads on a busy machine is 100x slower."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
 def snapshot_path(snapshot_dir: str, step: int) -> str:
     return os.path.join(snapshot_dir, f"{SNAPSHOT_PREFIX}{int(step):012d}.npz")
 
@@ -408,7 +419,8 @@ def solve(snapshot_dir: str, target, step=None):
         c = np.zeros(a.shape[1])
         c[k] = 1.0
     else:
-        c = np.linalg.lstsq(a, p, rcond=None)[0]
+        with _one_blas_thread():
+            c = np.linalg.lstsq(a, p, rcond=None)[0]
     residual = float(np.sum((a @ c - p) ** 2)) + outside
     error = math.sqrt(residual) / float(np.linalg.norm(full))
     plan, coefficients = {}, {}
@@ -426,7 +438,9 @@ def synthesize(snapshot_dir: str, target, step=None):
     Solves the least-squares match of the target's profile by the profiles
     of the snapshots at or before `step` (float64), then combines the stored
     EMAs snapshot by snapshot and variable by variable, reading one array
-    at a time (peak memory: the float64 result, about two model copies).
+    at a time: each snapshot's EMAs in float32, the sum over
+    snapshots in float64 (peak memory: the float64 result, about two model
+    copies).
 
     Args:
         snapshot_dir: str. The `snapshot_dir` of the `MultiEMA` that wrote
@@ -441,21 +455,23 @@ def synthesize(snapshot_dir: str, target, step=None):
     """
     report, plan = solve(snapshot_dir, target, step)
     out = None
-    for path, coeffs in plan:
-        with np.load(path) as data:
-            n = len(report.paths)
-            if out is None:
-                out = [None] * n
-            for j in range(n):
-                s = data[f"s{j}"]
-                if out[j] is None:
-                    out[j] = np.zeros(s.shape[1:])
-                tmp = np.empty(s.shape[1:])
-                for i, c in enumerate(coeffs):
-                    if c != 0.0:  # float64 multiply-add, no float64 copy of s
-                        np.multiply(s[i], c, out=tmp)
-                        np.add(out[j], tmp, out=out[j])
-                del s, tmp
+    with _one_blas_thread():
+        for path, coeffs in plan:
+            with np.load(path) as data:
+                n = len(report.paths)
+                if out is None:
+                    out = [None] * n
+                for j in range(n):
+                    s = data[f"s{j}"]
+                    if s.dtype != np.float32:  # float16 snapshots: combine in float32
+                        s = s.astype(np.float32)
+                    if out[j] is None:
+                        out[j] = np.zeros(s.shape[1:])
+                    # This snapshot's EMAs combined in float32 (one BLAS pass over
+                    # the stored array), accumulated over snapshots in float64.
+                    part = np.dot(coeffs.astype(s.dtype), s.reshape(len(coeffs), -1))
+                    np.add(out[j], part.reshape(s.shape[1:]), out=out[j])
+                    del s, part
     for j, o in enumerate(out):  # one float64 array freed at a time
         out[j] = o.astype(np.float32)
         del o

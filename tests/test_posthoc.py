@@ -205,6 +205,40 @@ def test_update_log_survives_get_state_and_skips_nonfinite(tmp_path):
     assert 9 not in ema.get_state()["update_log"]["steps"]
 
 
+def test_resumed_run_rewrites_snapshots_identically(tmp_path):
+    from ema_reference import StopAtEpoch
+
+    x, y = data()
+
+    def run(extra, backup, snap):
+        keras.utils.set_random_seed(7)
+        model = tiny_model()
+        ema = keras_ema.MultiEMA((0.5, 0.9), period=2, backup_dir=backup, verbose=0,
+                                 snapshot_dir=snap, snapshot_every=3)
+        callbacks = [ema]
+        if backup:
+            callbacks.append(keras.callbacks.BackupAndRestore(backup))
+        model.fit(x, y, batch_size=4, epochs=4, shuffle=False, verbose=0,
+                  callbacks=callbacks + extra)
+
+    run([], None, str(tmp_path / "a"))
+    backup, snap = str(tmp_path / "backup"), str(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        run([StopAtEpoch(2)], backup, snap)
+    assert len(os.listdir(snap)) == 6  # steps 3..18, before the kill at step 20
+    run([], backup, snap)
+    names = sorted(os.listdir(snap))
+    assert names == sorted(os.listdir(tmp_path / "a"))
+    assert names == [f"snapshot_{s:012d}.npz" for s in range(3, 40, 3)]
+    for name in names:
+        a, b = posthoc.read_meta(str(tmp_path / "a" / name)), posthoc.read_meta(os.path.join(snap, name))
+        assert a["log"] == b["log"]
+        with np.load(str(tmp_path / "a" / name)) as fa, np.load(os.path.join(snap, name)) as fb:
+            for key in fa.files:
+                if key != "meta":
+                    np.testing.assert_allclose(fa[key], fb[key], rtol=1e-6, atol=1e-7)
+
+
 def test_snapshot_arguments_are_checked():
     with pytest.raises(ValueError, match="snapshot_every=0"):
         keras_ema.MultiEMA(snapshot_dir="x", snapshot_every=0)
@@ -232,9 +266,10 @@ def test_sweep_plot_is_written(tmp_path):
     from zoo.posthoc_sweep import targets
 
     labels = targets(1000, 1, True)
-    assert len(labels) == 14
+    assert len(labels) == 13
     rows = [{"kind": kind, "length": t.length(1000), "accuracy": 90.0 + i,
-             "loss": 0.5 - 0.01 * i} for i, (_, kind, t) in enumerate(labels)]
+             "loss": 0.5 - 0.01 * i, "reachable": True}
+            for i, (_, kind, t) in enumerate(labels)]
     path = str(tmp_path / "sweep.png")
     plot_sweep(rows, {"0.99": 99.0}, path, "title")
     with open(path, "rb") as f:

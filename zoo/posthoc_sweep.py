@@ -8,7 +8,8 @@ run's final model (non-averaged variables keep their final values), its
 BatchNorm statistics are recomputed on the training split (with
 `bn_recompute`), and it is evaluated on the validation split (the test split
 with `--val_fraction=0`, which the results then say). The best candidate by
-validation accuracy and by validation loss is reported, and
+validation accuracy and by validation loss is reported (among the candidates the snapshots
+match within `MAX_PROFILE_ERROR`), and
 `posthoc_<run>.png` plots validation accuracy and loss against the averaging
 length (mean age of the averaged iterates, in optimizer steps, log axis),
 the run's tracked decays marked.
@@ -19,7 +20,12 @@ import os
 import numpy as np
 
 # EMA half-lives as fractions of the run's optimizer steps, and power EMAs.
-HALF_LIVES_FRACTIONS = (0.003, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35)
+# With the warm-up min(a, (t+1)/(t+10)) an EMA's half-life at step N cannot
+# exceed about 0.08 N: longer ones give the same profile and are dropped.
+HALF_LIVES_FRACTIONS = (0.003, 0.006, 0.012, 0.025, 0.05, 0.1)
+# Candidates whose profile the snapshots match worse than this are listed but
+# neither plotted nor chosen.
+MAX_PROFILE_ERROR = 0.05
 SIGMA_RELS = (0.03, 0.05, 0.08, 0.10, 0.15, 0.20, 0.28)
 
 
@@ -27,12 +33,17 @@ def targets(step, period, warmup):
     """`[(label, kind, profile)]` of the sweep at target step `step`."""
     from keras_ema import posthoc
 
-    out = []
+    out, seen = [], []
     for f in HALF_LIVES_FRACTIONS:
         half_life = max(f * step, 2.0 * period)
         decay = 0.5 ** (period / half_life)
+        profile = posthoc.EMAProfile(decay, period=period, warmup=warmup)
+        weights = profile.weights(step)
+        if any(np.allclose(weights, w, rtol=1e-9, atol=1e-12) for w in seen):
+            continue  # the warm-up caps it: same average as a shorter one
+        seen.append(weights)
         out.append((f"EMA half-life {half_life:.0f} steps (decay {decay:.5f})",
-                    "ema", posthoc.EMAProfile(decay, period=period, warmup=warmup)))
+                    "ema", profile))
     for s in SIGMA_RELS:
         out.append((f"power EMA sigma_rel {s:g}", "power", posthoc.PowerProfile(s)))
     return out
@@ -93,15 +104,19 @@ def evaluate_posthoc(ev, runs, figures):
         for d in c.ema_decays:
             tracked[str(d)] = posthoc.EMAProfile(
                 d, period=c.ema_period, warmup=c.ema_warmup).length(step)
-        best_acc = max(rows, key=lambda r: (r["accuracy"], -r["loss"]))
-        best_loss = min(rows, key=lambda r: r["loss"])
+        for r in rows:
+            r["reachable"] = r["profile_error"] <= MAX_PROFILE_ERROR
+        reachable = [r for r in rows if r["reachable"]]
+        best_acc = max(reachable, key=lambda r: (r["accuracy"], -r["loss"]))
+        best_loss = min(reachable, key=lambda r: r["loss"])
         per_run[run.name] = {
             "step": step, "split": split, "candidates": rows,
             "tracked_lengths": tracked,
             "best_accuracy": best_acc, "best_loss": best_loss,
         }
         figures[f"posthoc_{run.name}.png"] = _plotter(
-            rows, tracked, f"{run.name}: post-hoc EMA at step {step} ({split} split)")
+            reachable, tracked,
+            f"{run.name}: post-hoc EMA at step {step}, {split} split, BN recomputed")
     return {"per_run": per_run}
 
 
@@ -129,17 +144,25 @@ def plot_sweep(rows, tracked, path, title=None):
             pts = sorted((r["length"], r[key]) for r in rows if r["kind"] == kind)
             if pts:
                 ax.plot(*zip(*pts), marker=marker, color=color, label=label)
+        if rows:
+            best = (max if key == "accuracy" else min)(
+                rows, key=lambda r: (r[key], -r["loss"]) if key == "accuracy" else r[key])
+            ax.plot([best["length"]], [best[key]], marker="*", markersize=16,
+                    color="tab:red", linestyle="none", label="best", zorder=5)
         for i, (decay, length) in enumerate(sorted(tracked.items(), key=lambda t: t[1])):
             ax.axvline(length, color="gray", linestyle="--", linewidth=1,
                        label="tracked decays" if i == 0 else None)
-            ax.annotate(decay, (length, 1.0), xycoords=("data", "axes fraction"),
-                        rotation=90, fontsize=7, color="gray",
+            ax.annotate(f"{decay} ", (length, 0.97), xycoords=("data", "axes fraction"),
+                        rotation=90, fontsize=8, color="dimgray",
                         ha="right", va="top")
+        if key == "accuracy" and rows:
+            low = min(r["accuracy"] for r in rows)
+            ax.set_ylim(max(0.0, low - 2.0), 100.5)
         ax.set_xscale("log")
         ax.set_xlabel("averaging length (mean age of averaged iterates, steps)")
         ax.set_ylabel(name)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(loc="lower left", fontsize=8)
+    axes[1].legend(loc="best", fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -158,7 +181,8 @@ def format_markdown(result) -> list:
                   "| Target | Length (steps) | Profile error | Accuracy (%) | Loss |",
                   "|---|---|---|---|---|"]
         for c in r["candidates"]:
-            lines.append(f"| {c['target']} | {c['length']:.0f} | "
+            note = "" if c["reachable"] else " (not matched: not chosen)"
+            lines.append(f"| {c['target']}{note} | {c['length']:.0f} | "
                          f"{c['profile_error']:.1e} | {c['accuracy']:.2f} | "
                          f"{c['loss']:.4f} |")
         lines += ["", f"Best by accuracy: {r['best_accuracy']['target']} "

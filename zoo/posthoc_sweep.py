@@ -80,7 +80,10 @@ def evaluate_posthoc(ev, runs, figures):
         rows = []
         try:
             for label, kind, target in targets(step, c.ema_period, c.ema_warmup):
-                report = posthoc.synthesize_into(model, snap, target, step)
+                try:
+                    report = posthoc.synthesize_into(model, snap, target, step)
+                except ValueError as e:  # a damaged or foreign snapshot
+                    raise EvaluationError(f"--evals=posthoc: {run.path}: {e}") from None
                 if ev.bn_recompute and batch_norm_layers(model):
                     recompute_batch_norm_statistics(
                         model, ArrayLoader(data.x_train, None, c.batch_size,

@@ -101,8 +101,12 @@ _SIGMA_REL_MAX = math.sqrt(
 # === Profiles ===
 
 
+def _is_int(x):
+    return not isinstance(x, bool) and isinstance(x, (int, np.integer))
+
+
 def _check_step(step):
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+    if not _is_int(step) or step < 1:
         raise ValueError(
             f"Invalid target step: expected an int >= 1. Received: step={step!r}"
         )
@@ -133,7 +137,7 @@ class EMAProfile:
         from keras_ema.multi_ema import _validate_decay
 
         self.decay = _validate_decay(decay)
-        if isinstance(period, bool) or not isinstance(period, (int, np.integer)) or period < 1:
+        if not _is_int(period) or period < 1:
             raise ValueError(
                 "Invalid value for argument `period`: expected an int >= 1. "
                 f"Received: period={period!r}"
@@ -157,7 +161,8 @@ class EMAProfile:
         return _mean_age(self.weights(step))
 
     def __repr__(self):
-        return f"EMAProfile(decay={self.decay}, period={self.period}, warmup={self.warmup})"
+        return (f"EMAProfile(decay={self.decay}, period={self.period}, "
+                f"warmup={self.warmup})")
 
 
 class PowerProfile:
@@ -214,16 +219,12 @@ class UniformProfile:
     """
 
     def __init__(self, start_step: int, end_step=None):
-        if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) or start_step < 0:
+        if not _is_int(start_step) or start_step < 0:
             raise ValueError(
                 "Invalid value for argument `start_step`: expected an int >= 0. "
                 f"Received: start_step={start_step!r}"
             )
-        if end_step is not None and (
-            isinstance(end_step, bool)
-            or not isinstance(end_step, (int, np.integer))
-            or end_step < start_step
-        ):
+        if end_step is not None and (not _is_int(end_step) or end_step < start_step):
             raise ValueError(
                 "Invalid value for argument `end_step`: expected None or an "
                 f"int >= start_step={start_step}. Received: end_step={end_step!r}"
@@ -311,7 +312,8 @@ def write_snapshot(snapshot_dir, step, shadows, meta, dtype="float32"):
     """
     os.makedirs(snapshot_dir, exist_ok=True)
     path = snapshot_path(snapshot_dir, step)
-    tmp = os.path.join(snapshot_dir, f".tmp{os.getpid()}_{SNAPSHOT_PREFIX}{int(step):012d}.npz")
+    name = f".tmp{os.getpid()}_{SNAPSHOT_PREFIX}{int(step):012d}.npz"
+    tmp = os.path.join(snapshot_dir, name)
     meta = dict(meta, step=int(step), dtype=str(dtype))
     with open(tmp, "wb") as f:
         np.savez(
@@ -382,6 +384,11 @@ def solve(snapshot_dir: str, target, step=None):
     Returns `(report, plan)` where `plan` is `[(path, coefficients per EMA)]`
     of the snapshots with a nonzero coefficient.
     """
+    if not callable(getattr(target, "weights", None)):
+        raise ValueError(
+            "Invalid `target`: expected EMAProfile, PowerProfile or "
+            f"UniformProfile. Received: target={target!r}"
+        )
     snaps = list_snapshots(snapshot_dir)
     if not snaps:
         raise ValueError(
@@ -393,9 +400,10 @@ def solve(snapshot_dir: str, target, step=None):
     step = _check_step(step)
     snaps = [(s, p) for s, p in snaps if s <= step]
     if not snaps:
+        first = list_snapshots(snapshot_dir)[0][0]
         raise ValueError(
             f"Invalid step={step}: no snapshot at or before it in "
-            f"{snapshot_dir!r} (the first is at step {list_snapshots(snapshot_dir)[0][0]})."
+            f"{snapshot_dir!r} (the first is at step {first})."
         )
     last_meta = read_meta(snaps[-1][1])
     log = last_meta["log"]

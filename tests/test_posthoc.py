@@ -275,3 +275,15 @@ def test_sweep_plot_is_written(tmp_path):
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.listdir(tmp_path) == ["sweep.png"]
+
+
+def test_bad_targets_and_dirs_are_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match="target=0.97"):
+        posthoc.synthesize(str(tmp_path), 0.97)
+    with pytest.raises(ValueError, match="No snapshots"):
+        posthoc.synthesize(str(tmp_path), posthoc.EMAProfile(0.97))
+    with pytest.raises(ValueError, match="not a directory"):
+        posthoc.synthesize(str(tmp_path / "missing"), posthoc.EMAProfile(0.97))
+    (tmp_path / "snapshot_000000000010.npz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="damaged"):
+        posthoc.synthesize(str(tmp_path), posthoc.EMAProfile(0.97))

@@ -3,6 +3,7 @@
     python evaluate.py runs/demo_s0 runs/demo_s1 runs/demo_s2
     python evaluate.py runs/c100_s* --evals=generalization,calibration,churn
     python evaluate.py runs/c100_s* --evals=transfer --transfer_dataset=cifar10
+    python evaluate.py runs/demo_s0 --evals=posthoc   # needs train.py --snapshot_every
 
 Pass the run directories of the seeds of one configuration. See
 `zoo/evaluation.py` for what each evaluation computes.
@@ -16,7 +17,7 @@ from absl import flags
 
 flags.DEFINE_list("evals", ["generalization", "calibration", "churn"],
                   "Evaluations: generalization, calibration, churn, transfer, "
-                  "label_noise.")
+                  "label_noise, posthoc (needs --snapshot_every).")
 flags.DEFINE_boolean("bn_recompute", True, "Recompute the EMA models' BatchNorm "
                      "statistics on the training split first (the paper's protocol).")
 flags.DEFINE_string("decay", "largest", "The EMA decay to evaluate: largest "

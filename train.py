@@ -65,6 +65,9 @@ flags.DEFINE_float("belay_coupling", _D.belay_coupling,
 flags.DEFINE_string("selection_from", _D.selection_from, "A finished tuning run "
                     "(--val_fraction>0) of this configuration: with --val_fraction=0, "
                     "keep the weights at the epochs its validation split chose.")
+flags.DEFINE_integer("snapshot_every", _D.snapshot_every, "Write post-hoc EMA "
+                     "snapshots to RUN/snapshots every this many optimizer "
+                     "steps (0: off); see evaluate.py --evals=posthoc.")
 
 FLAGS = flags.FLAGS
 

@@ -15,6 +15,7 @@ from keras_ema.multi_ema import DEFAULT_DECAYS
 from keras_ema.multi_ema import MultiEMA
 from keras_ema.multi_ema import warmup_decay
 from keras_ema.multi_ema import warmup_end_step
+from keras_ema import posthoc
 from keras_ema.switch_ema import SwitchEMA
 
 __version__ = "0.1.0"

@@ -56,7 +56,8 @@ from zoo.datasets import ArrayLoader
 from zoo.datasets import load_dataset
 from zoo.experiment import Config
 
-EVALS = ("generalization", "calibration", "churn", "transfer", "label_noise")
+EVALS = ("generalization", "calibration", "churn", "transfer", "label_noise",
+         "posthoc")
 MODELS = ("baseline", "ema_accuracy", "ema_loss")
 MODEL_NAMES = {
     "baseline": "Baseline (SGD last)",
@@ -651,6 +652,10 @@ def format_markdown(results) -> str:
                      if e["temperature_tuned_on"] else
                      "No validation split (--val_fraction=0): no temperature scaling."),
                   "", "  ".join(f"![{names[m]}](reliability_{m}.png)" for m in t)]
+    if "posthoc" in evals:
+        from zoo.posthoc_sweep import format_markdown as posthoc_markdown
+
+        lines += posthoc_markdown(evals["posthoc"])
     return "\n".join(lines) + "\n"
 
 
@@ -739,6 +744,10 @@ def evaluate(runs, evals, bn_recompute=True, decay="largest", transfer_dataset=N
         elif name == "transfer":
             results["evals"][name] = evaluate_transfer(
                 ev, runs, transfer_dataset, transfer_data_dir, probe_epochs)
+        elif name == "posthoc":  # zoo/posthoc_sweep.py
+            from zoo.posthoc_sweep import evaluate_posthoc
+
+            results["evals"][name] = evaluate_posthoc(ev, runs, figures)
     return results, figures
 
 
@@ -748,7 +757,11 @@ def write_results(results, figures, output_dir):
 
     run_dir.check_output_dir(output_dir)
     os.makedirs(output_dir, exist_ok=True)
-    for name, (probs, labels, title) in figures.items():
+    for name, figure in figures.items():
+        if callable(figure):  # draws itself (posthoc_sweep)
+            figure(os.path.join(output_dir, name))
+            continue
+        probs, labels, title = figure
         reliability_diagram(probs, labels, os.path.join(output_dir, name),
                             title=title)
     run_dir.write_json(os.path.join(output_dir, "results.json"), results)

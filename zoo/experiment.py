@@ -44,7 +44,7 @@ MAX_SEED = 2**32 - 1  # numpy.random.seed and keras.utils.set_random_seed
 MAX_IMAGE_SIZE = 1024
 # Flags added after run directories were first written: left out of flags.cfg
 # at their default, so that older run directories still resume.
-WRITTEN_ONLY_WHEN_SET = ("image_size",)
+WRITTEN_ONLY_WHEN_SET = ("image_size", "snapshot_every")
 # Flags a resumed run may change: where it is written and how it is spread.
 RESUMABLE_CHANGES = ("output_dir", "distribution")
 
@@ -103,6 +103,7 @@ class Config:
     sema_start_epoch: int = 0
     belay_coupling: float = 0.1
     selection_from: str = ""  # a tuning run whose validation chose the epochs
+    snapshot_every: int = 0  # optimizer steps between post-hoc EMA snapshots; 0: off
 
     def resolved(self):
         """A copy with the model-dependent defaults filled in, validated."""
@@ -195,6 +196,11 @@ class Config:
                  "mirrored or multiworker on TensorFlow")
         if self.averaging not in AVERAGING:
             fail("averaging", self.averaging, f"use one of {', '.join(AVERAGING)}")
+        if self.snapshot_every < 0:
+            fail("snapshot_every", self.snapshot_every, "must be >= 0 (0: no snapshots)")
+        if self.snapshot_every and self.averaging != "ema":
+            fail("snapshot_every", self.snapshot_every,
+                 f"post-hoc snapshots need --averaging=ema (not {self.averaging})")
         if self.averaging != "ema" and len(self.ema_decays) != 1:
             fail("ema_decays", ",".join(map(str, self.ema_decays)),
                  f"--averaging={self.averaging} keeps one EMA; give one decay")
@@ -420,6 +426,9 @@ def _averaging_callback(config, validation, run):
         return keras_ema.Belay(
             decay=config.ema_decays[0], coupling=config.belay_coupling, **common
         )
+    if config.snapshot_every:
+        common.update(snapshot_dir=os.path.join(run, "snapshots"),
+                      snapshot_every=config.snapshot_every)
     return keras_ema.MultiEMA(decays=config.ema_decays, **common)
 
 

@@ -1,0 +1,52 @@
+"""evaluate.py --evals=posthoc on a tiny digits run trained with --snapshot_every."""
+
+import os
+
+import pytest
+
+from zoo import evaluation
+from zoo import experiment
+
+
+def tiny_config(output_dir, **overrides):
+    settings = dict(
+        output_dir=str(output_dir), dataset="digits", model="resnet18",
+        width=0.0625, epochs=2, batch_size=128, lr=0.05, warmup_epochs=1,
+        ema_decays=(0.5, 0.8), ema_period=1, seed=0,
+    )
+    settings.update(overrides)
+    return experiment.Config(**settings)
+
+
+def test_posthoc_sweep_end_to_end(tmp_path, monkeypatch):
+    from zoo import posthoc_sweep
+
+    # A short grid keeps the test fast (each candidate: BN recompute + predict).
+    monkeypatch.setattr(posthoc_sweep, "HALF_LIVES_FRACTIONS", (0.05, 0.2))
+    monkeypatch.setattr(posthoc_sweep, "SIGMA_RELS", (0.05, 0.28))
+    run = tmp_path / "run"
+    experiment.train(tiny_config(run, snapshot_every=3), verbose=0)
+    # 1150 training images / 128 = 9 steps per epoch, 18 steps: 6 snapshots.
+    assert sorted(os.listdir(run / "snapshots")) == [
+        f"snapshot_{s:012d}.npz" for s in range(3, 19, 3)]
+    runs = evaluation.load_runs([str(run)])
+    ev_results, figures = evaluation.evaluate(runs, ["posthoc", "generalization"],
+                                              log=lambda *a: None)
+    out = tmp_path / "results"
+    evaluation.write_results(ev_results, figures, str(out))
+    r = ev_results["evals"]["posthoc"]["per_run"]["run"]
+    assert r["step"] == 18 and r["split"] == "validation"
+    reachable = [c for c in r["candidates"] if c["reachable"]]
+    assert reachable and all(c["profile_error"] <= 0.05 for c in reachable)
+    assert r["best_loss"]["loss"] == min(c["loss"] for c in reachable)
+    assert os.path.getsize(out / "posthoc_run.png") > 1000
+    assert "## Post-hoc EMA sweep" in (out / "results.md").read_text()
+    # The sweep restores the final weights: the baseline evaluated after it
+    # in the same evaluation equals the baseline evaluated alone.
+    alone, _ = evaluation.evaluate(runs, ["generalization"], log=lambda *a: None)
+    assert (ev_results["evals"]["generalization"]["table"]["baseline"]
+            == alone["evals"]["generalization"]["table"]["baseline"])
+    # Without snapshots: a one-line error that says how to get them.
+    os.rename(run / "snapshots", tmp_path / "elsewhere")
+    with pytest.raises(evaluation.EvaluationError, match="--snapshot_every"):
+        evaluation.evaluate(runs, ["posthoc"], log=lambda *a: None)

@@ -36,6 +36,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     from zoo import evaluation
     from zoo.datasets import DatasetError
+    from zoo import run_dir
     from zoo.run_dir import RunDirError
 
     paths = argv[1:]
@@ -59,7 +60,8 @@ def main(argv):
             transfer_data_dir=FLAGS.transfer_data_dir,
             probe_epochs=FLAGS.probe_epochs,
         )
-        path = evaluation.write_results(results, figures, output_dir)
+        with run_dir.disk_errors(output_dir):  # a full disk: one line
+            path = evaluation.write_results(results, figures, output_dir)
     except (evaluation.EvaluationError, DatasetError, RunDirError) as error:
         sys.exit(f"evaluate.py: error: {error}")
     print()

@@ -390,9 +390,8 @@ def reliability_diagram(
 
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(
-        directory, f".{os.path.basename(path)}.{os.getpid()}.tmp"
-    )
+    stem, ext = os.path.splitext(os.path.basename(path))
+    tmp = os.path.join(directory, f".{stem}.tmp{os.getpid()}{ext}")
     try:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
         os.replace(tmp, path)

@@ -312,16 +312,23 @@ def write_snapshot(snapshot_dir, step, shadows, meta, dtype="float32"):
     """
     os.makedirs(snapshot_dir, exist_ok=True)
     path = snapshot_path(snapshot_dir, step)
-    name = f".tmp{os.getpid()}_{SNAPSHOT_PREFIX}{int(step):012d}.npz"
+    # `.NAME.tmpPID.npz`: hidden from `list_snapshots`, and recognised as a
+    # leftover of a killed process by the run directory's clean-up.
+    name = f".{SNAPSHOT_PREFIX}{int(step):012d}.tmp{os.getpid()}.npz"
     tmp = os.path.join(snapshot_dir, name)
     meta = dict(meta, step=int(step), dtype=str(dtype))
-    with open(tmp, "wb") as f:
-        np.savez(
-            f,
-            meta=np.asarray(json.dumps(meta)),
-            **{f"s{j}": np.asarray(s).astype(dtype) for j, s in enumerate(shadows)},
-        )
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                meta=np.asarray(json.dumps(meta)),
+                **{f"s{j}": np.asarray(s).astype(dtype)
+                   for j, s in enumerate(shadows)},
+            )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 

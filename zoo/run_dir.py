@@ -448,10 +448,11 @@ def remove_stale_temp_files(run):
 
     Call it holding the run's lock: then no other process writes there, and
     every temporary name not of this process is a leftover of a killed one.
-    Looks in `run` and its `backup/` folder.
+    Looks in `run` and its `backup/` and `snapshots/` folders.
     """
     mine = f".tmp{os.getpid()}"
-    for folder in (run, os.path.join(run, "backup")):
+    for folder in (run, os.path.join(run, "backup"),
+                   os.path.join(run, "snapshots")):
         if not os.path.isdir(folder):
             continue
         for name in os.listdir(folder):

@@ -294,7 +294,7 @@ def test_export_cut_midway_is_redone_identically(tmp_path, monkeypatch):
 
     with monkeypatch.context() as patch:
         patch.setattr(keras_ema.export, "export_model", export_then_fail)
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(run_dir.DiskFullError, match="No space left"):
             experiment.train(config, verbose=0)
     # Nothing half-exported is left, and the run is not marked completed.
     assert not os.path.exists(run / "export")

@@ -44,7 +44,7 @@ MAX_SEED = 2**32 - 1  # numpy.random.seed and keras.utils.set_random_seed
 MAX_IMAGE_SIZE = 1024
 # Flags added after run directories were first written: left out of flags.cfg
 # at their default, so that older run directories still resume.
-WRITTEN_ONLY_WHEN_SET = ("image_size", "snapshot_every")
+WRITTEN_ONLY_WHEN_SET = ("image_size", "snapshot_every", "selection_from")
 # Flags a resumed run may change: where it is written and how it is spread.
 RESUMABLE_CHANGES = ("output_dir", "distribution")
 

@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 
+from keras_ema._files import temp_path
+
 BINNINGS = ("equal_mass", "equal_width")
 
 # How far a row of `probs` may sum from 1: float32 softmax outputs over
@@ -390,8 +392,7 @@ def reliability_diagram(
 
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    stem, ext = os.path.splitext(os.path.basename(path))
-    tmp = os.path.join(directory, f".{stem}.tmp{os.getpid()}{ext}")
+    tmp = temp_path(path)
     try:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
         os.replace(tmp, path)

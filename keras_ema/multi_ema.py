@@ -1,9 +1,7 @@
 """MultiEMA: several exponential moving averages of a model's weights at once."""
 
 import contextlib
-import errno
 import glob
-import io
 import json
 import math
 import os
@@ -14,6 +12,9 @@ import keras
 import numpy as np
 
 from keras_ema import _backend
+from keras_ema._files import disk_full_error
+from keras_ema._files import temp_path
+from keras_ema._files import write_weights
 
 DEFAULT_DECAYS = (0.968, 0.984, 0.992, 0.996, 0.998)
 
@@ -615,7 +616,7 @@ class MultiEMA(keras.callbacks.Callback):
         shadows = state.pop("shadows")
         os.makedirs(self.backup_dir, exist_ok=True)
         path = _state_path(self.backup_dir, self._step)
-        tmp = _temp_path(path)
+        tmp = temp_path(path)
         try:
             np.savez(
                 tmp,
@@ -624,7 +625,7 @@ class MultiEMA(keras.callbacks.Callback):
             )
             os.replace(tmp, path)
         except Exception as error:
-            raise _disk_full_error(error, path) from None
+            raise disk_full_error(error, path) from None
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -961,13 +962,13 @@ class MultiEMA(keras.callbacks.Callback):
         directory = os.path.dirname(path)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        tmp = _temp_path(path)
+        tmp = temp_path(path)
         try:
             with self.swapped_in(decay) as model:
                 write_weights(model, tmp)
             os.replace(tmp, path)
         except Exception as error:
-            raise _disk_full_error(error, path) from None
+            raise disk_full_error(error, path) from None
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -1109,68 +1110,8 @@ def _file_steps(files):
     return sorted(steps)
 
 
-def _temp_path(path):
-    """`.NAME.tmpPID.EXT` beside `path`: the temporary name of every writer.
-
-    The pid tells a leftover of a killed process from a live writer's file;
-    `.weights.h5` is kept whole because Keras insists on it.
-    """
-    directory, base = os.path.split(path)
-    ext = ".weights.h5" if base.endswith(".weights.h5") else os.path.splitext(base)[1]
-    stem = base[: len(base) - len(ext)]
-    return os.path.join(directory, f".{stem}.tmp{os.getpid()}{ext}")
-
-
 def _one_line(error):
     return " ".join(f"{type(error).__name__}: {error}".split())
-
-
-def _is_disk_full(error) -> bool:
-    """Whether `error` (also h5py's wrappers of it) is a full disk (ENOSPC)."""
-    while error is not None:
-        if getattr(error, "errno", None) == errno.ENOSPC:
-            return True
-        text = str(error)
-        if "No space left on device" in text or "errno = 28" in text:
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def _disk_full_error(error, path):
-    """`error`, or an `OSError(ENOSPC)` naming `path` if the disk is full."""
-    if _is_disk_full(error) and not (
-        isinstance(error, OSError) and error.filename == path
-    ):
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-    return error
-
-
-def write_weights(model, path):
-    """`model.save_weights(path)`, built in memory and then written to `path`.
-
-    On a full disk, h5py writing straight to the file raises from its
-    destructors and then crashes the process (a segmentation fault); built in
-    memory, the weights reach the disk through one plain write that fails
-    with an ordinary `OSError`.
-    """
-    try:
-        from keras.src.saving import saving_lib
-
-        store = saving_lib.H5IOStore(io.BytesIO(), mode="w")
-    except (ImportError, AttributeError, TypeError):  # another Keras layout
-        model.save_weights(path, overwrite=True)
-        return
-    buffer = store.path_or_io
-    try:
-        saving_lib._save_state(model, weights_store=store, assets_store=None,
-                               inner_path="", visited_saveables=set())
-    finally:
-        store.close()
-    with open(path, "wb") as f:
-        f.write(buffer.getbuffer())
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def read_state_file(path) -> dict:

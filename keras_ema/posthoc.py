@@ -36,6 +36,8 @@ import re
 
 import numpy as np
 
+from keras_ema._files import temp_path
+
 SNAPSHOT_PREFIX = "snapshot_"
 _SNAPSHOT_RE = re.compile(r"^snapshot_(\d{12})\.npz$")
 
@@ -312,10 +314,7 @@ def write_snapshot(snapshot_dir, step, shadows, meta, dtype="float32"):
     """
     os.makedirs(snapshot_dir, exist_ok=True)
     path = snapshot_path(snapshot_dir, step)
-    # `.NAME.tmpPID.npz`: hidden from `list_snapshots`, and recognised as a
-    # leftover of a killed process by the run directory's clean-up.
-    name = f".{SNAPSHOT_PREFIX}{int(step):012d}.tmp{os.getpid()}.npz"
-    tmp = os.path.join(snapshot_dir, name)
+    tmp = temp_path(path)  # hidden from `list_snapshots`
     meta = dict(meta, step=int(step), dtype=str(dtype))
     try:
         with open(tmp, "wb") as f:

@@ -42,7 +42,6 @@ seconds with one line naming the dataset and how to provide it (`DatasetError`).
 """
 
 import dataclasses
-import math
 import os
 import pathlib
 import socket

@@ -24,13 +24,16 @@ when read: `DamagedFileError` names the file and what to do.
 
 import contextlib
 import csv
-import errno
 import io
 import json
 import math
 import os
 import re
 import shutil
+
+from keras_ema._files import is_disk_full
+from keras_ema._files import temp_path
+from keras_ema._files import write_weights
 
 LAYOUT_VERSION = 1
 REQUIRED_FILES = ("flags.cfg", "history.csv", "summary.json", "sgd_last.weights.h5")
@@ -69,19 +72,6 @@ class DiskFullError(RunDirError):
 TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.tmp(?P<pid>\d+)(?P<ext>(\.[^/]*)?)$")
 
 
-def temp_path(path):
-    """The temporary name of `path` for this process: `.NAME.tmpPID.EXT`.
-
-    `EXT` is `.weights.h5` for weight files (Keras insists on it), else the
-    last extension; the pid tells a killed process's leftover from a live
-    writer's file.
-    """
-    directory, base = os.path.split(os.path.abspath(path))
-    ext = ".weights.h5" if base.endswith(".weights.h5") else os.path.splitext(base)[1]
-    stem = base[: len(base) - len(ext)]
-    return os.path.join(directory, f".{stem}.tmp{os.getpid()}{ext}")
-
-
 def _final_path(path):
     """`path` with a temporary name `.NAME.tmpPID.EXT` turned back into NAME.EXT."""
     directory, base = os.path.split(path)
@@ -89,20 +79,6 @@ def _final_path(path):
     if not match:
         return path
     return os.path.join(directory, match.group("stem") + match.group("ext"))
-
-
-def is_disk_full(error) -> bool:
-    """Whether `error`, or an error it wraps (h5py, TensorFlow), is ENOSPC."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if getattr(error, "errno", None) == errno.ENOSPC:
-            return True
-        text = str(error)
-        if "No space left on device" in text or "errno = 28" in text:
-            return True
-        error = error.__cause__ or error.__context__
-    return False
 
 
 @contextlib.contextmanager
@@ -167,8 +143,6 @@ def save_weights(model, path):
     The file is built in memory first: h5py writing to a full disk crashes
     the process.
     """
-    from keras_ema.multi_ema import write_weights
-
     with atomic_path(path) as tmp:
         write_weights(model, tmp)
 

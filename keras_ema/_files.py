@@ -6,6 +6,7 @@ directory and renames it: the pid tells a killed process's leftover from a
 live writer's file, and the rename is atomic on POSIX.
 """
 
+import contextlib
 import errno
 import io
 import os
@@ -44,6 +45,24 @@ def disk_full_error(error, path):
     ):
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
     return error
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yields `temp_path(path)` to write; renames it onto `path` on success.
+
+    The temporary file is removed on every exit; a full disk is raised as an
+    `OSError(ENOSPC)` naming `path` (see `disk_full_error`).
+    """
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except Exception as error:
+        raise disk_full_error(error, path) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_weights(model, path: str):

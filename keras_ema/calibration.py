@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from keras_ema._files import temp_path
+from keras_ema._files import atomic_path
 
 BINNINGS = ("equal_mass", "equal_width")
 
@@ -392,12 +392,6 @@ def reliability_diagram(
 
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = temp_path(path)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path

@@ -12,8 +12,7 @@ import keras
 import numpy as np
 
 from keras_ema import _backend
-from keras_ema._files import disk_full_error
-from keras_ema._files import temp_path
+from keras_ema._files import atomic_path
 from keras_ema._files import write_weights
 
 DEFAULT_DECAYS = (0.968, 0.984, 0.992, 0.996, 0.998)
@@ -616,19 +615,12 @@ class MultiEMA(keras.callbacks.Callback):
         shadows = state.pop("shadows")
         os.makedirs(self.backup_dir, exist_ok=True)
         path = _state_path(self.backup_dir, self._step)
-        tmp = temp_path(path)
-        try:
+        with atomic_path(path) as tmp:
             np.savez(
                 tmp,
                 meta=np.asarray(json.dumps(state)),
                 **{f"s{i}": s for i, s in enumerate(shadows)},
             )
-            os.replace(tmp, path)
-        except Exception as error:
-            raise disk_full_error(error, path) from None
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         # Keep the two newest: a kill between this file and the model's own
         # backup leaves the model one epoch behind, and that state is kept;
         # a damaged newest file leaves the older one to resume from.
@@ -962,16 +954,8 @@ class MultiEMA(keras.callbacks.Callback):
         directory = os.path.dirname(path)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        tmp = temp_path(path)
-        try:
-            with self.swapped_in(decay) as model:
-                write_weights(model, tmp)
-            os.replace(tmp, path)
-        except Exception as error:
-            raise disk_full_error(error, path) from None
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path) as tmp, self.swapped_in(decay) as model:
+            write_weights(model, tmp)
 
     def ema_model(self, decay) -> keras.Model:
         """An independent copy of the model holding the EMA of `decay`.

@@ -36,7 +36,7 @@ import re
 
 import numpy as np
 
-from keras_ema._files import temp_path
+from keras_ema._files import atomic_path
 
 SNAPSHOT_PREFIX = "snapshot_"
 _SNAPSHOT_RE = re.compile(r"^snapshot_(\d{12})\.npz$")
@@ -314,20 +314,15 @@ def write_snapshot(snapshot_dir, step, shadows, meta, dtype="float32"):
     """
     os.makedirs(snapshot_dir, exist_ok=True)
     path = snapshot_path(snapshot_dir, step)
-    tmp = temp_path(path)  # hidden from `list_snapshots`
     meta = dict(meta, step=int(step), dtype=str(dtype))
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(
-                f,
-                meta=np.asarray(json.dumps(meta)),
-                **{f"s{j}": np.asarray(s).astype(dtype)
-                   for j, s in enumerate(shadows)},
-            )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # The temporary name is hidden from `list_snapshots`.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f,
+            meta=np.asarray(json.dumps(meta)),
+            **{f"s{j}": np.asarray(s).astype(dtype)
+               for j, s in enumerate(shadows)},
+        )
     return path
 
 

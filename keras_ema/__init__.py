@@ -3,6 +3,7 @@
 from keras_ema.batch_norm import recompute_batch_norm_statistics
 from keras_ema.belay import Belay
 from keras_ema.calibration import apply_temperature
+from keras_ema.checkpoint import EMACheckpoint
 from keras_ema.calibration import expected_calibration_error
 from keras_ema.calibration import fit_temperature
 from keras_ema.calibration import reliability_diagram
@@ -13,6 +14,7 @@ from keras_ema.export import export_model
 from keras_ema.linear_probe import linear_probe
 from keras_ema.multi_ema import DEFAULT_DECAYS
 from keras_ema.multi_ema import MultiEMA
+from keras_ema.multi_ema import UntrackedDecayError
 from keras_ema.multi_ema import warmup_decay
 from keras_ema.multi_ema import warmup_end_step
 from keras_ema import posthoc

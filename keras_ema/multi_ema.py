@@ -2,9 +2,11 @@
 
 import contextlib
 import glob
+import itertools
 import json
 import math
 import os
+import sys
 import warnings
 import zipfile
 
@@ -26,6 +28,72 @@ _ACCURACY_KEYS = (
     "binary_accuracy",
 )
 _STATE_PREFIX = "multi_ema_step"
+
+# Keras callbacks that read every key of the epoch's logs (History, CSVLogger,
+# TensorBoard, RemoteMonitor) or one named by `monitor` (the others).
+_LOG_RECORDERS = ("History", "CSVLogger", "TensorBoard", "RemoteMonitor")
+_LOG_MONITORS = ("ModelCheckpoint", "EarlyStopping", "ReduceLROnPlateau")
+
+
+class UntrackedDecayError(KeyError):
+    """`MultiEMA.best[decay]` for a decay without a record; says why."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+class BestRecords(dict):
+    """`{decay: {"accuracy": {"epoch", "value"}, "loss": {...}}}`.
+
+    A dict whose missing keys raise `UntrackedDecayError` (a `KeyError`)
+    naming the decay and the tracked ones. Epochs count from 0, as Keras's
+    `History`, `CSVLogger` and `history.csv`.
+    """
+
+    def __init__(self, decays, records=()):
+        super().__init__(records)
+        self.decays = tuple(decays)
+
+    def __missing__(self, decay):
+        try:
+            tracked = float(decay) in self.decays
+        except (TypeError, ValueError):
+            tracked = False
+        if tracked and float(decay) in self:
+            return self[float(decay)]
+        if tracked:
+            raise UntrackedDecayError(
+                f"No best epoch recorded yet for decay {decay!r}: `best` is "
+                "filled at each epoch end, and only with `validation_data`."
+            )
+        raise UntrackedDecayError(
+            f"Invalid decay: {decay!r} is not one of the kept decays "
+            f"{self.decays}."
+        )
+
+
+def _calling_callbacks(callback):
+    """The callbacks of the `keras.callbacks.CallbackList` running `callback`.
+
+    `fit` wraps its callbacks in a `CallbackList` that calls each hook of
+    each callback in list order (Keras 3.15.1, `callback_list.py`); the list
+    is found as the `self` of a calling frame. `None` when the caller is not
+    a CallbackList (hooks driven by hand, another training loop).
+    """
+    frame = sys._getframe(1)
+    try:
+        for _ in range(8):
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, keras.callbacks.CallbackList) and any(
+                c is callback for c in owner.callbacks
+            ):
+                return list(owner.callbacks)
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
 
 
 def warmup_decay(decay: float, step: int) -> float:
@@ -157,10 +225,16 @@ class MultiEMA(keras.callbacks.Callback):
 
     With `validation_data`, every EMA is evaluated at the end of each epoch
     and its metrics are added to the logs as `ema_<decay>_val_<metric>` (for
-    example `ema_0.998_val_accuracy`), where `History`, `CSVLogger` and
-    `ModelCheckpoint` placed after this callback see them. The best epoch of
-    each EMA by highest validation accuracy and by lowest validation loss is
-    kept in `best`.
+    example `ema_0.998_val_accuracy`). Callbacks run in list order, so only
+    the `History`, `CSVLogger`, `TensorBoard`, `EarlyStopping` or
+    `ModelCheckpoint` placed *after* this callback see these keys: put it
+    first. A warning at the start of training names those placed before
+    it. To save an EMA's weights when its metric improves, use
+    `keras_ema.EMACheckpoint` (a `ModelCheckpoint` monitoring an EMA key
+    saves the live model). The best epoch of each EMA by highest validation
+    accuracy and by lowest validation loss is kept in `best` (epochs count
+    from 0, as in `History` and `CSVLogger`; an untracked decay raises a
+    `KeyError` naming the tracked ones).
 
     If a live weight holds a NaN or an infinity when an update is due, the
     update is skipped (the EMAs stay finite) and a warning names the steps at
@@ -226,7 +300,9 @@ class MultiEMA(keras.callbacks.Callback):
 
     ```python
     ema = keras_ema.MultiEMA(validation_data=(x_val, y_val))
-    model.fit(x, y, epochs=100, callbacks=[ema])
+    # MultiEMA first: the callbacks after it see its ema_<decay>_val_* logs.
+    model.fit(x, y, epochs=100,
+              callbacks=[ema, keras.callbacks.CSVLogger("history.csv")])
     print(ema.best[0.998]["loss"])           # {"epoch": ..., "value": ...}
     with ema.swapped_in(0.998):
         model.evaluate(x_test, y_test)
@@ -319,6 +395,21 @@ class MultiEMA(keras.callbacks.Callback):
         self._accumulation = 1
         self._count_batches = True
 
+    @property
+    def best(self) -> BestRecords:
+        """`{decay: {"accuracy": {"epoch", "value"}, "loss": {...}}}`.
+
+        The epoch (counted from 0, as in Keras's `History` and `CSVLogger`;
+        the progress bar shows epoch `e` as `e + 1`) and value of each EMA's
+        highest validation accuracy and lowest validation loss. An
+        untracked decay raises a `KeyError` that names the tracked ones.
+        """
+        return self._best
+
+    @best.setter
+    def best(self, records):
+        self._best = BestRecords(self.decays, records)
+
     # === Schedule ===
 
     def decays_at(self, step: int) -> np.ndarray:
@@ -329,9 +420,13 @@ class MultiEMA(keras.callbacks.Callback):
 
     def schedule_summary(self, total_steps=None) -> str:
         """A table: per-step decay and warm-up end of every EMA."""
+        n = len(self.decays)
         lines = [
-            f"MultiEMA: {len(self.decays)} EMAs, one update every "
-            f"{self.period} optimizer steps"
+            f"{type(self).__name__}: "
+            + (f"1 EMA (decay {self.decays[0]})" if n == 1 else f"{n} EMAs")
+            + ", one update every "
+            + ("optimizer step" if self.period == 1
+               else f"{self.period} optimizer steps")
             + (", warm-up min(a, (t+1)/(t+10))" if self.warmup else "")
         ]
         for d in self.decays:
@@ -346,11 +441,61 @@ class MultiEMA(keras.callbacks.Callback):
         if not self.warmup or not total_steps:
             return
         late = [d for d in self.decays if warmup_end_step(d) >= total_steps]
-        if len(late) > 1:
+        if not late:
+            return
+        name = type(self).__name__
+        if len(late) == 1:
+            text = (
+                f"the warm-up of decay {late[0]} ends at optimizer step "
+                f"{warmup_end_step(late[0])}, after the run's {total_steps} "
+                "steps: the EMA uses the smaller warm-up decay (t + 1) / "
+                f"(t + 10) throughout and averages a shorter window than "
+                f"{late[0]} says. Use a smaller decay or a longer run."
+            )
+        else:
+            ends = ", ".join(str(warmup_end_step(d)) for d in late)
+            text = (
+                f"the warm-ups of decays {late} end at optimizer steps "
+                f"{ends}, after the run's {total_steps} steps: those EMAs "
+                "use the same warm-up decay (t + 1) / (t + 10) throughout "
+                "and stay identical to each other. Use smaller decays or a "
+                "longer run."
+            )
+        warnings.warn(f"{name}: {text}", stacklevel=2)
+
+    def _warn_callback_order(self):
+        """Warns when a callback reading the logs runs before this one.
+
+        Callbacks run in list order, so one placed before this callback has
+        handled the epoch's logs before the `ema_<decay>_val_*` keys are
+        added: a CSVLogger silently writes no EMA column, a ModelCheckpoint
+        monitoring an EMA key never finds it.
+        """
+        if self.validation_data is None:
+            return
+        callbacks = _calling_callbacks(self)
+        if not callbacks:
+            return
+        before = itertools.takewhile(lambda c: c is not self, callbacks)
+        late = []
+        for c in before:
+            name = type(c).__name__
+            kinds = [k.__name__ for k in type(c).__mro__]
+            monitor = str(getattr(c, "monitor", "") or "")
+            if getattr(c, "_reads_ema_logs", False) or any(
+                k in _LOG_RECORDERS for k in kinds
+            ) or (any(k in _LOG_MONITORS for k in kinds)
+                  and monitor.startswith("ema_")):
+                late.append(name)
+        if late:
+            name = type(self).__name__
+            who = (f"{late[0]} comes" if len(late) == 1
+                   else f"{', '.join(late)} come")
             warnings.warn(
-                f"MultiEMA: the run has {total_steps} optimizer steps, fewer "
-                f"than the warm-up of decays {late}; those EMAs stay identical "
-                "to each other. Use smaller decays or a longer run.",
+                f"{name}: {who} before {name} in the callback list, so at "
+                "each epoch end it runs before the `ema_<decay>_val_*` keys "
+                "are added and never sees them (a CSVLogger writes no EMA "
+                f"column). Put {name} first: callbacks=[{name.lower()}, ...].",
                 stacklevel=2,
             )
 
@@ -695,6 +840,7 @@ class MultiEMA(keras.callbacks.Callback):
             self._warn_short_run(epochs * steps // accumulation)
         self._warn_late_updates(steps, accumulation)
         self._warn_changed_variables()
+        self._warn_callback_order()
         if self.validation_data is not None:
             _check_validation_data(
                 self.model, self.validation_data, self.validation_batch_size

@@ -551,3 +551,101 @@ def test_restore_backup_outside_fit(tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="backup_dir=None"):
         MultiEMA(DECAYS, verbose=0).restore_backup(model)
+
+
+@pytest.mark.parametrize(
+    "make,late",
+    [
+        (lambda: MultiEMA((0.5, 0.99), verbose=0), "decay 0.99 ends at optimizer step 890"),
+        (lambda: keras_ema.SwitchEMA(0.998, verbose=0), "decay 0.998 ends at optimizer step 4490"),
+        (lambda: keras_ema.Belay(0.998, verbose=0), "decay 0.998 ends at optimizer step 4490"),
+    ],
+)
+def test_short_run_warns_for_any_ema_still_warming_up(make, late):
+    # 10 optimizer steps: 0.5 leaves its warm-up at step 8, 0.99 at 890.
+    model = tiny_model()
+    x, y = data()
+    with pytest.warns(UserWarning, match=f"{late}, after the run's 10 steps"):
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[make()])
+
+
+def test_short_run_without_warmup_or_past_it_does_not_warn():
+    x, y = data()
+    for ema in (MultiEMA((0.99,), warmup=False, verbose=0), MultiEMA((0.5,), verbose=0)):
+        model = tiny_model()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[ema])
+        assert not [w for w in caught if "warm-up" in str(w.message)]
+
+
+def test_schedule_summary_names_the_class_and_counts():
+    assert MultiEMA(verbose=0).schedule_summary().startswith(
+        "MultiEMA: 5 EMAs, one update every 16 optimizer steps")
+    assert MultiEMA((0.9,), period=1, verbose=0).schedule_summary().startswith(
+        "MultiEMA: 1 EMA (decay 0.9), one update every optimizer step,")
+    assert keras_ema.SwitchEMA(verbose=0).schedule_summary().startswith(
+        "SwitchEMA: 1 EMA (decay 0.998), one update every 16 optimizer steps")
+    assert keras_ema.Belay(verbose=0).schedule_summary().startswith(
+        "Belay: 1 EMA (decay 0.998),")
+
+
+def test_best_of_an_untracked_decay_names_the_tracked_ones():
+    ema = MultiEMA(DECAYS, period=1, verbose=0)
+    with pytest.raises(KeyError) as caught:
+        ema.best[0.9]
+    assert str(caught.value) == (
+        "No best epoch recorded yet for decay 0.9: `best` is filled at each "
+        "epoch end, and only with `validation_data`.")
+    model = tiny_model()
+    x, y = data()
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0,
+              callbacks=[ema])
+    with pytest.raises(KeyError) as caught:
+        ema.best[0.97]
+    assert str(caught.value) == (
+        "Invalid decay: 0.97 is not one of the kept decays (0.5, 0.9).")
+    assert isinstance(caught.value, keras_ema.UntrackedDecayError)
+
+
+def _order_warnings(callbacks, ema):
+    model = tiny_model()
+    x, y = data()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0,
+                  callbacks=callbacks)
+    return [str(w.message) for w in caught if "callback list" in str(w.message)]
+
+
+def test_callbacks_before_multi_ema_that_miss_its_keys_warn(tmp_path):
+    val = data(12, seed=2)
+    ema = MultiEMA(DECAYS, period=1, verbose=0, validation_data=val)
+    csv = str(tmp_path / "log.csv")
+    found = _order_warnings([
+        keras.callbacks.CSVLogger(csv),
+        keras.callbacks.ModelCheckpoint(str(tmp_path / "m.weights.h5"),
+                                        save_weights_only=True),
+        keras.callbacks.EarlyStopping(monitor="ema_0.9_val_loss", mode="min"),
+        ema,
+    ], ema)
+    assert found == [
+        "MultiEMA: CSVLogger, EarlyStopping come before MultiEMA in the "
+        "callback list, so at each epoch end it runs before the "
+        "`ema_<decay>_val_*` keys are added and never sees them (a CSVLogger "
+        "writes no EMA column). Put MultiEMA first: callbacks=[multiema, ...]."
+    ]
+    with open(csv) as f:
+        assert "ema_0.9_val_accuracy" not in f.readline()
+
+
+def test_multi_ema_first_gives_no_order_warning_and_full_logs(tmp_path):
+    val = data(12, seed=2)
+    ema = MultiEMA(DECAYS, period=1, verbose=0, validation_data=val)
+    csv = str(tmp_path / "log.csv")
+    assert _order_warnings([ema, keras.callbacks.CSVLogger(csv)], ema) == []
+    with open(csv) as f:
+        assert "ema_0.9_val_accuracy" in f.readline()
+    # Without validation_data there are no EMA keys to miss.
+    quiet = MultiEMA(DECAYS, period=1, verbose=0)
+    assert _order_warnings([keras.callbacks.CSVLogger(csv), quiet], quiet) == []

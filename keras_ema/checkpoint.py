@@ -1,0 +1,207 @@
+"""EMACheckpoint: saves an EMA's weights when its validation metric improves."""
+
+import math
+import os
+import warnings
+
+import keras
+
+from keras_ema._files import atomic_path
+
+
+class EMACheckpoint(keras.callbacks.Callback):
+    """Saves the weights of one EMA of a `MultiEMA` at its best epoch so far.
+
+    `keras.callbacks.ModelCheckpoint(monitor="ema_0.998_val_accuracy")`
+    watches the EMA's metric but saves the model's weights, which are the
+    live (SGD) weights, not the EMA's; in Keras 3.15.1 it also needs
+    `mode="max"` (or `"min"` for a loss), since `mode="auto"` cannot tell the
+    direction of such a key. This callback reads the EMA's metric from the
+    epoch's logs (`ema_<decay>_<monitor>`, added by the `MultiEMA`) and, when
+    it improves, writes the EMA's weights to `filepath` (under a temporary
+    name, then renamed), the live weights left untouched. Place it after the
+    `MultiEMA` in the callback list: callbacks run in list order.
+
+    The epoch of the saved weights is kept in `best_epoch`, counted from 0
+    as in Keras's `History` and `CSVLogger` (the progress bar shows epoch
+    `e` as `e + 1`), and the metric's value in `best`.
+
+    Args:
+        ema: the `keras_ema.MultiEMA` (or `SwitchEMA`, `Belay`) whose EMA is
+            saved; it needs `validation_data`.
+        filepath: str. A `.weights.h5` file (the EMA's weights, loadable
+            with `model.load_weights`) or a `.keras` file (a copy of the
+            model holding the EMA); overwritten at each improvement.
+        decay: float or `None`. The EMA to watch and save: one of
+            `ema.decays`. `None` takes the EMA's only decay. Defaults to
+            `None`.
+        monitor: str. The EMA's validation metric, `"val_accuracy"`,
+            `"val_loss"` or another metric the model is compiled with
+            (with or without the `val_` prefix). Defaults to
+            `"val_accuracy"`.
+        mode: str. `"max"`, `"min"` or `"auto"`: a loss is minimized, an
+            accuracy maximized, a compiled metric follows its direction.
+            Defaults to `"auto"`.
+        verbose: int. 1 prints a line at each save. Defaults to `0`.
+
+    Example:
+
+    ```python
+    ema = keras_ema.MultiEMA(decays=(0.99, 0.998), validation_data=(x_val, y_val))
+    best = keras_ema.EMACheckpoint(ema, "ema_0.998_best.weights.h5", decay=0.998)
+    model.fit(x, y, epochs=100, callbacks=[ema, best])   # ema first
+    model.load_weights("ema_0.998_best.weights.h5")      # the EMA of best_epoch
+    ```
+    """
+
+    # MultiEMA warns when a callback with this flag comes before it.
+    _reads_ema_logs = True
+
+    def __init__(
+        self,
+        ema,
+        filepath,
+        decay=None,
+        monitor="val_accuracy",
+        mode="auto",
+        verbose=0,
+    ):
+        super().__init__()
+        from keras_ema.multi_ema import MultiEMA
+
+        if not isinstance(ema, MultiEMA):
+            raise ValueError(
+                "Invalid value for argument `ema`: expected a "
+                "keras_ema.MultiEMA, SwitchEMA or Belay. Received: "
+                f"ema={ema!r}"
+            )
+        if not isinstance(filepath, (str, os.PathLike)) or not (
+            str(filepath).endswith(".weights.h5") or str(filepath).endswith(".keras")
+        ):
+            raise ValueError(
+                "Invalid value for argument `filepath`: expected a path ending "
+                f"in `.weights.h5` or `.keras`. Received: filepath={filepath!r}"
+            )
+        if decay is None:
+            if len(ema.decays) != 1:
+                raise ValueError(
+                    f"EMACheckpoint needs `decay`: the MultiEMA keeps decays "
+                    f"{ema.decays}. Received: decay=None"
+                )
+            decay = ema.decays[0]
+        try:
+            known = float(decay) in ema.decays
+        except (TypeError, ValueError):
+            known = False
+        if not known:
+            raise ValueError(
+                f"Invalid value for argument `decay`: {decay!r} is not one of "
+                f"the kept decays {ema.decays}. Received: decay={decay!r}"
+            )
+        if not isinstance(monitor, str) or not monitor or monitor.startswith("ema_"):
+            raise ValueError(
+                "Invalid value for argument `monitor`: expected the EMA's "
+                "metric name, e.g. 'val_accuracy' or 'val_loss' (the decay "
+                f"goes in `decay`). Received: monitor={monitor!r}"
+            )
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(
+                "Invalid value for argument `mode`: expected 'auto', 'min' or "
+                f"'max'. Received: mode={mode!r}"
+            )
+        self.ema = ema
+        self.filepath = os.fspath(filepath)
+        self.decay = float(decay)
+        self.monitor = monitor if monitor.startswith("val_") else f"val_{monitor}"
+        self.mode = mode
+        self.verbose = verbose
+        self.best = None
+        self.best_epoch = None
+        self._sign = None
+        self._missing_warned = False
+
+    @property
+    def key(self) -> str:
+        """The logs key watched: `ema_<decay>_<monitor>`."""
+        return f"ema_{self.decay}_{self.monitor}"
+
+    def _direction(self):
+        """+1 to maximize the metric, -1 to minimize it."""
+        if self.mode != "auto":
+            return 1.0 if self.mode == "max" else -1.0
+        name = self.monitor.removeprefix("val_")
+        if name == "loss" or name.endswith("_loss"):
+            return -1.0
+        for metric in _compiled_metrics(self.model):
+            direction = getattr(metric, "_direction", None)
+            if metric.name == name and direction in ("up", "down"):
+                return 1.0 if direction == "up" else -1.0
+        if "acc" in name:
+            return 1.0
+        raise ValueError(
+            f"EMACheckpoint cannot tell whether {self.monitor} should be "
+            "maximized or minimized; pass mode='max' or mode='min'."
+        )
+
+    def on_train_begin(self, logs=None):
+        if self.ema.validation_data is None:
+            raise ValueError(
+                "EMACheckpoint needs a MultiEMA with `validation_data`: "
+                f"without it no {self.key} is logged. Received a "
+                f"{type(self.ema).__name__} with validation_data=None."
+            )
+        self._sign = self._direction()
+        self._missing_warned = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.key)
+        if value is None:
+            if not self._missing_warned:
+                self._missing_warned = True
+                warnings.warn(
+                    f"EMACheckpoint: the epoch's logs hold no {self.key}, so "
+                    "nothing is saved. Place the MultiEMA before this "
+                    "callback (callbacks=[ema, checkpoint]) and check "
+                    f"`monitor` against the EMA's metrics.",
+                    stacklevel=2,
+                )
+            return
+        value = float(value)
+        if not math.isfinite(value):
+            return
+        if self.best is not None and self._sign * value <= self._sign * self.best:
+            return
+        self._save()
+        if self.verbose:
+            previous = "" if self.best is None else f" from {self.best:.5f}"
+            print(
+                f"EMACheckpoint: epoch {epoch} (counted from 0): {self.key} "
+                f"improved{previous} to {value:.5f}; saved the EMA to "
+                f"{self.filepath}",
+                flush=True,
+            )
+        self.best = value
+        self.best_epoch = int(epoch)
+
+    def _save(self):
+        directory = os.path.dirname(self.filepath)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        if self.filepath.endswith(".weights.h5"):
+            self.ema.save_weights(self.decay, self.filepath)
+            return
+        model = self.ema.ema_model(self.decay)
+        with atomic_path(self.filepath) as tmp:
+            model.save(tmp)
+
+
+def _compiled_metrics(model):
+    """The metric objects `model` was compiled with (Keras 3 containers opened)."""
+    out = []
+    for metric in getattr(model, "metrics", None) or []:
+        inner = getattr(metric, "metrics", None)
+        if isinstance(inner, (list, tuple)):
+            out.extend(inner)
+        else:
+            out.append(metric)
+    return out

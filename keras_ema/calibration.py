@@ -328,19 +328,23 @@ def reliability_diagram(
     One bar per non-empty bin, spanning the bin (`"equal_width"`) or the
     confidences it holds (`"equal_mass"`), as high as the bin's accuracy; a
     dot marks the bin's mean confidence. A calibrated model's bars reach the
-    diagonal. The legend gives the ECE with the same bins. The file is
-    written under a temporary name in the same directory and renamed, so
-    `path` never holds a partial image.
+    diagonal. Under it, a histogram on a log scale shows how many
+    predictions each bin holds, so a bar far from the diagonal can be told
+    from one that holds a handful of samples. The legend, below the plots,
+    gives the ECE as `expected_calibration_error` computes it by default
+    (100 equal-mass bins, the number the evaluation tables report), whatever
+    bins are drawn. The file is written under a temporary name in the same
+    directory and renamed, so `path` never holds a partial image.
 
     Args:
         probs: array `(samples, classes)` of predicted probabilities.
         labels: array `(samples,)` of integer class labels.
         path: str. The PNG file to write; its directory is created.
-        num_bins: int >= 1. The number of bins. Defaults to `15`.
-        binning: str. `"equal_width"` or `"equal_mass"`. Defaults to
-            `"equal_width"`.
-        title: str or `None`. The figure title. Defaults to `None`
-            ("Reliability diagram").
+        num_bins: int >= 1. The number of bins drawn. Defaults to `15`.
+        binning: str. `"equal_width"` or `"equal_mass"`, the bins drawn.
+            Defaults to `"equal_width"`.
+        title: str or `None`. The figure title; name the model and seed.
+            Defaults to `None` ("Reliability diagram").
 
     Returns:
         `path`.
@@ -348,8 +352,24 @@ def reliability_diagram(
     Example:
 
     ```python
-    keras_ema.reliability_diagram(probs, y_test, "runs/ema_0.998_reliability.png")
+    keras_ema.reliability_diagram(probs, y_test, "runs/ema_0.998_reliability.png",
+                                  title="EMA 0.998, seed 0")
     ```
+    """
+    fig = reliability_figure(probs, labels, num_bins, binning, title)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    return path
+
+
+def reliability_figure(probs, labels, num_bins=15, binning="equal_width", title=None):
+    """The `matplotlib.figure.Figure` that `reliability_diagram` writes.
+
+    Its first axes hold the bars of accuracy per bin, its second the
+    histogram of predictions per bin; the legend (a figure legend, below
+    both) gives the ECE with 100 equal-mass bins.
     """
     from matplotlib.figure import Figure
 
@@ -359,7 +379,7 @@ def reliability_diagram(
     counts, accuracy, confidence = calibration_bins(
         probs, labels, num_bins, binning
     )
-    ece = expected_calibration_error(probs, labels, num_bins, binning)
+    ece = expected_calibration_error(probs, labels)
     full = counts > 0
     if binning == "equal_width":
         left = np.arange(num_bins) / num_bins
@@ -372,26 +392,36 @@ def reliability_diagram(
         right = np.array([conf[index == b].max() if c else 0 for b, c in
                           enumerate(counts)])
     width = np.maximum(right - left, 0.004)
+    drawn = f"{num_bins} {binning.replace('_', '-')} bins"
 
-    fig = Figure(figsize=(5, 5))
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(5, 6.6))
+    grid = fig.add_gridspec(2, 1, height_ratios=(3, 1), hspace=0.08)
+    ax = fig.add_subplot(grid[0])
+    hist = fig.add_subplot(grid[1], sharex=ax)
     ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1,
             label="perfect calibration")
     ax.bar(left[full], accuracy[full], width=width[full], align="edge",
            color="tab:blue", edgecolor="black", linewidth=0.5, alpha=0.8,
-           label=f"accuracy ({binning.replace('_', '-')}, "
-                 f"ECE {100 * ece:.2f}%)")
+           label=f"accuracy per bin ({drawn})")
     ax.plot(confidence[full], accuracy[full], "o", color="tab:red",
-            markersize=3, label="mean confidence")
+            markersize=3, label="mean confidence per bin")
+    ax.plot([], [], " ", label=f"ECE {100 * ece:.2f}% (100 equal-mass bins)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
+    ax.tick_params(labelbottom=False)
     ax.set_title(title or "Reliability diagram")
-    ax.legend(loc="upper left", fontsize="small")
-
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    return path
+    hist.bar(left[full], counts[full], width=width[full], align="edge",
+             color="0.6", edgecolor="black", linewidth=0.5)
+    hist.set_yscale("log")
+    hist.set_ylim(0.7, counts.max() * 2.0)
+    hist.set_ylabel("predictions\n(log scale)")
+    hist.set_xlabel("confidence (top-1 probability)")
+    handles, names = ax.get_legend_handles_labels()
+    # Column by column: the ECE and the bars, then the two references.
+    order = [names.index(n) for n in sorted(
+        names, key=lambda n: ("ECE" not in n, "accuracy" not in n, "perfect" not in n))]
+    handles, names = [handles[i] for i in order], [names[i] for i in order]
+    fig.legend(handles, names, loc="upper center", fontsize="small",
+               bbox_to_anchor=(0.5, 0.02), ncol=2, frameon=False)
+    return fig

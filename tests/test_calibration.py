@@ -281,3 +281,50 @@ def test_fit_temperature_refuses_probabilities():
     mixed = z.copy()
     mixed[0] = [0.25, 0.25, 0.25, 0.25]
     assert np.isfinite(fit_temperature(mixed, labels))
+
+
+def _ece_100_equal_mass(probs, labels):
+    """ECE with 100 equal-mass bins, written out: the number results.md reports."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    order = np.argsort(confidence, kind="stable")
+    total = 0.0
+    for members in np.array_split(order, 100):
+        if len(members):
+            total += len(members) / len(labels) * abs(
+                correct[members].mean() - confidence[members].mean())
+    return total
+
+
+def test_reliability_figure_counts_ece_and_legend_placement():
+    from keras_ema.calibration import reliability_figure
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(scale=3.0, size=(2000, 10))
+    labels = rng.integers(0, 10, size=2000)
+    labels[:1200] = logits[:1200].argmax(1)
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    fig = reliability_figure(probs, labels, num_bins=15, title="EMA, seed 3")
+    bars, hist = fig.axes
+    assert bars.get_title() == "EMA, seed 3"
+    # The histogram: one bar per non-empty equal-width bin, as high as the
+    # number of predictions whose confidence falls in it.
+    counts, _ = np.histogram(probs.max(axis=1), bins=15, range=(0.0, 1.0))
+    heights = [p.get_height() for p in hist.patches]
+    np.testing.assert_array_equal(heights, counts[counts > 0])
+    # The legend's ECE is the tables' (100 equal-mass bins), not that of the
+    # 15 equal-width bins drawn.
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    want = f"ECE {100 * _ece_100_equal_mass(probs, labels):.2f}% (100 equal-mass bins)"
+    assert want in texts
+    width_ece = expected_calibration_error(probs, labels, 15, "equal_width")
+    assert f"{100 * width_ece:.2f}%" not in want
+    # The legend lies outside both plots.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    legend = fig.legends[0].get_window_extent(renderer)
+    for ax in (bars, hist):
+        assert not legend.overlaps(ax.get_window_extent(renderer))

@@ -78,6 +78,10 @@ def test_files_and_tables(results):
                     "Linear probe on digits (Table 4)", "Calibration (Table 5)"):
         assert heading in text
     assert res["setup"]["seed_values"] == [0, 1]
+    # Which epochs and which seed, said where a reader meets them.
+    assert ("Epochs count from 0 as in history.csv; Keras's progress bar "
+            "shows epoch e as e+1.") in text
+    assert "Reliability diagrams of seed 0 on test" in text
 
 
 def test_baseline_accuracy_and_loss_match_an_independent_computation(runs, results):
@@ -176,3 +180,65 @@ def test_cli_error_is_one_line_and_writes_nothing(runs, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("evaluate.py: error: --evals=churn compares seeds")
     assert not out.exists()
+
+
+def _stat(mean):
+    return {"mean": mean, "std": 0.0, "n": 1, "values": [mean]}
+
+
+# A digits-like run: 1149 training images in batches of 128 (9 steps per
+# epoch), 2 epochs, the EMA 0.8 at period 2 (window 2 / 0.2 = 10 steps, its
+# warm-up ends at step 35), 288 validation and 360 test images.
+FACTS = {"train_size": 1149, "val_size": 288, "test_size": 360, "epochs": 2,
+         "steps_per_epoch": 9, "steps": 18, "decay": 0.8, "period": 2,
+         "warmup": True, "label_noise": None}
+
+
+def test_a_note_says_why_the_ema_does_not_beat_the_baseline():
+    table = {"baseline": {"accuracy": _stat(95.0)},
+             "ema_accuracy": {"accuracy": _stat(94.5)},
+             "ema_loss": {"accuracy": _stat(93.0)}}
+    (note,) = evaluation.generalization_notes(table, FACTS)
+    # 0.5 points of 360 images: 1.8 images.
+    assert note.startswith(
+        "Note: the EMA does not beat the baseline here (EMA (best accuracy) "
+        "94.50% against Baseline (SGD last) 95.00% test accuracy, 1.8 of 360 "
+        "test images on average). Likely: the run's 18 optimizer steps end "
+        "before the warm-up of decay 0.8 (step 35)")
+    assert "small data (1149 training images)" in note
+    assert "few epochs (2)" in note
+    # Past the warm-up, a window shorter than an epoch is named instead.
+    long_run = dict(FACTS, epochs=40, steps_per_epoch=20, steps=800)
+    (note,) = evaluation.generalization_notes(table, long_run)
+    assert ("the EMA's window (period / (1 - decay) = 10 optimizer steps) is "
+            "shorter than one epoch (20 steps): window too short") in note
+    assert "warm-up" not in note.split("Likely:")[1]
+    # An EMA ahead: no note.
+    table["ema_loss"]["accuracy"] = _stat(95.5)
+    assert evaluation.generalization_notes(table, FACTS) == []
+
+
+def test_a_note_says_why_temperature_scaling_raises_the_ece():
+    table = {"baseline": {"ece": _stat(4.0), "ece_ts": _stat(3.0)},
+             "ema_loss": {"ece": _stat(1.5), "ece_ts": _stat(2.25)}}
+    (note,) = evaluation.calibration_notes(table, FACTS)
+    assert note == (
+        "Note: temperature scaling raises the ECE of EMA (lowest loss) "
+        "(1.50% to 2.25%). Likely: the temperature minimizes the NLL, not the "
+        "ECE; it is fitted on 288 validation images (small data), too few to "
+        "pin it down; the model is already calibrated within 1.50%, where "
+        "the NLL's optimum can lie on either side of the ECE's.")
+
+
+def test_notes_appear_under_their_tables():
+    results = {
+        "setup": {"model": "resnet18", "width": 0.0625, "dataset": "digits",
+                  "seeds": 1, "seed_values": [0], "averaging": "ema",
+                  "label_noise": None, "selection_text": "s",
+                  "decay_text": "d", "bn_recompute": True},
+        "evals": {"generalization": {"table": {
+            "baseline": {"accuracy": _stat(95.0), "loss": _stat(0.2)}}}},
+        "notes": {"generalization": ["Note: a reason."]},
+    }
+    text = evaluation.format_markdown(results)
+    assert text.endswith("| Baseline (SGD last) | 95.00 | 0.2000 |\n\nNote: a reason.\n")

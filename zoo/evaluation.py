@@ -508,7 +508,7 @@ def evaluate_calibration(ev, runs, figures, models=("baseline", "ema_loss")):
             f"{ev.name(which)}, seed {first.config.seed}",
         )
     return {"per_run": per_run, "table": _aggregate(per_run),
-            "temperature_tuned_on": tuned_on}
+            "temperature_tuned_on": tuned_on, "figure_seed": first.config.seed}
 
 
 def evaluate_churn(ev, runs, models=("baseline", "ema_loss")):
@@ -570,6 +570,109 @@ def _normalized(x, data):
     return ((x.astype(np.float32) / 255.0 - data.mean) / data.std).astype(np.float32)
 
 
+# === Notes for a puzzled reader ===
+
+
+def run_facts(ev, run, decay) -> dict:
+    """The sizes and lengths of `run` that explain its results (see `notes`)."""
+    import math
+
+    data = ev.data(run)
+    c = run.config
+    steps_per_epoch = math.ceil(len(data.x_train) / c.batch_size)
+    return {
+        "train_size": int(len(data.x_train)),
+        "val_size": 0 if data.x_val is None else int(len(data.x_val)),
+        "test_size": int(len(data.x_test)),
+        "epochs": int(c.epochs),
+        "steps_per_epoch": int(steps_per_epoch),
+        "steps": int(c.epochs * steps_per_epoch),
+        "decay": None if decay is None else float(decay),
+        "period": int(c.ema_period),
+        "warmup": bool(c.ema_warmup),
+        "label_noise": c.label_noise or None,
+    }
+
+
+def _no_gain_reasons(facts):
+    """Why an EMA may not beat the last SGD iterate in this run."""
+    from keras_ema.multi_ema import warmup_end_step
+
+    reasons = []
+    decay, steps = facts["decay"], facts["steps"]
+    if decay is not None:
+        window = facts["period"] / (1.0 - decay)
+        end = warmup_end_step(decay)
+        if facts["warmup"] and end >= steps:
+            reasons.append(
+                f"the run's {steps} optimizer steps end before the warm-up of "
+                f"decay {decay} (step {end}), so the EMA averaged with a "
+                "smaller decay throughout")
+        elif window < facts["steps_per_epoch"]:
+            reasons.append(
+                f"the EMA's window (period / (1 - decay) = {window:.0f} "
+                f"optimizer steps) is shorter than one epoch "
+                f"({facts['steps_per_epoch']} steps): window too short, the "
+                "EMA stays close to the last iterate")
+        elif window > steps / 2:
+            reasons.append(
+                f"the EMA's window ({window:.0f} optimizer steps) spans over "
+                f"half of the run's {steps} steps, so it still holds early, "
+                "worse weights")
+    if facts["train_size"] < 10000:
+        reasons.append(f"small data ({facts['train_size']} training images)")
+    if facts["epochs"] < 30:
+        reasons.append(f"few epochs ({facts['epochs']})")
+    reasons.append(
+        "the learning rate decays to 0 by the last epoch, which removes most "
+        "of the noise the EMA averages out (the EMA study finds the gains "
+        "largest at a high learning rate and with noisy labels)")
+    return reasons
+
+
+def generalization_notes(table, facts, names=MODEL_NAMES) -> list:
+    """A line when no EMA row beats the baseline's test accuracy, with why."""
+    if "baseline" not in table:
+        return []
+    emas = {m: t["accuracy"]["mean"] for m, t in table.items()
+            if m.startswith("ema_")}
+    if not emas:
+        return []
+    best = max(emas, key=emas.get)
+    base = table["baseline"]["accuracy"]["mean"]
+    if emas[best] > base:
+        return []
+    images = (base - emas[best]) * facts["test_size"] / 100.0
+    return [
+        f"Note: the EMA does not beat the baseline here ({names[best]} "
+        f"{emas[best]:.2f}% against {names['baseline']} {base:.2f}% test "
+        f"accuracy, {images:.1f} of {facts['test_size']} test images on "
+        "average). Likely: " + "; ".join(_no_gain_reasons(facts)) + "."
+    ]
+
+
+def calibration_notes(table, facts, names=MODEL_NAMES) -> list:
+    """A line per model whose ECE temperature scaling raises, with why."""
+    lines = []
+    for m, t in table.items():
+        if "ece_ts" not in t or t["ece_ts"]["mean"] <= t["ece"]["mean"]:
+            continue
+        reasons = ["the temperature minimizes the NLL, not the ECE"]
+        if facts["val_size"] < 5000:
+            reasons.append(
+                f"it is fitted on {facts['val_size']} validation images "
+                "(small data), too few to pin it down")
+        if t["ece"]["mean"] < 3.0:
+            reasons.append(
+                f"the model is already calibrated within {t['ece']['mean']:.2f}%, "
+                "where the NLL's optimum can lie on either side of the ECE's")
+        lines.append(
+            f"Note: temperature scaling raises the ECE of {names[m]} "
+            f"({t['ece']['mean']:.2f}% to {t['ece_ts']['mean']:.2f}%). "
+            "Likely: " + "; ".join(reasons) + ".")
+    return lines
+
+
 # === Output ===
 
 
@@ -600,6 +703,7 @@ def format_markdown(results) -> str:
         f"{'recomputed' if setup['bn_recompute'] else 'as averaged'}. "
         "Mean ± sample std over seeds (over pairs for churn).",
     ]
+    notes = results.get("notes", {})
     chosen = results.get("selection", {})
     if chosen:
         def where(c):
@@ -610,7 +714,9 @@ def format_markdown(results) -> str:
             f"{run}: " + ", ".join(
                 f"{names[m]} " + (f"{c['decay']} " if c["decay"] else "")
                 + f"@ epoch {c['epoch']} ({where(c)})" for m, c in models.items())
-            for run, models in chosen.items())]
+            for run, models in chosen.items()),
+            "", "Epochs count from 0 as in history.csv; Keras's progress bar "
+            "shows epoch e as e+1."]
     evals = results["evals"]
     if "generalization" in evals:
         t = evals["generalization"]["table"]
@@ -618,6 +724,7 @@ def format_markdown(results) -> str:
                   _table(["Model", "Test accuracy (%)", "Test loss"],
                          [[names[m], _fmt(t[m]["accuracy"], 2),
                            _fmt(t[m]["loss"], 4)] for m in t])]
+        lines += _note_lines(notes.get("generalization"))
     if "label_noise" in evals:
         e = evals["label_noise"]
         t = e["table"]
@@ -625,6 +732,7 @@ def format_markdown(results) -> str:
                   _table(["Model", "Clean test accuracy (%)", "Test loss"],
                          [[names[m], _fmt(t[m]["accuracy"], 2),
                            _fmt(t[m]["loss"], 4)] for m in t])]
+        lines += _note_lines(notes.get("label_noise"))
     if "churn" in evals:
         t = evals["churn"]["table"]
         lines += ["", "## Prediction disagreement between seeds (Table 3)", "",
@@ -651,12 +759,21 @@ def format_markdown(results) -> str:
                   + ("Temperature fitted by NLL on each run's validation split."
                      if e["temperature_tuned_on"] else
                      "No validation split (--val_fraction=0): no temperature scaling."),
+                  *_note_lines(notes.get("calibration")),
+                  "", f"Reliability diagrams of seed {e['figure_seed']} on test "
+                  "(the bars: 15 equal-width bins; under them, the predictions "
+                  "per bin; the legend's ECE: 100 equal-mass bins, as the table):"
+                  if "figure_seed" in e else "Reliability diagrams on test:",
                   "", "  ".join(f"![{names[m]}](reliability_{m}.png)" for m in t)]
     if "posthoc" in evals:
         from zoo.posthoc_sweep import format_markdown as posthoc_markdown
 
         lines += posthoc_markdown(evals["posthoc"])
     return "\n".join(lines) + "\n"
+
+
+def _note_lines(notes):
+    return [line for note in notes or () for line in ("", note)]
 
 
 def _selection_text(runs, early_stopping):
@@ -748,7 +865,25 @@ def evaluate(runs, evals, bn_recompute=True, decay="largest", transfer_dataset=N
             from zoo.posthoc_sweep import evaluate_posthoc
 
             results["evals"][name] = evaluate_posthoc(ev, runs, figures)
+    results["notes"] = _notes(ev, runs, results, models)
     return results, figures
+
+
+def _notes(ev, runs, results, models):
+    """`{eval: [line]}`: what a reader would otherwise be puzzled by."""
+    ema = next((m for m in models if m.startswith("ema_")), None)
+    decay = ev.selection(runs[0], ema)["decay"] if ema else None
+    facts = run_facts(ev, runs[0], decay)
+    names = results["setup"]["model_names"]
+    evals = results["evals"]
+    notes = {}
+    for name in ("generalization", "label_noise"):
+        if name in evals:
+            notes[name] = generalization_notes(evals[name]["table"], facts, names)
+    if "calibration" in evals:
+        notes["calibration"] = calibration_notes(
+            evals["calibration"]["table"], facts, names)
+    return {k: v for k, v in notes.items() if v}
 
 
 def write_results(results, figures, output_dir):

@@ -113,6 +113,11 @@ def test_history_rows_and_summary_agree(finished_run):
     assert ema["best_loss"]["value"] == pytest.approx(min(loss))
     assert summary["sgd"]["last"]["val_accuracy"] == pytest.approx(
         float(rows[-1]["val_accuracy"]))
+    # The epochs above count from 0, and the summary and its printout say so.
+    assert summary["epoch_numbering"].startswith(
+        "every epoch here counts from 0, as in history.csv")
+    assert ("Epochs count from 0 as in history.csv; Keras's progress bar shows "
+            "epoch e as e+1.") in experiment.format_summary(summary)
 
 
 def test_flags_file_replays_the_run(finished_run):
@@ -201,6 +206,12 @@ def test_noisy_run_writes_the_mask_and_exports(tmp_path):
     # and takes raw images: it equals the saved EMA fed normalized images.
     info = json.load(open(run / "export" / "export.json"))
     assert info["decay"] == 0.8 and info["weights"] == "best_loss"
+    # It documents the input (raw pixels) and the output (logits, checked
+    # against the EMA model's raw outputs below).
+    assert info["input_shape"] == [None, 32, 32, 3]
+    assert info["input_dtype"] == "float32" and info["signature"] == "serve"
+    assert info["input_range"].startswith("raw pixel values 0..255")
+    assert info["output"].startswith("logits") and info["output_shape"] == [None, 10]
     served = tf.saved_model.load(str(run / "export" / "saved_model"))
     reloaded = keras.saving.load_model(str(run / "export" / "model.keras"))
     images = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3))

@@ -140,7 +140,9 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                     continue
             if problems:
                 print(f"Resuming from epoch {epoch}, the newest backup that "
-                      f"reads back whole; damaged: {'; '.join(problems)}",
+                      f"reads back whole (epochs count from 0; the progress "
+                      f"bar shows it as {epoch + 1}); damaged: "
+                      f"{'; '.join(problems)}",
                       flush=True)
             self.model._initial_epoch = epoch
             return

@@ -325,6 +325,9 @@ def summarize(config, data_summary, rows, completed, averager, seconds, tuned=No
     split = selection_split(config)
     summary = {
         "layout_version": run_dir.LAYOUT_VERSION,
+        "epoch_numbering": "every epoch here counts from 0, as in "
+                           "history.csv; Keras's progress bar shows epoch e "
+                           "as e+1",
         "completed": completed,
         "epochs_done": len(rows),
         "dataset": config.dataset,
@@ -839,6 +842,15 @@ def _export(config, averager, data, run):
             "decay": decay, "weights": config.export_from,
             "input": "float32 images (batch, height, width, channels) in 0..255, "
                      "normalized inside the model",
+            "input_shape": [None, *map(int, data.image_shape)],
+            "input_dtype": "float32",
+            "input_range": "raw pixel values 0..255, not normalized: the "
+                           "model divides by 255 and normalizes with mean "
+                           "and std itself",
+            "output": "logits (batch, classes), not probabilities: apply "
+                      "softmax for probabilities, argmax for the class",
+            "output_shape": [None, int(shipped.outputs[0].shape[-1])],
+            "signature": "serve",
             "mean": data.mean.tolist(), "std": data.std.tolist(),
         })
         _replace_dir(tmp, os.path.join(run, "export"))
@@ -891,6 +903,8 @@ def format_summary(summary) -> str:
         if "last" in entry:
             b = entry["last"]
             line(f"EMA {decay} last", b["epoch"], b.get("val_accuracy"), b.get("val_loss"))
+    lines.append("Epochs count from 0 as in history.csv; Keras's progress "
+                 "bar shows epoch e as e+1.")
     split = summary.get("selection_split")
     if split == "tuning_run":
         lines.append(f"Best epochs chosen on the validation split of "

@@ -6,16 +6,18 @@ import numpy as np
 CLASSIFIER_NAME = "classifier"
 
 
-def feature_extractor(backbone) -> keras.Model:
+def feature_extractor(backbone, feature_layer=CLASSIFIER_NAME) -> keras.Model:
     """A model from `backbone`'s inputs to the input of its classifier.
 
-    The classifier is the layer named `"classifier"` (the zoo models' final
-    `Dense`); a backbone without one is refused. The new model shares the
-    backbone's layers and variables.
+    The classifier is the layer named `feature_layer`, by default
+    `"classifier"` (the zoo models' final `Dense`); a backbone without it is
+    refused. The new model shares the backbone's layers and variables.
 
     Args:
         backbone: `keras.Model`. A functional model (including the zoo's
             `ResNet`, `WideResNet` and `VGG`) or a built `Sequential`.
+        feature_layer: str. The name of the layer whose input are the
+            features (the classifier). Defaults to `"classifier"`.
 
     Returns:
         A functional `keras.Model` whose output is the classifier's input.
@@ -26,13 +28,15 @@ def feature_extractor(backbone) -> keras.Model:
             f"Received: {type(backbone).__name__}"
         )
     names = [layer.name for layer in backbone.layers]
-    if CLASSIFIER_NAME not in names:
+    if feature_layer not in names:
         raise ValueError(
-            f"Model {backbone.name} has no layer named {CLASSIFIER_NAME!r}: "
+            f"Model {backbone.name} has no layer named {feature_layer!r}: "
             "the features probed are that layer's input. Name the final "
-            f"Dense layer {CLASSIFIER_NAME!r} (as the zoo models do)."
+            f"Dense layer {CLASSIFIER_NAME!r} (as the zoo models do) or pass "
+            f"its name as `feature_layer`. Received: feature_layer="
+            f"{feature_layer!r}; the last layers are {names[-3:]}."
         )
-    classifier = backbone.get_layer(CLASSIFIER_NAME)
+    classifier = backbone.get_layer(feature_layer)
     try:
         try:
             # A functional model's `input` keeps the structure it was built
@@ -173,11 +177,14 @@ def linear_probe(
     momentum=0.9,
     seed=0,
     verbose=0,
+    feature_layer=CLASSIFIER_NAME,
 ) -> float:
     """Test accuracy of a linear classifier trained on frozen features.
 
     The transfer evaluation of the paper (Table 4): the backbone is every
-    layer but the classifier (see `feature_extractor`). Its features are
+    layer but the classifier, the layer named `"classifier"` (the zoo
+    models' final `Dense`); a model whose classifier has another name needs
+    `feature_layer=` that name (see `feature_extractor`). Its features are
     computed once, in inference mode (BatchNorm uses its moving statistics,
     dropout is off), for the train and the test data; then a linear layer
     (`Dense(num_classes)`, softmax cross-entropy on its logits) is trained
@@ -193,8 +200,8 @@ def linear_probe(
 
     Args:
         backbone: `keras.Model`. A functional model or built `Sequential`
-            with a layer named `"classifier"`, whose input are the features
-            (the zoo models qualify).
+            with a layer named `feature_layer` (`"classifier"` unless
+            given), whose input are the features (the zoo models qualify).
         train_data: tuple `(x, y)` of arrays, or a `tf.data.Dataset`,
             `keras.utils.PyDataset` or iterable of `(x, y)` batches. Labels
             are integers (or one-hot rows).
@@ -208,6 +215,8 @@ def linear_probe(
         seed: int. Seeds the head's initialization and the data order.
             Defaults to `0`.
         verbose: int. Passed to `fit` of the linear layer. Defaults to `0`.
+        feature_layer: str. The name of the backbone's classifier layer,
+            whose input are the features. Defaults to `"classifier"`.
 
     Returns:
         The test accuracy of the linear layer, a float in [0, 1].
@@ -232,7 +241,7 @@ def linear_probe(
             "Invalid value for argument `momentum`: expected a float in "
             f"[0, 1). Received: momentum={momentum!r}"
         )
-    extractor = feature_extractor(backbone)
+    extractor = feature_extractor(backbone, feature_layer)
     x_train, y_train = _features(extractor, train_data, batch_size, "train_data")
     x_test, y_test = _features(extractor, test_data, batch_size, "test_data")
     if min(y_train.min(), y_test.min()) < 0:

@@ -122,6 +122,21 @@ def test_backbone_without_classifier_is_refused():
     with pytest.raises(ValueError, match="'classifier'") as info:
         linear_probe(model, blobs(10, 0), blobs(10, 1), epochs=1)
     assert "\n" not in str(info.value)
+    assert "pass its name as `feature_layer`" in str(info.value)
+
+
+def test_feature_layer_names_another_classifier():
+    inputs = keras.Input((4,))
+    features = keras.layers.Dense(8, name="features")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(features))
+    x, _ = blobs(10, seed=0)
+    kernel, bias = model.get_layer("features").get_weights()
+    expected = x.astype(np.float64) @ kernel + bias  # numpy: Dense "features"
+    got = keras.ops.convert_to_numpy(feature_extractor(model, "head")(x))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    accuracy = linear_probe(model, blobs(384, seed=1), blobs(150, seed=2),
+                            epochs=5, batch_size=64, feature_layer="head")
+    assert accuracy > 0.9
 
 
 def test_subclassed_backbone_is_refused():

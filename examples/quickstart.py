@@ -31,6 +31,7 @@ model.compile(
 ema = keras_ema.MultiEMA(decays=(0.9, 0.95, 0.98), period=1,
                          validation_data=(x[val], y[val]))
 model.fit(x[train], y[train], batch_size=32, epochs=5, verbose=2, callbacks=[ema])
+# ema.best counts epochs from 0; the progress bar above shows epoch e as e+1.
 for decay in ema.decays:
     best = ema.best[decay]
     print(f"EMA {decay}: best val accuracy {best['accuracy']['value']:.3f} "

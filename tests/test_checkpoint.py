@@ -118,3 +118,33 @@ def test_single_decay_needs_no_decay_and_validation_data_is_required(tmp_path):
     with pytest.raises(ValueError, match="needs a MultiEMA with `validation_data`"):
         model.fit(x, y, batch_size=4, epochs=1, verbose=0,
                   callbacks=[sema, checkpoint])
+
+
+def test_model_checkpoint_on_an_ema_key_saves_the_live_model(tmp_path):
+    # What the README says of Keras's ModelCheckpoint with these keys.
+    x, y = data()
+    val = data(24, seed=2)
+    path = str(tmp_path / "live.weights.h5")
+    model = tiny_model()
+    ema = keras_ema.MultiEMA(DECAYS, period=1, warmup=False, verbose=0,
+                             validation_data=val)
+    auto = keras.callbacks.ModelCheckpoint(path, monitor="ema_0.9_val_loss",
+                                           save_best_only=True,
+                                           save_weights_only=True)
+    with pytest.raises(ValueError, match="mode='max'"):
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[ema, auto])
+    model = tiny_model()
+    recorder = Recorder()
+    ema = keras_ema.MultiEMA(DECAYS, period=1, warmup=False, verbose=0,
+                             validation_data=val)
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        path, monitor="ema_0.9_val_loss", mode="min", save_best_only=True,
+        save_weights_only=True)
+    history = model.fit(x, y, batch_size=4, epochs=3, shuffle=False, verbose=0,
+                        callbacks=[recorder, ema, checkpoint]).history
+    best_epoch = _expected_best_epoch(history["ema_0.9_val_loss"], -1.0)
+    live = recorder.records[BATCHES * (best_epoch + 1)][1]
+    saved = tiny_model()
+    saved.load_weights(path)
+    for got, want in zip(saved.get_weights(), live):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

@@ -176,3 +176,20 @@ def test_cli_error_is_one_line_and_writes_nothing(runs, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("evaluate.py: error: --evals=churn compares seeds")
     assert not out.exists()
+
+
+def test_one_run_with_the_default_evals_skips_churn_quietly(runs, tmp_path):
+    out = tmp_path / "results"
+    env = dict(os.environ)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the CLI's own default applies
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "evaluate.py"), runs[0],
+         f"--output_dir={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Skipping churn (the default --evals)" in result.stdout
+    res = json.load(open(out / "results.json"))
+    assert sorted(res["evals"]) == ["calibration", "generalization"]
+    # No TensorFlow start-up lines (I0000 ... oneDNN, E0000 ... cuInit) and
+    # no retracing warning: nothing a user could act on.
+    assert result.stderr.strip() == "", result.stderr[-2000:]

@@ -36,8 +36,8 @@ def ensure_environment():
     if not os.path.exists(PYTHON):
         print(f"Creating the virtual environment {VENV}", flush=True)
         venv.create(VENV, with_pip=True)
-    print("Installing keras-ema and its dependencies into .venv/ (about 3 GB; "
-          "minutes: 2 from a local package cache, more to download)", flush=True)
+    print("Installing keras-ema and its dependencies into .venv/ (3 GB: 2-4 "
+          "minutes from a package cache, several more to download)", flush=True)
     pip = [PYTHON, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     if _run(pip + ["-e", ".[test]"]) != 0:
         sys.exit("pip install failed: see the messages above.")

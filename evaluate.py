@@ -12,11 +12,13 @@ Pass the run directories of the seeds of one configuration. See
 import os
 import sys
 
-from absl import app
 from absl import flags
 
+import _cli
+
 flags.DEFINE_list("evals", ["generalization", "calibration", "churn"],
-                  "Evaluations: generalization, calibration, churn, transfer, "
+                  "Evaluations: generalization, calibration, churn (needs two "
+                  "or more runs; skipped by default with one), transfer, "
                   "label_noise, posthoc (needs --snapshot_every).")
 flags.DEFINE_boolean("bn_recompute", True, "Recompute the EMA models' BatchNorm "
                      "statistics on the training split first (the paper's protocol).")
@@ -34,7 +36,8 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    from zoo import evaluation
+    with _cli.quiet_start_up():
+        from zoo import evaluation
     from zoo.datasets import DatasetError
     from zoo import run_dir
     from zoo.run_dir import RunDirError
@@ -52,8 +55,13 @@ def main(argv):
 
         check_output_dir(output_dir)
         print(f"Evaluating {len(runs)} run(s): {', '.join(paths)}", flush=True)
+        evals = [e.strip() for e in FLAGS.evals if e.strip()]
+        if len(runs) < 2 and "churn" in evals and not FLAGS["evals"].present:
+            evals.remove("churn")
+            print("Skipping churn (the default --evals): it compares seeds, "
+                  "so it needs two or more runs.", flush=True)
         results, figures = evaluation.evaluate(
-            runs, [e.strip() for e in FLAGS.evals if e.strip()],
+            runs, evals,
             bn_recompute=FLAGS.bn_recompute,
             decay=decay,
             transfer_dataset=FLAGS.transfer_dataset,
@@ -70,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _cli.run(main)

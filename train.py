@@ -9,13 +9,26 @@ replays a finished one. See README.md for the flags and the run directory.
 
 import signal
 import sys
+import types
 
-from absl import app
 from absl import flags
 
-from zoo.experiment import Config
+import _cli
 
-_D = Config()
+# `zoo.experiment.Config`'s defaults, repeated so that `--help` and a bad
+# flag answer without importing Keras and TensorFlow (seconds);
+# tests/test_cli.py checks that they agree with Config.
+_D = types.SimpleNamespace(
+    dataset="digits", data_dir="", image_size=0, model="resnet18", width=1.0,
+    epochs=200, batch_size=128, lr=0.1, weight_decay=-1.0, momentum=0.9,
+    nesterov=True, warmup_epochs=5,
+    ema_decays=(0.968, 0.984, 0.992, 0.996, 0.998), ema_period=16,
+    ema_warmup=True, average_batch_norm=True, label_noise="",
+    val_fraction=0.2, seed=0, mixed_precision="", distribution="none",
+    export=False, export_decay=0.0, export_from="final", averaging="ema",
+    sema_every_epochs=1, sema_start_epoch=0, belay_coupling=0.1,
+    selection_from="", snapshot_every=0,
+)
 
 flags.DEFINE_string("output_dir", None, "Run directory (created; rerun to resume).")
 flags.DEFINE_string("dataset", _D.dataset, "digits, cifar10, cifar100, cifar10n, "
@@ -75,7 +88,8 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"train.py: unexpected arguments {argv[1:]}; flags start with --.")
-    from zoo import experiment
+    with _cli.quiet_start_up():
+        from zoo import experiment
     from zoo.datasets import DatasetError
     from zoo.run_dir import RunDirError
 
@@ -99,4 +113,4 @@ def _interrupt(signum, frame):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _cli.run(main)

@@ -1,5 +1,6 @@
 """Shipping an EMA: a TensorFlow SavedModel and a `.keras` file of one decay."""
 
+import contextlib
 import os
 import shutil
 
@@ -95,7 +96,8 @@ def export_model(model, directory, batch_norm_data=None, verbose=1):
     saved_model = os.path.join(directory, "saved_model")
     tmp_saved_model = os.path.join(directory, f".saved_model.tmp{os.getpid()}")
     try:
-        model.export(tmp_saved_model, format="tf_saved_model", verbose=False)
+        with _tensorflow_warnings_only():
+            model.export(tmp_saved_model, format="tf_saved_model", verbose=False)
         if os.path.isdir(saved_model):
             shutil.rmtree(saved_model)
         os.replace(tmp_saved_model, saved_model)
@@ -112,3 +114,24 @@ def export_model(model, directory, batch_norm_data=None, verbose=1):
     if verbose:
         print(f"Exported {saved_model} (SavedModel) and {keras_file}", flush=True)
     return model
+
+
+@contextlib.contextmanager
+def _tensorflow_warnings_only():
+    """Hides TensorFlow's INFO log lines (SavedModel's `signature_serialization`).
+
+    They describe TensorFlow's internals and ask nothing of the user;
+    warnings and errors still show. The `tensorflow` logger is the one
+    TensorFlow's Python code writes to (shown through absl's handler under
+    `absl.app`, or TensorFlow's own in a notebook).
+    """
+    import logging
+
+    logger = logging.getLogger("tensorflow")
+    previous = logger.level
+    if logger.getEffectiveLevel() < logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)

@@ -242,3 +242,20 @@ def test_notes_appear_under_their_tables():
     }
     text = evaluation.format_markdown(results)
     assert text.endswith("| Baseline (SGD last) | 95.00 | 0.2000 |\n\nNote: a reason.\n")
+
+
+def test_one_run_with_the_default_evals_skips_churn_quietly(runs, tmp_path):
+    out = tmp_path / "results"
+    env = dict(os.environ)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the CLI's own default applies
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "evaluate.py"), runs[0],
+         f"--output_dir={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Skipping churn (the default --evals)" in result.stdout
+    res = json.load(open(out / "results.json"))
+    assert sorted(res["evals"]) == ["calibration", "generalization"]
+    # No TensorFlow start-up lines (I0000 ... oneDNN, E0000 ... cuInit) and
+    # no retracing warning: nothing a user could act on.
+    assert result.stderr.strip() == "", result.stderr[-2000:]

@@ -89,3 +89,19 @@ def test_non_finite_weights_are_refused_and_nothing_is_written(tmp_path):
     assert not target.exists()
     export_ema(ema, 0.99, str(target), verbose=0)  # the other EMA is finite
     assert sorted(os.listdir(target)) == ["model.keras", "saved_model"]
+
+
+def test_export_logs_no_tensorflow_info_lines(tmp_path, caplog):
+    # SavedModel writing logs INFO lines (signature_serialization) that ask
+    # nothing of the user; a user who asked for INFO elsewhere keeps it.
+    import logging
+
+    pytest.importorskip("tensorflow")
+    model, ema, _ = trained_ema()
+    tf_logger = logging.getLogger("tensorflow")
+    with caplog.at_level(logging.INFO, logger="tensorflow"):
+        export_ema(ema, 0.9, str(tmp_path), verbose=0)
+        assert tf_logger.level == logging.INFO  # restored
+    info = [r.getMessage()[:80] for r in caplog.records
+            if r.name.startswith("tensorflow") and r.levelno < logging.WARNING]
+    assert info == []

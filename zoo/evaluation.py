@@ -45,8 +45,10 @@ Numbers are the mean and sample standard deviation (ddof=1) over seeds, or
 over pairs of seeds for churn.
 """
 
+import contextlib
 import dataclasses
 import itertools
+import logging
 import os
 
 import numpy as np
@@ -390,15 +392,38 @@ class Evaluator:
             data = self.data(run)
             x = data.x_test if split == "test" else data.x_val
             self.log(f"  {run.name}: {self.name(which)} on {split}")
-            model = self.model(run, which)
-            loader = ArrayLoader(x, None, 256, data.mean, data.std)
-            self._logits[key] = np.asarray(model.predict(loader, verbose=0),
-                                           np.float64)
+            with _no_retracing_warning():
+                model = self.model(run, which)
+                loader = ArrayLoader(x, None, 256, data.mean, data.std)
+                self._logits[key] = np.asarray(model.predict(loader, verbose=0),
+                                               np.float64)
         return self._logits[key]
 
     def labels(self, run, split="test"):
         data = self.data(run)
         return data.y_test if split == "test" else data.y_val
+
+
+class _RetracingFilter(logging.Filter):
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_retracing_warning():
+    """Hides TensorFlow's "N out of the last N calls ... retracing" warning.
+
+    Every evaluated model is a new Keras model with its own predict
+    function, traced once; TensorFlow counts those first traces of the same
+    Python function as retracing and advises changes that do not apply.
+    """
+    logger = logging.getLogger("tensorflow")
+    quiet = _RetracingFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _chooser(run, record):

@@ -767,10 +767,14 @@ def _write_results(config, run, model, averager, data, rows, summary_of):
     Each is written atomically from the trained state alone, so a kill at
     any point leaves a run that a rerun finishes the same way.
     """
-    plot_curves(rows, os.path.join(run, "curves.png"),
-                title=f"{config.model} on {config.dataset}")
+    plot_curves(rows, os.path.join(run, "curves.png"), title=_curves_title(config))
     if config.export:
         _export(config, averager, data, run)
+
+
+def _curves_title(config):
+    noise = f", label noise {config.label_noise}" if config.label_noise else ""
+    return f"{config.model} x{config.width:g} on {config.dataset}{noise}"
 
 
 def _finish_diverged(config, run, logger, summary_of, diverged):
@@ -782,7 +786,7 @@ def _finish_diverged(config, run, logger, summary_of, diverged):
     run_dir.write_csv(os.path.join(run, "history.csv"), rows)
     if rows:
         plot_curves(rows, os.path.join(run, "curves.png"),
-                    title=f"{config.model} on {config.dataset} (diverged)")
+                    title=_curves_title(config) + " (diverged)")
     summary = summary_of(rows, True)
     summary["diverged"] = {"epoch": diverged.epoch, "step": diverged.step}
     run_dir.write_json(os.path.join(run, "summary.json"), summary)

@@ -1,0 +1,61 @@
+"""The start-up that train.py and evaluate.py share; imports nothing heavy.
+
+The CLIs parse their flags before they import Keras and TensorFlow, so
+`--help` and a bad flag answer at once. TensorFlow's start-up lines (CUDA
+probing on a machine without a GPU, oneDNN, CPU features) tell a user
+nothing to act on: they are hidden unless the user set TF_CPP_MIN_LOG_LEVEL.
+"""
+
+import contextlib
+import os
+import sys
+
+from absl import app
+
+# Whether the user chose TensorFlow's C++ log level; if not, errors and below
+# are hidden (`3`), and so is what TensorFlow prints while its libraries load.
+USER_LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL" in os.environ
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+HELP_FLAGS = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+@contextlib.contextmanager
+def quiet_start_up():
+    """Sends file descriptor 2 to /dev/null meanwhile, unless the user set the level.
+
+    TensorFlow logs its start-up lines in C++ before its logging reads
+    TF_CPP_MIN_LOG_LEVEL, so only this hides them. A Python exception
+    raised inside still reaches the user: it is printed after the block.
+    """
+    if USER_LOG_LEVEL:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def parse_flags(argv):
+    """absl's flag parsing, but `-h` is `--help`, and help exits with 0, not 1."""
+    argv = [argv[0]] + ["--help" if a == "-h" else a for a in argv[1:]]
+    try:
+        return app.parse_flags_with_usage(argv)
+    except SystemExit as exit_:
+        # absl exits with 1 after printing the help.
+        if exit_.code == 1 and any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
+            sys.exit(0)
+        raise
+
+
+def run(main):
+    """`absl.app.run(main)` with `parse_flags`."""
+    app.run(main, flags_parser=parse_flags)

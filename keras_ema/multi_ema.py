@@ -251,9 +251,11 @@ class MultiEMA(keras.callbacks.Callback):
         snapshot_dir=None,
         snapshot_every=None,
         snapshot_dtype="float32",
+        shadow_device=None,
     ):
         super().__init__()
         self.decays = _validate_decays(decays)
+        self.shadow_device = _backend.validate_shadow_device(shadow_device)
         if snapshot_every is not None and (
             isinstance(snapshot_every, bool)
             or not isinstance(snapshot_every, (int, np.integer))
@@ -436,18 +438,13 @@ class MultiEMA(keras.callbacks.Callback):
                 f"model {model.name}. Make some layers trainable."
             )
         m = len(self.decays)
-        with _backend.strategy_scope(model):
-            shadows = [
-                keras.Variable(
-                    keras.ops.broadcast_to(
-                        keras.ops.cast(v, "float32")[None], (m,) + tuple(v.shape)
-                    ),
-                    dtype="float32",
-                    trainable=False,
-                    name=f"ema_{i}",
-                )
-                for i, v in enumerate(variables)
-            ]
+        # One stack of the M EMAs per variable, placed like the variable: on
+        # JAX sharded as it is (decay axis unsharded), so a device holds M
+        # copies of its shards only; or in host memory with `shadow_device`.
+        shadows = [
+            _backend.make_shadow(v, m, f"ema_{i}", model, self.shadow_device)
+            for i, v in enumerate(variables)
+        ]
         self._owner = model
         self._variables = variables
         self._shadows = shadows
@@ -463,7 +460,8 @@ class MultiEMA(keras.callbacks.Callback):
     def _make_update(self, shadows, variables):
         """The compiled update `_run_update` calls; subclasses may extend it."""
         return _backend.make_ema_update(
-            shadows, variables, jit_compile=self.jit_compile
+            shadows, variables, jit_compile=self.jit_compile,
+            shadow_device=self.shadow_device,
         )
 
     def reset(self):
@@ -926,7 +924,10 @@ class MultiEMA(keras.callbacks.Callback):
         skip = {id(v) for v in skip}
         for v, s in zip(self._variables, self._shadows):
             if id(v) not in skip:
-                v.assign(keras.ops.cast(s[index], v.dtype))
+                value = keras.ops.cast(s[index], v.dtype)
+                if self.shadow_device is not None:
+                    value = _backend.place_like(value, v)
+                v.assign(value)
 
     def ema_weights(self, decay) -> list:
         """`model.get_weights()` with the EMA of `decay` in place of the live values."""

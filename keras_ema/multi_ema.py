@@ -221,6 +221,18 @@ class MultiEMA(keras.callbacks.Callback):
         snapshot_dtype: `"float32"` or `"float16"` (half the disk; the
             synthesized weights then differ by 2e-4 to 4e-3 relative, measured
             on the demo). Defaults to `"float32"`.
+        shadow_device: `None` or `"cpu"`. Where the EMAs live. `None`:
+            beside the weights; under JAX's `keras.distribution.ModelParallel`
+            each variable's stack of EMAs is sharded like the variable (the
+            decay axis unsharded), so a device holds `len(decays)` copies of
+            its own shards only, and the update runs shard by shard. `"cpu"`:
+            in host memory (as NeMo and DeepSeek-V3 keep theirs), freeing
+            accelerator memory; every `period` steps the weights are copied
+            to the host and the update runs there. On JAX the copy and the
+            update are dispatched asynchronously, off the training step's
+            critical path; on TensorFlow they run in the callback. Swapping
+            in, `ema_model` and saving copy the host values back beside the
+            weights. Defaults to `None`.
 
     Example:
 

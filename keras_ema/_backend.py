@@ -7,6 +7,9 @@ EMA update of all shadow sets, is compiled here per backend:
   once and writes every stacked shadow once (XLA fuses the multiply-adds);
   the coupled variant (BELAY) also writes the pulled weights in that call.
 - JAX: one `jax.jit` with the shadows donated, so they are updated in place.
+  Each stacked shadow is sharded like its weight (an unsharded leading decay
+  axis, then the weight's own sharding), so under `ModelParallel` a device
+  holds only its shards of the EMAs and the update runs with no gather.
 - other backends: the same arithmetic with `keras.ops`, eagerly.
 
 The decays (and BELAY's coupling) are input tensors, so a changing warm-up
@@ -27,7 +30,99 @@ def _float32(x):
     return keras.ops.cast(x, "float32")
 
 
-def make_ema_update(shadows, weights, jit_compile=True):
+SHADOW_DEVICES = (None, "cpu")
+
+
+def validate_shadow_device(shadow_device):
+    """`None` (beside the weights) or `"cpu"` (host memory)."""
+    if not isinstance(shadow_device, (str, type(None))) or (
+        shadow_device not in SHADOW_DEVICES
+    ):
+        raise ValueError(
+            "Invalid value for argument `shadow_device`: expected None (the "
+            "EMAs live beside the weights) or 'cpu' (host memory). Received: "
+            f"shadow_device={shadow_device!r}"
+        )
+    if shadow_device == "cpu" and name() not in ("tensorflow", "jax"):
+        raise ValueError(
+            "shadow_device='cpu' needs the TensorFlow or JAX backend. "
+            f"Received: shadow_device='cpu' with the {name()} backend; pass "
+            "shadow_device=None."
+        )
+    return shadow_device
+
+
+def make_shadow(weight, count, name_, model=None, shadow_device=None):
+    """A float32 variable of shape `(count,) + weight.shape`, each row `weight`.
+
+    With `shadow_device=None` it is placed like `weight`: on JAX sharded as
+    `weight` is, with an unsharded leading axis (each device holds `count`
+    copies of its own shard only, never the whole stack); on TensorFlow in
+    `model`'s distribution strategy. With `"cpu"` it lives in host memory
+    (JAX's cpu device, TensorFlow's `/CPU:0`).
+    """
+    shape = (count,) + tuple(weight.shape)
+    backend = name()
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        sharding = _jax_shadow_sharding(weight, shadow_device)
+        value = weight.value
+        if shadow_device == "cpu":
+            value = jax.device_put(value, sharding)
+
+        def stack(w):
+            return jnp.broadcast_to(w.astype(jnp.float32)[None], shape)
+
+        # Built sharded: the full stack is never materialized on one device.
+        value = jax.jit(stack, out_shardings=sharding)(value)
+        return keras.Variable(value, dtype="float32", trainable=False,
+                              name=name_, layout=sharding)
+    if backend == "tensorflow" and shadow_device == "cpu":
+        import tensorflow as tf
+
+        with tf.device("/CPU:0"):
+            value = keras.ops.broadcast_to(_float32(weight)[None], shape)
+            return keras.Variable(value, dtype="float32", trainable=False,
+                                  name=name_)
+    with strategy_scope(model):
+        return keras.Variable(
+            keras.ops.broadcast_to(_float32(weight)[None], shape),
+            dtype="float32", trainable=False, name=name_,
+        )
+
+
+def _jax_shadow_sharding(weight, shadow_device):
+    import jax
+
+    if shadow_device == "cpu":
+        return jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    sharding = weight.value.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = jax.sharding.PartitionSpec(None, *sharding.spec)
+        return jax.sharding.NamedSharding(
+            sharding.mesh, spec, memory_kind=sharding.memory_kind
+        )
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return sharding
+    # Another kind of sharding: replicate the stack over the same devices.
+    return jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.asarray(list(sharding.device_set)), ("d",)),
+        jax.sharding.PartitionSpec(),
+    )
+
+
+def place_like(value, variable):
+    """`value` moved to where `variable` lives (on JAX, its sharding)."""
+    if name() != "jax":
+        return value
+    import jax
+
+    return jax.device_put(value, variable.value.sharding)
+
+
+def make_ema_update(shadows, weights, jit_compile=True, shadow_device=None):
     """Returns `update(decays) -> finite` for fixed lists of variables.
 
     `shadows[j]` is a float32 `keras.Variable` of shape `(M,) + weights[j].shape`;
@@ -36,12 +131,18 @@ def make_ema_update(shadows, weights, jit_compile=True):
     call, unless a live weight holds a NaN or an infinity: then nothing is
     written. It returns a scalar boolean tensor (True when the update was
     applied) without waiting for the device.
+
+    With `shadow_device="cpu"` (shadows from `make_shadow` in host memory)
+    the live weights are copied to the host and the update runs there; on
+    JAX the copy and the update are dispatched asynchronously, so the next
+    training step does not wait for them.
     """
     _check_lengths(shadows, weights)
-    return _build(shadows, weights, None, jit_compile)
+    return _build(shadows, weights, None, jit_compile, shadow_device)
 
 
-def make_coupled_update(shadows, weights, pulled, jit_compile=True):
+def make_coupled_update(shadows, weights, pulled, jit_compile=True,
+                        shadow_device=None):
     """Returns `update(decays, coupling) -> finite`: the EMA update plus a pull.
 
     As `make_ema_update`, and in the same compiled call, every weight `w`
@@ -61,7 +162,8 @@ def make_coupled_update(shadows, weights, pulled, jit_compile=True):
             f"Expected one `pulled` flag per weight. Received {len(pulled)} "
             f"flags for {len(weights)} weights."
         )
-    return _build(shadows, weights, [bool(p) for p in pulled], jit_compile)
+    return _build(shadows, weights, [bool(p) for p in pulled], jit_compile,
+                  shadow_device)
 
 
 def _check_lengths(shadows, weights):
@@ -72,12 +174,13 @@ def _check_lengths(shadows, weights):
         )
 
 
-def _build(shadows, weights, pulled, jit_compile):
+def _build(shadows, weights, pulled, jit_compile, shadow_device=None):
     backend = name()
+    host = shadow_device == "cpu"
     if backend == "tensorflow":
-        return _tf_update(shadows, weights, pulled, jit_compile)
+        return _tf_update(shadows, weights, pulled, jit_compile, host)
     if backend == "jax":
-        return _jax_update(shadows, weights, pulled)
+        return _jax_update(shadows, weights, pulled, host)
     return _eager_update(shadows, weights, pulled)
 
 
@@ -85,7 +188,9 @@ def _broadcast(decays, ndim):
     return keras.ops.reshape(decays, (-1,) + (1,) * ndim)
 
 
-def _tf_update(shadows, weights, pulled, jit_compile):
+def _tf_update(shadows, weights, pulled, jit_compile, host=False):
+    import contextlib
+
     import tensorflow as tf
 
     shadow_vars = [s.value for s in shadows]
@@ -97,18 +202,22 @@ def _tf_update(shadows, weights, pulled, jit_compile):
         isinstance(v, tf.distribute.DistributedValues)
         for v in shadow_vars + weight_vars
     )
-    jit = bool(jit_compile) and not distributed
+    # Host shadows: the arithmetic is placed on the CPU, beside them (one XLA
+    # cluster cannot span the weights' device and the host).
+    jit = bool(jit_compile) and not distributed and not host
 
     def ema(decays):
-        live = [tf.cast(w, tf.float32) for w in weight_vars]
-        finite = tf.reduce_all(
-            tf.stack([tf.reduce_all(tf.math.is_finite(w)) for w in live])
-        )
-        new = []
-        for s, w in zip(shadow_vars, live):
-            a = tf.reshape(decays, [-1] + [1] * len(w.shape))
-            new.append(a * s + (1.0 - a) * w[None])
-            s.assign(tf.where(finite, new[-1], s))
+        place = tf.device("/CPU:0") if host else contextlib.nullcontext()
+        with place:
+            live = [tf.cast(w, tf.float32) for w in weight_vars]
+            finite = tf.reduce_all(
+                tf.stack([tf.reduce_all(tf.math.is_finite(w)) for w in live])
+            )
+            new = []
+            for s, w in zip(shadow_vars, live):
+                a = tf.reshape(decays, [-1] + [1] * len(w.shape))
+                new.append(a * s + (1.0 - a) * w[None])
+                s.assign(tf.where(finite, new[-1], s))
         return live, new, finite
 
     if pulled is None:
@@ -141,9 +250,23 @@ def _tf_update(shadows, weights, pulled, jit_compile):
     return run_coupled
 
 
-def _jax_update(shadows, weights, pulled):
+def _jax_update(shadows, weights, pulled, host=False):
     import jax
     import jax.numpy as jnp
+
+    # Each new stack keeps its shadow's sharding (the decay axis unsharded,
+    # then the weight's): the update runs shard by shard, with no gather.
+    shardings = [s.value.sharding for s in shadows]
+    host_device = jax.devices("cpu")[0] if host else None
+
+    def constrain(new):
+        if host:
+            return new
+        return [
+            jax.lax.with_sharding_constraint(v, sh)
+            if isinstance(sh, jax.sharding.NamedSharding) else v
+            for v, sh in zip(new, shardings)
+        ]
 
     def ema(shadow_values, weight_values, decays):
         live = [w.astype(jnp.float32) for w in weight_values]
@@ -152,7 +275,7 @@ def _jax_update(shadows, weights, pulled):
         for s, w in zip(shadow_values, live):
             a = decays.reshape((-1,) + (1,) * w.ndim)
             new.append(jnp.where(finite, a * s + (1.0 - a) * w[None], s))
-        return live, new, finite
+        return live, constrain(new), finite
 
     def update(shadow_values, weight_values, decays):
         _, new, finite = ema(shadow_values, weight_values, decays)
@@ -172,7 +295,12 @@ def _jax_update(shadows, weights, pulled):
     # Donating the shadows lets XLA write the new averages into their buffers.
     # The live weights are not donated: the trainer may still hold them.
     def inputs():
-        return [s.value for s in shadows], [w.value for w in weights]
+        live = [w.value for w in weights]
+        if host:
+            # An asynchronous device-to-host copy: the update queued after it
+            # runs on the host while training goes on.
+            live = jax.device_put(live, host_device)
+        return [s.value for s in shadows], live
 
     def write_shadows(new):
         for s, value in zip(shadows, new):
@@ -186,6 +314,12 @@ def _jax_update(shadows, weights, pulled):
             write_shadows(new)
             return finite
 
+        def compiled_text():
+            """The optimized HLO of the update (to check for collectives)."""
+            decays = jnp.ones((shadows[0].shape[0],), jnp.float32)
+            return compiled.lower(*inputs(), decays).compile().as_text()
+
+        run.compiled_text = compiled_text
         return run
 
     compiled_coupled = jax.jit(coupled, donate_argnums=(0,))
@@ -199,7 +333,7 @@ def _jax_update(shadows, weights, pulled):
         )
         write_shadows(new)
         for w, value in zip(pulled_weights, moved):
-            w.assign(value)
+            w.assign(place_like(value, w) if host else value)
         return finite
 
     return run_coupled

@@ -93,7 +93,8 @@ class Belay(MultiEMA):
     def _make_update(self, shadows, variables):
         pulled = [v.trainable for v in variables]
         return _backend.make_coupled_update(
-            shadows, variables, pulled, jit_compile=self.jit_compile
+            shadows, variables, pulled, jit_compile=self.jit_compile,
+            shadow_device=self.shadow_device,
         )
 
     def _run_update(self, decays):

@@ -295,6 +295,18 @@ class MultiEMA(keras.callbacks.Callback):
         snapshot_dtype: `"float32"` or `"float16"` (half the disk; the
             synthesized weights then differ by 2e-4 to 4e-3 relative, measured
             on the demo). Defaults to `"float32"`.
+        shadow_device: `None` or `"cpu"`. Where the EMAs live. `None`:
+            beside the weights; under JAX's `keras.distribution.ModelParallel`
+            each variable's stack of EMAs is sharded like the variable (the
+            decay axis unsharded), so a device holds `len(decays)` copies of
+            its own shards only, and the update runs shard by shard. `"cpu"`:
+            in host memory (as NeMo and DeepSeek-V3 keep theirs), freeing
+            accelerator memory; every `period` steps the weights are copied
+            to the host and the update runs there. On JAX the copy and the
+            update are dispatched asynchronously, off the training step's
+            critical path; on TensorFlow they run in the callback. Swapping
+            in, `ema_model` and saving copy the host values back beside the
+            weights. Defaults to `None`.
 
     Example:
 
@@ -327,9 +339,11 @@ class MultiEMA(keras.callbacks.Callback):
         snapshot_dir=None,
         snapshot_every=None,
         snapshot_dtype="float32",
+        shadow_device=None,
     ):
         super().__init__()
         self.decays = _validate_decays(decays)
+        self.shadow_device = _backend.validate_shadow_device(shadow_device)
         if snapshot_every is not None and (
             isinstance(snapshot_every, bool)
             or not isinstance(snapshot_every, (int, np.integer))
@@ -581,18 +595,13 @@ class MultiEMA(keras.callbacks.Callback):
                 f"model {model.name}. Make some layers trainable."
             )
         m = len(self.decays)
-        with _backend.strategy_scope(model):
-            shadows = [
-                keras.Variable(
-                    keras.ops.broadcast_to(
-                        keras.ops.cast(v, "float32")[None], (m,) + tuple(v.shape)
-                    ),
-                    dtype="float32",
-                    trainable=False,
-                    name=f"ema_{i}",
-                )
-                for i, v in enumerate(variables)
-            ]
+        # One stack of the M EMAs per variable, placed like the variable: on
+        # JAX sharded as it is (decay axis unsharded), so a device holds M
+        # copies of its shards only; or in host memory with `shadow_device`.
+        shadows = [
+            _backend.make_shadow(v, m, f"ema_{i}", model, self.shadow_device)
+            for i, v in enumerate(variables)
+        ]
         self._owner = model
         self._variables = variables
         self._shadows = shadows
@@ -608,7 +617,8 @@ class MultiEMA(keras.callbacks.Callback):
     def _make_update(self, shadows, variables):
         """The compiled update `_run_update` calls; subclasses may extend it."""
         return _backend.make_ema_update(
-            shadows, variables, jit_compile=self.jit_compile
+            shadows, variables, jit_compile=self.jit_compile,
+            shadow_device=self.shadow_device,
         )
 
     def reset(self):
@@ -1072,7 +1082,10 @@ class MultiEMA(keras.callbacks.Callback):
         skip = {id(v) for v in skip}
         for v, s in zip(self._variables, self._shadows):
             if id(v) not in skip:
-                v.assign(keras.ops.cast(s[index], v.dtype))
+                value = keras.ops.cast(s[index], v.dtype)
+                if self.shadow_device is not None:
+                    value = _backend.place_like(value, v)
+                v.assign(value)
 
     def ema_weights(self, decay) -> list:
         """`model.get_weights()` with the EMA of `decay` in place of the live values."""

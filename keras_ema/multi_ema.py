@@ -496,7 +496,8 @@ class MultiEMA(keras.callbacks.Callback):
             name = type(c).__name__
             kinds = [k.__name__ for k in type(c).__mro__]
             monitor = str(getattr(c, "monitor", "") or "")
-            if getattr(c, "_reads_ema_logs", False) or any(
+            if (getattr(c, "_reads_ema_logs", False)
+                    and getattr(c, "ema", None) is self) or any(
                 k in _LOG_RECORDERS for k in kinds
             ) or (any(k in _LOG_MONITORS for k in kinds)
                   and monitor.startswith("ema_")):

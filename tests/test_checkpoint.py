@@ -148,3 +148,21 @@ def test_model_checkpoint_on_an_ema_key_saves_the_live_model(tmp_path):
     saved.load_weights(path)
     for got, want in zip(saved.get_weights(), live):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_checkpoint_of_another_ema_placed_before_this_one_is_fine(tmp_path):
+    model = tiny_model()
+    x, y = data()
+    val = data(24, seed=2)
+    first = keras_ema.MultiEMA((0.5,), period=1, warmup=False, verbose=0,
+                               validation_data=val)
+    second = keras_ema.MultiEMA((0.9,), period=1, warmup=False, verbose=0,
+                                validation_data=val)
+    path = str(tmp_path / "first.weights.h5")
+    checkpoint = keras_ema.EMACheckpoint(first, path, monitor="val_loss")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0,
+                  callbacks=[first, checkpoint, second])
+    assert not [w for w in caught if "callback list" in str(w.message)]
+    assert os.path.exists(path)

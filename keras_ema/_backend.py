@@ -220,11 +220,32 @@ def _tf_update(shadows, weights, pulled, jit_compile, host=False):
                 s.assign(tf.where(finite, new[-1], s))
         return live, new, finite
 
-    if pulled is None:
+    if pulled is None and host:
+        # The weights are copied to the host by a plain function; the update
+        # of the host shadows from those copies is one XLA cluster on the CPU.
+        @tf.function(jit_compile=bool(jit_compile), autograph=False)
+        def host_update(decays, live):
+            finite = tf.reduce_all(
+                tf.stack([tf.reduce_all(tf.math.is_finite(w)) for w in live])
+            )
+            for s, w in zip(shadow_vars, live):
+                a = tf.reshape(decays, [-1] + [1] * len(w.shape))
+                s.assign(tf.where(finite, a * s + (1.0 - a) * w[None], s))
+            return finite
+
+        @tf.function(autograph=False)
+        def update(decays):
+            with tf.device("/CPU:0"):
+                live = [tf.identity(tf.cast(w, tf.float32)) for w in weight_vars]
+                return host_update(decays, live)
+
+    elif pulled is None:
 
         @tf.function(jit_compile=jit, autograph=False)
         def update(decays):
             return ema(decays)[2]
+
+    if pulled is None:
 
         def run(decays):
             return update(tf.constant(decays, dtype=tf.float32))

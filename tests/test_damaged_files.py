@@ -17,10 +17,9 @@ import uuid
 
 import numpy as np
 import pytest
-from test_experiment import Interrupt
-from test_experiment import read_history
-from test_experiment import read_summary
-from test_experiment import tiny_config
+from conftest import read_history
+from conftest import read_summary
+from conftest import tiny_config
 
 from zoo import evaluation
 from zoo import experiment
@@ -201,16 +200,13 @@ def test_ema_state_files_damaged_or_missing_are_named(tmp_path):
 # === Resuming a damaged run ===
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A finished run and the same run stopped at the start of epoch 2 of 0..2."""
-    root = tmp_path_factory.mktemp("damage")
-    clean = root / "clean"
-    experiment.train(tiny_config(clean), verbose=0)
-    stopped = root / "stopped"
-    with pytest.raises(KeyboardInterrupt):
-        experiment.train(tiny_config(stopped), verbose=0, callbacks=[Interrupt(2)])
-    return str(clean), str(stopped)
+@pytest.fixture
+def runs(finished_run, stopped_run):
+    """A finished run and the same run stopped at the start of epoch 2 of 0..2.
+
+    Trained once for the session (tests/conftest.py): damage copies only.
+    """
+    return finished_run[0], stopped_run
 
 
 def copy_of(run, tmp_path):
@@ -272,13 +268,35 @@ HISTORY_DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("what", sorted(HISTORY_DAMAGE))
-def test_damaged_history_is_restored_from_the_backup_copy(runs, tmp_path, what):
-    clean, stopped = runs
-    run = copy_of(stopped, tmp_path)
+def damage_history(run, what):
     path = os.path.join(run, "history.csv")
     text = open(path, encoding="latin-1").read()
     write(path, HISTORY_DAMAGE[what](text).encode("latin-1"), mode="wb")
+    return path
+
+
+@pytest.mark.parametrize("what", sorted(HISTORY_DAMAGE))
+def test_each_history_damage_is_restored_from_the_backup_copy(runs, tmp_path, what,
+                                                              capsys):
+    # The step of a resume that reads the history, for each kind of damage
+    # (read_history's tests above name each); the resume after it is the
+    # same for all, run end to end below.
+    from zoo.backup import AtomicBackupAndRestore
+
+    clean, stopped = runs
+    run = copy_of(stopped, tmp_path)
+    path = damage_history(run, what)
+    backup = AtomicBackupAndRestore(os.path.join(run, "backup"), history_path=path)
+    backup._restore_history(2)
+    assert read_history(run) == read_history(clean)[:2]
+    assert f"{path} was damaged (" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("what", ["number cut in half"])
+def test_damaged_history_is_restored_from_the_backup_copy(runs, tmp_path, what):
+    clean, stopped = runs
+    run = copy_of(stopped, tmp_path)
+    damage_history(run, what)
     summary = experiment.train(tiny_config(run), verbose=0)
     assert_same_results(run, clean, summary)
 

@@ -414,21 +414,29 @@ def test_cli_damaged_files_are_one_line_without_traceback(runs, tmp_path):
         garble(path)
     flags = [f"--flagfile={os.path.join(run, 'flags.cfg')}", f"--output_dir={run}"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags],
-                            capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"train.py: error: Cannot resume from {run}/backup: ")
-    assert "multi_ema_step" in last and "is damaged" in last
     finished = str(tmp_path / "finished")
     shutil.copytree(clean, finished)
     path = os.path.join(finished, "summary.json")
     write(path, "{")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), finished],
-                            capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
+    # The two commands work on different directories: they run side by side.
+    commands = [[sys.executable, os.path.join(ROOT, "train.py"), *flags],
+                [sys.executable, os.path.join(ROOT, "evaluate.py"), finished]]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env)
+                 for command in commands]
+    try:
+        train_err, evaluate_err = (p.communicate(timeout=600)[1] for p in processes)
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    assert processes[0].returncode == 1
+    assert "Traceback" not in train_err
+    last = train_err.strip().splitlines()[-1]
+    assert last.startswith(f"train.py: error: Cannot resume from {run}/backup: ")
+    assert "multi_ema_step" in last and "is damaged" in last
+    assert processes[1].returncode == 1 and "Traceback" not in evaluate_err
+    assert evaluate_err.strip().splitlines()[-1] == (
         f"evaluate.py: error: {path} is damaged (not JSON: Expecting property name "
         "enclosed in double quotes: line 1 column 2 (char 1)); the run has finished "
         "and its backup is gone, so it cannot be rewritten: restore it from a copy, "

@@ -204,9 +204,10 @@ def _without_time(summary):
 
 
 def test_run_cut_after_its_last_epoch_is_finished_by_a_rerun(
-        finished_run, tmp_path, monkeypatch):
+        finished_run, stopped_run, tmp_path, monkeypatch):
     clean, clean_summary = finished_run
     run = tmp_path / "cut"
+    shutil.copytree(stopped_run, run)  # its last epoch is trained below
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt("killed in the results phase")
@@ -215,7 +216,8 @@ def test_run_cut_after_its_last_epoch_is_finished_by_a_rerun(
         patch.setattr(experiment, "plot_curves", interrupted)
         with pytest.raises(KeyboardInterrupt):
             experiment.train(tiny_config(run), verbose=0)
-    assert read_summary(run)["completed"] is False
+    partial = read_summary(run)
+    assert partial["completed"] is False and partial["epochs_done"] == 3
     assert os.path.isdir(run / "backup")
     # The rerun trains no epoch and writes the results from disk alone.
     summary = experiment.train(tiny_config(run), verbose=0)

@@ -17,10 +17,9 @@ import uuid
 
 import numpy as np
 import pytest
-from test_experiment import Interrupt
-from test_experiment import read_history
-from test_experiment import read_summary
-from test_experiment import tiny_config
+from conftest import read_history
+from conftest import read_summary
+from conftest import tiny_config
 
 from zoo import evaluation
 from zoo import experiment
@@ -201,16 +200,13 @@ def test_ema_state_files_damaged_or_missing_are_named(tmp_path):
 # === Resuming a damaged run ===
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A finished run and the same run stopped at the start of epoch 2 of 0..2."""
-    root = tmp_path_factory.mktemp("damage")
-    clean = root / "clean"
-    experiment.train(tiny_config(clean), verbose=0)
-    stopped = root / "stopped"
-    with pytest.raises(KeyboardInterrupt):
-        experiment.train(tiny_config(stopped), verbose=0, callbacks=[Interrupt(2)])
-    return str(clean), str(stopped)
+@pytest.fixture
+def runs(finished_run, stopped_run):
+    """A finished run and the same run stopped at the start of epoch 2 of 0..2.
+
+    Trained once for the session (tests/conftest.py): damage copies only.
+    """
+    return finished_run[0], stopped_run
 
 
 def copy_of(run, tmp_path):
@@ -272,13 +268,35 @@ HISTORY_DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("what", sorted(HISTORY_DAMAGE))
-def test_damaged_history_is_restored_from_the_backup_copy(runs, tmp_path, what):
-    clean, stopped = runs
-    run = copy_of(stopped, tmp_path)
+def damage_history(run, what):
     path = os.path.join(run, "history.csv")
     text = open(path, encoding="latin-1").read()
     write(path, HISTORY_DAMAGE[what](text).encode("latin-1"), mode="wb")
+    return path
+
+
+@pytest.mark.parametrize("what", sorted(HISTORY_DAMAGE))
+def test_each_history_damage_is_restored_from_the_backup_copy(runs, tmp_path, what,
+                                                              capsys):
+    # The step of a resume that reads the history, for each kind of damage
+    # (read_history's tests above name each); the resume after it is the
+    # same for all, run end to end below.
+    from zoo.backup import AtomicBackupAndRestore
+
+    clean, stopped = runs
+    run = copy_of(stopped, tmp_path)
+    path = damage_history(run, what)
+    backup = AtomicBackupAndRestore(os.path.join(run, "backup"), history_path=path)
+    backup._restore_history(2)
+    assert read_history(run) == read_history(clean)[:2]
+    assert f"{path} was damaged (" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("what", ["number cut in half"])
+def test_damaged_history_is_restored_from_the_backup_copy(runs, tmp_path, what):
+    clean, stopped = runs
+    run = copy_of(stopped, tmp_path)
+    damage_history(run, what)
     summary = experiment.train(tiny_config(run), verbose=0)
     assert_same_results(run, clean, summary)
 
@@ -396,21 +414,29 @@ def test_cli_damaged_files_are_one_line_without_traceback(runs, tmp_path):
         garble(path)
     flags = [f"--flagfile={os.path.join(run, 'flags.cfg')}", f"--output_dir={run}"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags],
-                            capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"train.py: error: Cannot resume from {run}/backup: ")
-    assert "multi_ema_step" in last and "is damaged" in last
     finished = str(tmp_path / "finished")
     shutil.copytree(clean, finished)
     path = os.path.join(finished, "summary.json")
     write(path, "{")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), finished],
-                            capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
+    # The two commands work on different directories: they run side by side.
+    commands = [[sys.executable, os.path.join(ROOT, "train.py"), *flags],
+                [sys.executable, os.path.join(ROOT, "evaluate.py"), finished]]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env)
+                 for command in commands]
+    try:
+        train_err, evaluate_err = (p.communicate(timeout=600)[1] for p in processes)
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    assert processes[0].returncode == 1
+    assert "Traceback" not in train_err
+    last = train_err.strip().splitlines()[-1]
+    assert last.startswith(f"train.py: error: Cannot resume from {run}/backup: ")
+    assert "multi_ema_step" in last and "is damaged" in last
+    assert processes[1].returncode == 1 and "Traceback" not in evaluate_err
+    assert evaluate_err.strip().splitlines()[-1] == (
         f"evaluate.py: error: {path} is damaged (not JSON: Expecting property name "
         "enclosed in double quotes: line 1 column 2 (char 1)); the run has finished "
         "and its backup is gone, so it cannot be rewritten: restore it from a copy, "

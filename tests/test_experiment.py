@@ -1,14 +1,18 @@
 """train.py's protocol end to end on the digits data with a tiny ResNet."""
 
-import csv
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
+from conftest import read_history
+from conftest import read_summary
+from conftest import tiny_config
 
 from zoo import experiment
 from zoo import run_dir
@@ -16,46 +20,6 @@ from zoo.datasets import DatasetError
 from zoo.run_dir import RunDirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(output_dir, **overrides):
-    settings = dict(
-        output_dir=str(output_dir),
-        dataset="digits",
-        model="resnet18",
-        width=0.0625,
-        epochs=3,
-        batch_size=128,
-        lr=0.05,
-        warmup_epochs=1,
-        ema_decays=(0.5, 0.8),
-        ema_period=2,
-        seed=3,
-    )
-    settings.update(overrides)
-    return experiment.Config(**settings)
-
-
-class Interrupt(keras.callbacks.Callback):
-    """Raises at the start of epoch `epoch`, as a kill would stop the run."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt(f"interrupted at epoch {epoch}")
-
-
-def read_history(run):
-    with open(os.path.join(run, "history.csv")) as f:
-        return list(csv.DictReader(f))
-
-
-def read_summary(run):
-    with open(os.path.join(run, "summary.json")) as f:
-        return json.load(f)
 
 
 def weights_of(path):
@@ -68,13 +32,6 @@ def weights_of(path):
             if isinstance(obj, h5py.Dataset) else None
         )
     return values
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "clean"
-    summary = experiment.train(tiny_config(run), verbose=0)
-    return str(run), summary
 
 
 def test_run_directory_files(finished_run):
@@ -138,11 +95,11 @@ def test_other_flags_on_an_existing_run_are_refused(finished_run):
     assert sorted(os.listdir(run)) == before
 
 
-def test_resumed_run_ends_like_an_uninterrupted_one(finished_run, tmp_path):
+def test_resumed_run_ends_like_an_uninterrupted_one(finished_run, stopped_run,
+                                                   tmp_path):
     clean, clean_summary = finished_run
     run = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
-        experiment.train(tiny_config(run), verbose=0, callbacks=[Interrupt(2)])
+    shutil.copytree(stopped_run, run)  # interrupted at the start of epoch 2
     partial = read_summary(run)
     assert partial["completed"] is False and partial["epochs_done"] == 2
     summary = experiment.train(tiny_config(run), verbose=0)
@@ -189,14 +146,10 @@ def test_foreign_directory_is_refused(tmp_path):
     assert os.listdir(tmp_path) == ["notes.txt"]
 
 
-def test_noisy_run_writes_the_mask_and_exports(tmp_path):
+def test_noisy_run_writes_the_mask_and_exports(noisy_run):
     tf = pytest.importorskip("tensorflow")
-    run = tmp_path / "noisy"
-    summary = experiment.train(
-        tiny_config(run, epochs=1, warmup_epochs=0, label_noise="symmetric:0.4",
-                    export=True, export_from="best_loss"),
-        verbose=0,
-    )
+    run, summary = noisy_run  # 1 epoch, symmetric:0.4, --export_from=best_loss
+    run = pathlib.Path(run)
     mask = np.load(run / "noise_mask.npy")
     n_train = 1437 - int(round(0.2 * 1437))
     assert mask.shape == (n_train,)
@@ -262,9 +215,10 @@ def _without_time(summary):
 
 
 def test_run_cut_after_its_last_epoch_is_finished_by_a_rerun(
-        finished_run, tmp_path, monkeypatch):
+        finished_run, stopped_run, tmp_path, monkeypatch):
     clean, clean_summary = finished_run
     run = tmp_path / "cut"
+    shutil.copytree(stopped_run, run)  # its last epoch is trained below
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt("killed in the results phase")
@@ -273,7 +227,8 @@ def test_run_cut_after_its_last_epoch_is_finished_by_a_rerun(
         patch.setattr(experiment, "plot_curves", interrupted)
         with pytest.raises(KeyboardInterrupt):
             experiment.train(tiny_config(run), verbose=0)
-    assert read_summary(run)["completed"] is False
+    partial = read_summary(run)
+    assert partial["completed"] is False and partial["epochs_done"] == 3
     assert os.path.isdir(run / "backup")
     # The rerun trains no epoch and writes the results from disk alone.
     summary = experiment.train(tiny_config(run), verbose=0)

@@ -13,6 +13,8 @@ import shutil
 import keras
 import numpy as np
 import pytest
+from conftest import Interrupt
+from conftest import tiny_config
 
 import zoo
 from zoo import evaluation
@@ -38,23 +40,9 @@ def folder(tmp_path_factory):
 
 
 def config(folder, output_dir, **overrides):
-    settings = dict(
-        output_dir=str(output_dir), dataset=folder, model="resnet18",
-        width=0.0625, epochs=3, batch_size=16, lr=0.05, warmup_epochs=1,
-        ema_decays=(0.5, 0.8), ema_period=1, seed=0,
-    )
+    settings = dict(dataset=folder, batch_size=16, ema_period=1, seed=0)
     settings.update(overrides)
-    return experiment.Config(**settings)
-
-
-class Interrupt(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt(f"interrupted at epoch {epoch}")
+    return tiny_config(output_dir, **settings)
 
 
 def read_json(path):
@@ -75,17 +63,28 @@ def dataset(folder, val_fraction):
     return load_dataset(folder, val_fraction=val_fraction, seed=0)
 
 
-def evaluate_file(folder, run, name, val_fraction, split):
-    """Keras metrics of a weights file, compiled as training compiles."""
+def evaluate_files(folder, run, names, val_fraction, split):
+    """Keras metrics of weights files, compiled as training compiles.
+
+    One model is built and compiled; each file is loaded into it in turn.
+    """
     data = dataset(folder, val_fraction)
     model = zoo.get_model("resnet18", num_classes=2, input_shape=data.image_shape,
                           width=0.0625, weight_decay=1e-4)
-    model.load_weights(os.path.join(run, name))
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     x, y = (data.x_test, data.y_test) if split == "test" else (data.x_val, data.y_val)
-    return model.evaluate(ArrayLoader(x, y, 32, data.mean, data.std), verbose=0,
-                          return_dict=True)
+    results = {}
+    for name in names:
+        model.load_weights(os.path.join(run, name))
+        results[name] = model.evaluate(ArrayLoader(x, y, 32, data.mean, data.std),
+                                       verbose=0, return_dict=True)
+    return results
+
+
+def evaluate_file(folder, run, name, val_fraction, split):
+    """Keras metrics of a weights file, compiled as training compiles."""
+    return evaluate_files(folder, run, [name], val_fraction, split)[name]
 
 
 # The epochs the tuning run is made to have chosen (all before the last).
@@ -133,9 +132,10 @@ def test_full_run_keeps_the_epochs_the_tuning_run_chose(folder, tune, full):
             checks.append((record["weights"], record["epoch"], f"ema_{decay}_"))
         checks.append((f"ema_{decay}_last.weights.h5", LAST, f"ema_{decay}_"))
     assert summary["sgd"]["best_accuracy"]["chosen_by"]["run"] == tune[1]
+    scores = evaluate_files(folder, run, [name for name, _, _ in checks], 0.0, "test")
     for name, epoch, prefix in checks:
         # The file scores on test what the history logged for that epoch.
-        got = evaluate_file(folder, run, name, 0.0, "test")
+        got = scores[name]
         row = rows[epoch]
         assert got["accuracy"] == pytest.approx(row[f"{prefix}val_accuracy"], abs=1e-6), name
         assert got["loss"] == pytest.approx(row[f"{prefix}val_loss"], rel=1e-4), name
@@ -283,13 +283,15 @@ def test_sema_sgd_files_hold_the_model_the_history_describes(folder, tmp_path):
                                       ema_decays=(0.8,)), verbose=0)
     rows = history(str(run))
     best = summary["sgd"]["best_accuracy"]["epoch"]
-    for name, epoch in (("sgd_last.weights.h5", LAST),
-                        ("sgd_best_accuracy.weights.h5", best)):
-        got = evaluate_file(folder, str(run), name, 0.2, "val")
+    checks = (("sgd_last.weights.h5", LAST), ("sgd_best_accuracy.weights.h5", best))
+    scores = evaluate_files(folder, str(run), [name for name, _ in checks]
+                            + ["ema_0.8_last.weights.h5"], 0.2, "val")
+    for name, epoch in checks:
+        got = scores[name]
         assert got["accuracy"] == pytest.approx(rows[epoch]["val_accuracy"], abs=1e-6), name
         assert got["loss"] == pytest.approx(rows[epoch]["val_loss"], rel=1e-4), name
     # The EMA (which SEMA copies into the model at each epoch end) differs.
-    ema = evaluate_file(folder, str(run), "ema_0.8_last.weights.h5", 0.2, "val")
+    ema = scores["ema_0.8_last.weights.h5"]
     assert ema["loss"] == pytest.approx(rows[LAST]["ema_0.8_val_loss"], rel=1e-4)
     assert ema["loss"] != pytest.approx(rows[LAST]["val_loss"], rel=1e-4)
     runs = evaluation.load_runs([str(run)])

@@ -101,3 +101,24 @@ def test_sharded_shadows_under_model_parallel():
     assert out["updates"] == [4, 4], out
     assert out["max_gap_vs_reference"] < 1e-5, out
     assert out["max_gap_vs_single"] < 1e-5, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["mirrored", "data_parallel"])
+def test_host_shadows_on_two_devices_match_one(mode):
+    if keras.backend.backend() != "jax" and mode == "data_parallel":
+        pytest.skip("the JAX run covers DataParallel")
+    if keras.backend.backend() == "jax" and mode == "mirrored":
+        pytest.skip("the TensorFlow run covers MirroredStrategy")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("KERAS_BACKEND", None)
+    env.pop("TF_CONFIG", None)
+    script = os.path.join(os.path.dirname(SCRIPT), "distributed_fit.py")
+    result = subprocess.run([sys.executable, script, mode, "ema", "cpu"],
+                            env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["updates"] == [4, 4], out
+    assert out["max_gap_vs_single"] < 1e-5, out
+    assert out["max_gap_vs_reference"] < 1e-5, out

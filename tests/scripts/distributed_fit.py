@@ -1,12 +1,13 @@
 """Fits a small model with an averager on 2 devices and on 1; prints the gap.
 
-    python distributed_fit.py {mirrored|multiworker|data_parallel} {ema|sema|belay}
+    python distributed_fit.py {mirrored|multiworker|data_parallel} {ema|sema|belay} [cpu]
 
 Run in a fresh process: the 2 devices are faked on the CPU before the backend
 starts (logical devices on TensorFlow, XLA_FLAGS on JAX). Prints one JSON
 line: the largest difference between the EMA weights of the two fits, the
 largest difference between the 2-device EMA and a numpy reference over the
-2-device run's own weights, and the number of updates of each.
+2-device run's own weights, and the number of updates of each. With `cpu`
+the averager keeps its shadows in host memory (`shadow_device="cpu"`).
 """
 
 import json
@@ -14,6 +15,7 @@ import os
 import sys
 
 mode, averaging = sys.argv[1], sys.argv[2]
+SHADOW_DEVICE = sys.argv[3] if len(sys.argv) > 3 else None
 if mode == "data_parallel":
     os.environ["KERAS_BACKEND"] = "jax"
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
@@ -60,7 +62,7 @@ def build():
 
 
 def averager():
-    common = dict(period=2, verbose=0)
+    common = dict(period=2, verbose=0, shadow_device=SHADOW_DEVICE)
     if averaging == "sema":
         return keras_ema.SwitchEMA(DECAYS[0], **common)
     if averaging == "belay":

@@ -13,6 +13,7 @@ import sys
 from absl import app
 from absl import flags
 
+from zoo.experiment import DEFAULT_CONNECT_TIMEOUT
 from zoo.experiment import Config
 
 _D = Config()
@@ -69,6 +70,10 @@ flags.DEFINE_integer("snapshot_every", _D.snapshot_every, "Write post-hoc EMA "
                      "snapshots to RUN/snapshots every this many optimizer "
                      "steps (0: off); see evaluate.py --evals=posthoc.")
 
+flags.DEFINE_float("connect_timeout", DEFAULT_CONNECT_TIMEOUT, "Several "
+                   "processes (TF_CONFIG, KERAS_DISTRIBUTION_*): seconds to "
+                   "wait for the others to join before failing.")
+
 FLAGS = flags.FLAGS
 
 
@@ -82,7 +87,7 @@ def main(argv):
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         config = experiment.config_from_flags(FLAGS)
-        experiment.train(config)
+        experiment.train(config, connect_timeout=FLAGS.connect_timeout)
     except (experiment.ConfigError, DatasetError, RunDirError,
             experiment.TrainingDiverged, experiment.ExportError) as error:
         sys.exit(f"train.py: error: {error}")

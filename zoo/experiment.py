@@ -652,7 +652,10 @@ def _start(config, state, verbose, callbacks, locks, process):
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy(config.mixed_precision)
     if config.distribution == "data_parallel":
-        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        # With several processes each feeds its own share of every batch
+        # (`ArrayLoader(shard=...)`), already split: no auto-sharding.
+        keras.distribution.set_distribution(keras.distribution.DataParallel(
+            auto_shard_dataset=process.count == 1))
     try:
         with run_dir.disk_errors():  # a full disk: one line naming the file
             return _fit(config, data, run, zoo, verbose, list(callbacks), strategy,
@@ -760,6 +763,9 @@ def _jax_process(connect_timeout):
     from jax._src import distributed
 
     if distributed.global_state.client is None:  # once per Python process
+        # Collectives between CPU processes go through gloo (JAX's default
+        # since 0.4.34; named here so that it does not depend on the version).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         with _deadline(process):
             keras.distribution.initialize()
             from jax.experimental import multihost_utils
@@ -771,32 +777,54 @@ def _jax_process(connect_timeout):
     return process
 
 
+# Run by `_deadline` in its own process: waits, then prints the message and
+# ends the watched process, unless that one ended or cancelled it first.
+_WATCHDOG = """
+import os, shutil, signal, sys, time
+pid, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    if os.getppid() != pid:
+        sys.exit(0)
+    time.sleep(0.2)
+sys.stderr.write(message + "\\n")
+sys.stderr.flush()
+os.kill(pid, signal.SIGKILL)
+for path in sys.argv[4:]:
+    shutil.rmtree(path, ignore_errors=True)
+"""
+
+
 @contextlib.contextmanager
 def _deadline(process):
     """Ends the process with one line if the block lasts past the timeout.
 
     The backends wait minutes (TensorFlow hours) for a missing peer, in C++
-    where no Python exception reaches: a timer ends the process instead.
+    that holds Python's lock, so no Python timer or signal handler runs: a
+    small watchdog process prints the line and kills this one (exit status
+    137 in a shell, `-9` for `subprocess`).
     """
-    import threading
+    import subprocess
 
-    def give_up():
-        sys.stderr.write(
-            f"error: process {process.index} of {process.count} could not "
-            f"reach the others ({process.peers}) within --connect_timeout="
-            f"{process.connect_timeout:g} s; start every process with the "
-            "same cluster addresses, check that the hosts and ports are "
-            "reachable, and run the same command again.\n")
-        sys.stderr.flush()
-        os._exit(1)
-
-    timer = threading.Timer(process.connect_timeout, give_up)
-    timer.daemon = True
-    timer.start()
+    message = (
+        f"error: process {process.index} of {process.count} could not "
+        f"reach the others ({process.peers}) within --connect_timeout="
+        f"{process.connect_timeout:g} s; start every process with the "
+        "same cluster addresses, check that the hosts and ports are "
+        "reachable, and run the same command again.")
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()),
+         str(process.connect_timeout), message, *_WORKER_TEMP_DIRS],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
         yield
     finally:
-        timer.cancel()
+        watchdog.kill()
+        watchdog.wait()
+
+
+# The temporary directories of `_train_as_worker`, removed by `_deadline` too.
+_WORKER_TEMP_DIRS = []
 
 
 def _train_as_worker(config, verbose, callbacks, process):
@@ -813,6 +841,7 @@ def _train_as_worker(config, verbose, callbacks, process):
           f"{config.output_dir}; this one writes to a temporary directory "
           "removed at the end.", flush=True)
     tmp = tempfile.mkdtemp(prefix=f"workertemp_{process.index}_")
+    _WORKER_TEMP_DIRS.append(tmp)
     try:
         copy = os.path.join(tmp, "run")
         _copy_resumable(config.output_dir, copy)
@@ -820,6 +849,7 @@ def _train_as_worker(config, verbose, callbacks, process):
                          callbacks, process)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        _WORKER_TEMP_DIRS.remove(tmp)
 
 
 def _copy_resumable(run, copy):

@@ -1,0 +1,199 @@
+"""train.py as several processes on loopback: TF_CONFIG workers.
+
+Each test starts its processes with `subprocess` on 127.0.0.1 ports picked
+free at run time; every process is bounded by a timeout and killed in a
+`finally`. The processes set their own `KERAS_BACKEND`, so the tests run
+once, in the TensorFlow pass of the README's test command.
+"""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
+KILL_AT = os.path.join(ROOT, "tests", "scripts", "kill_at.py")
+TWO_DEVICES = os.path.join(ROOT, "tests", "scripts", "two_devices.py")
+# 1150 training images: 2 steps of 512 and one of 126 per epoch, each split
+# in halves between the 2 workers.
+FLAGS = ["--dataset=digits", "--model=resnet18", "--width=0.0625", "--epochs=2",
+         "--batch_size=512", "--lr=0.01", "--warmup_epochs=0",
+         "--ema_decays=0.5,0.8", "--ema_period=2", "--seed=7",
+         "--distribution=multiworker"]
+TIMEOUT = 240  # seconds, per process
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _env(tmp_path, tf_config=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow",
+               PYTHONPATH=ROOT, TMPDIR=str(tmp_path))
+    env.pop("TF_CONFIG", None)
+    if tf_config is not None:
+        env["TF_CONFIG"] = json.dumps(tf_config)
+    return env
+
+
+def _tf_config(ports, index):
+    return {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+            "task": {"type": "worker", "index": index}}
+
+
+def _start(script, run, env, *extra):
+    return subprocess.Popen([sys.executable, *script, *FLAGS, *extra,
+                             f"--output_dir={run}"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(processes, timeout=TIMEOUT):
+    """Waits for all; returns `[(returncode, stdout, stderr)]`; kills leftovers."""
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for p in processes:
+            out, err = p.communicate(timeout=max(1, deadline - time.monotonic()))
+            results.append((p.returncode, out, err))
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return results
+
+
+def _two_workers(run, tmp_path, scripts=((TRAIN,), (TRAIN,))):
+    ports = _free_ports(2)
+    processes = []
+    try:
+        for index, script in enumerate(scripts):
+            processes.append(_start(script, run, _env(tmp_path, _tf_config(ports, index))))
+    except BaseException:
+        for p in processes:
+            p.kill()
+        raise
+    return processes
+
+
+def _rows(run):
+    with open(os.path.join(run, "history.csv")) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _assert_same_history(a, b, atol):
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            assert abs(ra[key] - rb[key]) <= atol, (key, ra, rb)
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(tmp_path_factory):
+    """One uninterrupted run of 2 worker processes."""
+    tmp_path = tmp_path_factory.mktemp("two_workers")
+    run = str(tmp_path / "run")
+    results = _finish(_two_workers(run, tmp_path))
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    return tmp_path, run, results
+
+
+def test_two_workers_only_the_chief_writes(two_worker_run):
+    tmp_path, run, results = two_worker_run
+    names = set(os.listdir(run))
+    assert {"flags.cfg", "history.csv", "summary.json", "sgd_last.weights.h5"} <= names
+    assert "backup" not in names  # removed at the end, as a single process does
+    with open(os.path.join(run, "summary.json")) as f:
+        assert json.load(f)["completed"] is True
+    assert len(_rows(run)) == 2
+    # Worker 1 wrote only to its temporary directory, and removed it.
+    assert "process 0 writes" in results[1][1]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("workertemp_")]
+    # Both trained the same model: the same final lines.
+    assert results[0][1].splitlines()[-3] == results[1][1].splitlines()[-3]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Known gap, cause not found: 2 TensorFlow worker processes end up to "
+    "~1e-2 away in val_loss from one process whose 2 devices split every "
+    "batch the same way (which matches 1 device exactly)."))
+def test_two_workers_match_one_process(two_worker_run, tmp_path):
+    _, run, _ = two_worker_run
+    single = str(tmp_path / "single")
+    # The same 2 replicas in one process (the CPU seen as 2 devices): each
+    # trains on the same half of every global batch as one worker does.
+    code, _, err = _finish([_start((TWO_DEVICES,), single, _env(tmp_path))])[0]
+    assert code == 0, err[-3000:]
+    _assert_same_history(_rows(run), _rows(single), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_to_the_same_result(two_worker_run, tmp_path):
+    _, reference, _ = two_worker_run
+    run = str(tmp_path / "run")
+    # Worker 1 dies after the second batch of epoch 1; the chief, stuck
+    # waiting for it, is then killed too (a scheduler restarts both).
+    processes = _two_workers(run, tmp_path, scripts=((TRAIN,), (KILL_AT, "mid_epoch")))
+    try:
+        code = processes[1].wait(timeout=TIMEOUT)
+        assert code == -signal.SIGKILL
+        processes[0].kill()
+    finally:
+        _finish(processes, timeout=30)
+    assert len(_rows(run)) == 1  # epoch 0 done and backed up
+    results = _finish(_two_workers(run, tmp_path))
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    assert "Resuming" in results[0][1]
+    _assert_same_history(_rows(run), _rows(reference), atol=1e-6)
+    for name in ("sgd_last.weights.h5", "ema_0.8_last.weights.h5"):
+        a, b = _h5(os.path.join(run, name)), _h5(os.path.join(reference, name))
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)
+
+
+def _h5(path):
+    import h5py
+
+    values = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: values.__setitem__(name, np.array(obj))
+                     if isinstance(obj, h5py.Dataset) else None)
+    return values
+
+
+def test_unreachable_worker_fails_in_one_line(tmp_path):
+    run = str(tmp_path / "run")
+    ports = _free_ports(2)  # nobody listens on the chief's port
+    start = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, TRAIN, *FLAGS, f"--output_dir={run}", "--connect_timeout=5"],
+        env=_env(tmp_path, _tf_config(ports, 1)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, out, err = _finish([process], timeout=90)[0]
+    assert code == -signal.SIGKILL  # ended by the --connect_timeout watchdog
+    assert time.monotonic() - start < 90
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-2000:]
+    assert "process 1 of 2 could not reach" in lines[0]
+    assert "--connect_timeout=5" in lines[0]
+    assert not os.path.exists(run)  # a non-chief never writes the run

@@ -48,7 +48,9 @@ flags.DEFINE_integer("seed", _D.seed, "Seed of the split, noise, data order, ini
 flags.DEFINE_string("mixed_precision", _D.mixed_precision,
                     "mixed_float16 or mixed_bfloat16; empty: float32.")
 flags.DEFINE_string("distribution", _D.distribution, "none, mirrored or "
-                    "multiworker (TensorFlow), data_parallel (JAX).")
+                    "multiworker (TensorFlow), data_parallel (JAX); several "
+                    "processes: TF_CONFIG or KERAS_DISTRIBUTION_JOB_ADDRESSES, "
+                    "_NUM_PROCESSES, _PROCESS_ID (README: Several machines).")
 flags.DEFINE_boolean("export", _D.export, "Export the chosen EMA model as a "
                      "SavedModel and a .keras file to RUN/export.")
 flags.DEFINE_float("export_decay", _D.export_decay,

@@ -1,4 +1,4 @@
-"""train.py as several processes on loopback: TF_CONFIG workers.
+"""train.py as several processes on loopback: TF_CONFIG workers, JAX processes.
 
 Each test starts its processes with `subprocess` on 127.0.0.1 ports picked
 free at run time; every process is bounded by a timeout and killed in a
@@ -29,6 +29,21 @@ FLAGS = ["--dataset=digits", "--model=resnet18", "--width=0.0625", "--epochs=2",
          "--ema_decays=0.5,0.8", "--ema_period=2", "--seed=7",
          "--distribution=multiworker"]
 TIMEOUT = 240  # seconds, per process
+
+
+def _digits_folder(root, train=512, test=128):
+    """scikit-learn's 8x8 digits as a folder: dataset, sizes that split in 2."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images * (255 / 16)).round().astype(np.uint8)
+    for split, rows in (("train", range(train)), ("test", range(train, train + test))):
+        for i in rows:
+            folder = os.path.join(root, split, str(digits.target[i]))
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(images[i]).save(os.path.join(folder, f"{i}.png"))
+    return root
 
 
 def _free_ports(n):
@@ -197,3 +212,113 @@ def test_unreachable_worker_fails_in_one_line(tmp_path):
     assert "process 1 of 2 could not reach" in lines[0]
     assert "--connect_timeout=5" in lines[0]
     assert not os.path.exists(run)  # a non-chief never writes the run
+
+
+# === JAX: keras.distribution.initialize, DataParallel ===
+
+JAX_FLAGS = ["--model=resnet18", "--width=0.0625", "--epochs=2", "--batch_size=128",
+             "--lr=0.01", "--warmup_epochs=0", "--ema_decays=0.5,0.8",
+             "--ema_period=2", "--seed=7", "--val_fraction=0",
+             "--distribution=data_parallel"]
+
+
+def _jax_env(tmp_path, coordinator=None, index=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="jax",
+               PYTHONPATH=ROOT, TMPDIR=str(tmp_path))
+    for name in ("XLA_FLAGS", "KERAS_DISTRIBUTION_JOB_ADDRESSES",
+                 "KERAS_DISTRIBUTION_NUM_PROCESSES", "KERAS_DISTRIBUTION_PROCESS_ID"):
+        env.pop(name, None)
+    if coordinator is not None:
+        env.update(KERAS_DISTRIBUTION_JOB_ADDRESSES=coordinator,
+                   KERAS_DISTRIBUTION_NUM_PROCESSES="2",
+                   KERAS_DISTRIBUTION_PROCESS_ID=str(index))
+    return env
+
+
+def _jax_start(script, run, env, data, *extra):
+    return subprocess.Popen([sys.executable, *script, *JAX_FLAGS,
+                             f"--dataset=folder:{data}", *extra,
+                             f"--output_dir={run}"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _jax_two_processes(run, tmp_path, data, scripts=((TRAIN,), (TRAIN,))):
+    coordinator = f"127.0.0.1:{_free_ports(1)[0]}"
+    processes = []
+    try:
+        for index, script in enumerate(scripts):
+            processes.append(_jax_start(script, run, _jax_env(tmp_path, coordinator, index),
+                                        data))
+    except BaseException:
+        for p in processes:
+            p.kill()
+        raise
+    return processes
+
+
+@pytest.fixture(scope="module")
+def jax_runs(tmp_path_factory):
+    """The same run as 2 JAX processes and as one, started together."""
+    pytest.importorskip("jax")
+    tmp_path = tmp_path_factory.mktemp("jax")
+    data = _digits_folder(str(tmp_path / "digits"))
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    processes = _jax_two_processes(two, tmp_path, data)
+    processes.append(_jax_start((TRAIN,), one, _jax_env(tmp_path), data))
+    results = _finish(processes)
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    return tmp_path, data, two, one, results
+
+
+def test_jax_two_processes_match_one(jax_runs):
+    tmp_path, _, two, one, results = jax_runs
+    # Each process fed half of every batch of 128; BatchNorm and the loss
+    # see the global batch, as in one process.
+    _assert_same_history(_rows(two), _rows(one), atol=1e-4)
+    a = _h5(os.path.join(two, "ema_0.8_last.weights.h5"))
+    b = _h5(os.path.join(one, "ema_0.8_last.weights.h5"))
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=1e-4, err_msg=key)
+    # Process 0 wrote the run; process 1 a temporary directory, removed.
+    assert "process 0 writes" in results[1][1]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("workertemp_")]
+
+
+@pytest.mark.slow
+def test_jax_killed_process_resumes_to_the_same_result(jax_runs, tmp_path):
+    _, data, reference, _, _ = jax_runs
+    run = str(tmp_path / "run")
+    processes = _jax_two_processes(run, tmp_path, data,
+                                   scripts=((TRAIN,), (KILL_AT, "mid_epoch")))
+    try:
+        assert processes[1].wait(timeout=TIMEOUT) == -signal.SIGKILL
+        processes[0].kill()
+    finally:
+        _finish(processes, timeout=30)
+    assert len(_rows(run)) == 1
+    results = _finish(_jax_two_processes(run, tmp_path, data))
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    assert "Resuming" in results[0][1]
+    _assert_same_history(_rows(run), _rows(reference), atol=1e-6)
+
+
+def test_jax_unreachable_coordinator_fails_in_one_line(tmp_path):
+    pytest.importorskip("jax")
+    run = str(tmp_path / "run")
+    coordinator = f"127.0.0.1:{_free_ports(1)[0]}"  # nobody listens there
+    start = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, TRAIN, *JAX_FLAGS, "--dataset=digits",
+         f"--output_dir={run}", "--connect_timeout=5"],
+        env=_jax_env(tmp_path, coordinator, 1),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, out, err = _finish([process], timeout=90)[0]
+    assert code == -signal.SIGKILL
+    assert time.monotonic() - start < 90
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-2000:]
+    assert "process 1 of 2 could not reach" in lines[0]
+    assert not os.path.exists(run)

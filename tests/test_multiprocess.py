@@ -403,14 +403,17 @@ def test_array_loader_shards_split_every_batch():
         ArrayLoader(x, y, 8, 0.5, 0.25, shard=(2, 2))
 
 
+@pytest.mark.all_backends
 def test_synchronized_bn_switch():
     import keras
 
-    if keras.backend.backend() != "tensorflow":
-        pytest.skip("synchronized BatchNorm is TensorFlow's")
-
     import zoo
 
+    if keras.backend.backend() != "tensorflow":
+        with pytest.raises(ValueError, match="synchronized_bn=True"):
+            zoo.get_model("resnet18", 10, (32, 32, 3), width=0.0625,
+                          synchronized_bn=True)
+        return
     for name in ("resnet18", "wrn28_10", "vgg16"):
         extra = {"batch_norm": True} if name == "vgg16" else {}
         model = zoo.get_model(name, 10, (32, 32, 3), width=0.0625,

@@ -760,9 +760,7 @@ def _jax_process(connect_timeout):
         return process
     import jax
 
-    from jax._src import distributed
-
-    if distributed.global_state.client is None:  # once per Python process
+    if not jax.distributed.is_initialized():  # once per Python process
         # Collectives between CPU processes go through gloo (JAX's default
         # since 0.4.34; named here so that it does not depend on the version).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -29,6 +29,7 @@ _D = types.SimpleNamespace(
     sema_every_epochs=1, sema_start_epoch=0, belay_coupling=0.1,
     selection_from="", snapshot_every=0,
 )
+_CONNECT_TIMEOUT = 120.0  # zoo.experiment.DEFAULT_CONNECT_TIMEOUT
 
 flags.DEFINE_string("output_dir", None, "Run directory (created; rerun to resume).")
 flags.DEFINE_string("dataset", _D.dataset, "digits, cifar10, cifar100, cifar10n, "
@@ -60,7 +61,9 @@ flags.DEFINE_integer("seed", _D.seed, "Seed of the split, noise, data order, ini
 flags.DEFINE_string("mixed_precision", _D.mixed_precision,
                     "mixed_float16 or mixed_bfloat16; empty: float32.")
 flags.DEFINE_string("distribution", _D.distribution, "none, mirrored or "
-                    "multiworker (TensorFlow), data_parallel (JAX).")
+                    "multiworker (TensorFlow), data_parallel (JAX); several "
+                    "processes: TF_CONFIG or KERAS_DISTRIBUTION_JOB_ADDRESSES, "
+                    "_NUM_PROCESSES, _PROCESS_ID (README: Several machines).")
 flags.DEFINE_boolean("export", _D.export, "Export the chosen EMA model as a "
                      "SavedModel and a .keras file to RUN/export.")
 flags.DEFINE_float("export_decay", _D.export_decay,
@@ -82,6 +85,10 @@ flags.DEFINE_integer("snapshot_every", _D.snapshot_every, "Write post-hoc EMA "
                      "snapshots to RUN/snapshots every this many optimizer "
                      "steps (0: off); see evaluate.py --evals=posthoc.")
 
+flags.DEFINE_float("connect_timeout", _CONNECT_TIMEOUT, "Several "
+                   "processes (TF_CONFIG, KERAS_DISTRIBUTION_*): seconds to "
+                   "wait for the others to join before failing.")
+
 FLAGS = flags.FLAGS
 
 
@@ -96,7 +103,7 @@ def main(argv):
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         config = experiment.config_from_flags(FLAGS)
-        experiment.train(config)
+        experiment.train(config, connect_timeout=FLAGS.connect_timeout)
     except (experiment.ConfigError, DatasetError, RunDirError,
             experiment.TrainingDiverged, experiment.ExportError) as error:
         sys.exit(f"train.py: error: {error}")

@@ -46,16 +46,19 @@ def test_train_flag_defaults_are_config_defaults():
         "print(json.dumps(sorted(vars(train._D).items())))\n"
         "print(json.dumps(sorted((n, train.FLAGS[n].default) for n in "
         "vars(train._D))))\n"
+        "print(json.dumps(train.FLAGS['connect_timeout'].default))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
                             capture_output=True, text=True, timeout=120,
                             env=dict(os.environ, PYTHONPATH=ROOT))
     assert result.returncode == 0, result.stderr[-2000:]
+    from zoo.experiment import DEFAULT_CONNECT_TIMEOUT
     from zoo.experiment import Config
 
     lines = result.stdout.splitlines()
     repeated = dict(json.loads(lines[0]))
     flag_defaults = dict(json.loads(lines[1]))
+    assert json.loads(lines[2]) == DEFAULT_CONNECT_TIMEOUT
     fields = {f.name: f.default for f in dataclasses.fields(Config)}
     del fields["output_dir"]  # required: no default on the command line
     assert set(repeated) == set(fields)

@@ -4,6 +4,8 @@ Importing `zoo` needs only Keras (any backend) and numpy; TensorFlow and TFDS
 are imported inside the data functions that use them.
 """
 
+import keras
+
 from zoo import resnet as _resnet
 from zoo import vgg as _vgg
 from zoo import wide_resnet as _wide_resnet
@@ -26,6 +28,7 @@ def get_model(
     name: str,
     num_classes: int = 10,
     input_shape: tuple = (32, 32, 3),
+    synchronized_bn: bool = False,
     **overrides,
 ):
     """Builds a named model of the paper: logits out, classifier `"classifier"`.
@@ -39,6 +42,12 @@ def get_model(
         **overrides: constructor arguments of the model class, e.g. `width`,
             `weight_decay`, `dropout` (WRN), `batch_norm` (VGG), `stem`
             (ResNet), `name`.
+        synchronized_bn: bool. Whether every `BatchNormalization` layer
+            computes its batch statistics over the global batch of a
+            `tf.distribute` strategy (`synchronized=True`), so that training
+            on several devices or processes computes what one does.
+            TensorFlow only: JAX's `keras.distribution.DataParallel` already
+            computes them over the global batch. Defaults to `False`.
 
     Returns:
         A `zoo.ResNet`, `zoo.WideResNet` or `zoo.VGG` instance.
@@ -58,7 +67,20 @@ def get_model(
     kwargs = dict(variant["config"])
     kwargs.update(num_classes=num_classes, input_shape=input_shape, name=name)
     kwargs.update(overrides)
-    return cls(**kwargs)
+    if synchronized_bn and keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "Invalid value for argument `synchronized_bn`: True needs the "
+            f"TensorFlow backend (the backend is {keras.backend.backend()}); "
+            "JAX's DataParallel computes BatchNorm statistics over the global "
+            "batch already. Received: synchronized_bn=True."
+        )
+    model = cls(**kwargs)
+    if synchronized_bn:
+        # Read at call time: the built layers all-reduce their moments.
+        for layer in model._flatten_layers(include_self=False):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.synchronized = True
+    return model
 
 
 __all__ = ["MODELS", "ResNet", "VGG", "WideResNet", "get_model"]

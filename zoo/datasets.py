@@ -836,6 +836,14 @@ class ArrayLoader(keras.utils.PyDataset):
         seed: int >= 0. Defaults to `0`.
         drop_remainder: bool, drop the last incomplete batch. Defaults to
             `False`.
+        shard: `(index, count)`: yield only the `index`-th of `count` equal
+            contiguous slices of every batch, for process `index` of a
+            multi-process run whose processes feed their own share of the
+            global batch (JAX's `keras.distribution`). The batch is made
+            whole first (order and augmentation as without a shard), then
+            sliced; an incomplete last batch loses its last `len % count`
+            examples so that the slices stay equal. `None` yields whole
+            batches. Defaults to `None`.
         **kwargs: `workers`, `use_multiprocessing`, `max_queue_size` of
             `keras.utils.PyDataset`.
 
@@ -864,9 +872,23 @@ class ArrayLoader(keras.utils.PyDataset):
         augment=False,
         seed=0,
         drop_remainder=False,
+        shard=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if shard is not None:
+            try:
+                index, count = (int(v) for v in shard)
+                if not 0 <= index < count or count > batch_size:
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise ValueError(
+                    "Invalid value for argument `shard`: expected `(index, "
+                    "count)` with 0 <= index < count <= batch_size. Received: "
+                    f"shard={shard!r}, batch_size={batch_size!r}."
+                ) from None
+            shard = (index, count)
+        self.shard = shard
         x = np.asarray(x)
         if x.ndim != 4 or x.dtype != np.uint8:
             raise ValueError(
@@ -992,6 +1014,11 @@ class ArrayLoader(keras.utils.PyDataset):
         x = x.astype(np.float32)
         x *= self._scale
         x -= self._shift
+        if self.shard is not None:
+            part, count = self.shard
+            size = len(x) // count
+            x = x[part * size:(part + 1) * size]
+            y = None if y is None else y[part * size:(part + 1) * size]
         if index == self._num_batches - 1:
             self._served_last = True
         return x if y is None else (x, y)

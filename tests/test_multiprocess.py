@@ -1,0 +1,426 @@
+"""train.py as several processes on loopback: TF_CONFIG workers, JAX processes.
+
+Each test starts its processes with `subprocess` on 127.0.0.1 ports picked
+free at run time; every process is bounded by a timeout and killed in a
+`finally`. The processes set their own `KERAS_BACKEND`, so the tests run
+once, in the TensorFlow pass of the README's test command.
+"""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
+KILL_AT = os.path.join(ROOT, "tests", "scripts", "kill_at.py")
+TWO_DEVICES = os.path.join(ROOT, "tests", "scripts", "two_devices.py")
+# 512 training and 128 test images of 8x8 (`_digits_folder`): 4 steps of
+# 128 per epoch, each split in halves between the 2 processes.
+FLAGS = ["--model=resnet18", "--width=0.0625", "--epochs=2", "--batch_size=128",
+         "--lr=0.01", "--warmup_epochs=0", "--ema_decays=0.5,0.8",
+         "--ema_period=2", "--seed=7", "--val_fraction=0",
+         "--distribution=multiworker"]
+TIMEOUT = 240  # seconds, per process
+
+
+def _digits_folder(root, train=512, test=128):
+    """scikit-learn's 8x8 digits as a folder: dataset, sizes that split in 2."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images * (255 / 16)).round().astype(np.uint8)
+    for split, rows in (("train", range(train)), ("test", range(train, train + test))):
+        for i in rows:
+            folder = os.path.join(root, split, str(digits.target[i]))
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(images[i]).save(os.path.join(folder, f"{i}.png"))
+    return root
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _env(tmp_path, tf_config=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow",
+               PYTHONPATH=ROOT, TMPDIR=str(tmp_path))
+    env.pop("TF_CONFIG", None)
+    if tf_config is not None:
+        env["TF_CONFIG"] = json.dumps(tf_config)
+    return env
+
+
+def _tf_config(ports, index):
+    return {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+            "task": {"type": "worker", "index": index}}
+
+
+def _start(script, run, env, data, *extra):
+    return subprocess.Popen([sys.executable, *script, *FLAGS,
+                             f"--dataset=folder:{data}", *extra,
+                             f"--output_dir={run}"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(processes, timeout=TIMEOUT):
+    """Waits for all; returns `[(returncode, stdout, stderr)]`; kills leftovers."""
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for p in processes:
+            out, err = p.communicate(timeout=max(1, deadline - time.monotonic()))
+            results.append((p.returncode, out, err))
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return results
+
+
+def _two_workers(run, tmp_path, data, scripts=((TRAIN,), (TRAIN,))):
+    ports = _free_ports(2)
+    processes = []
+    try:
+        for index, script in enumerate(scripts):
+            processes.append(_start(script, run, _env(tmp_path, _tf_config(ports, index)),
+                                    data))
+    except BaseException:
+        for p in processes:
+            p.kill()
+        raise
+    return processes
+
+
+def _rows(run):
+    with open(os.path.join(run, "history.csv")) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _assert_same_history(a, b, atol):
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            assert abs(ra[key] - rb[key]) <= atol, (key, ra, rb)
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(tmp_path_factory):
+    """One uninterrupted run of 2 worker processes."""
+    tmp_path = tmp_path_factory.mktemp("two_workers")
+    data = _digits_folder(str(tmp_path / "digits"))
+    run = str(tmp_path / "run")
+    results = _finish(_two_workers(run, tmp_path, data))
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    return tmp_path, data, run, results
+
+
+@pytest.mark.slow
+def test_two_workers_only_the_chief_writes(two_worker_run):
+    tmp_path, _, run, results = two_worker_run
+    names = set(os.listdir(run))
+    assert {"flags.cfg", "history.csv", "summary.json", "sgd_last.weights.h5"} <= names
+    assert "backup" not in names  # removed at the end, as a single process does
+    with open(os.path.join(run, "summary.json")) as f:
+        assert json.load(f)["completed"] is True
+    assert len(_rows(run)) == 2
+    # Worker 1 wrote only to its temporary directory, and removed it.
+    assert "process 0 writes" in results[1][1]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("workertemp_")]
+    # Both trained the same model: the same final lines.
+    assert results[0][1].splitlines()[-3] == results[1][1].splitlines()[-3]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Known gap, cause not established: 2 TensorFlow worker processes end "
+    "up to ~1e-2 away in val_loss from one process whose CPU is 2 devices "
+    "(which matches 1 device exactly); on JAX the 2 processes match such a "
+    "process exactly."))
+@pytest.mark.slow
+def test_two_workers_match_one_process(two_worker_run, tmp_path):
+    _, data, run, _ = two_worker_run
+    single = str(tmp_path / "single")
+    # The same 2 replicas in one process (the CPU seen as 2 devices): each
+    # trains on the same half of every global batch as one worker does.
+    code, _, err = _finish([_start((TWO_DEVICES,), single, _env(tmp_path), data)])[0]
+    assert code == 0, err[-3000:]
+    _assert_same_history(_rows(run), _rows(single), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_to_the_same_result(two_worker_run, tmp_path):
+    _, data, reference, _ = two_worker_run
+    run = str(tmp_path / "run")
+    # Worker 1 dies after the second batch of epoch 1; the chief, stuck
+    # waiting for it, is then killed too (a scheduler restarts both).
+    processes = _two_workers(run, tmp_path, data,
+                             scripts=((TRAIN,), (KILL_AT, "mid_epoch")))
+    try:
+        code = processes[1].wait(timeout=TIMEOUT)
+        assert code == -signal.SIGKILL
+        processes[0].kill()
+    finally:
+        _finish(processes, timeout=30)
+    assert len(_rows(run)) == 1  # epoch 0 done and backed up
+    results = _finish(_two_workers(run, tmp_path, data))
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    assert "Resuming" in results[0][1]
+    _assert_same_history(_rows(run), _rows(reference), atol=1e-6)
+    for name in ("sgd_last.weights.h5", "ema_0.8_last.weights.h5"):
+        a, b = _h5(os.path.join(run, name)), _h5(os.path.join(reference, name))
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)
+
+
+def _h5(path):
+    import h5py
+
+    values = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: values.__setitem__(name, np.array(obj))
+                     if isinstance(obj, h5py.Dataset) else None)
+    return values
+
+
+def test_unreachable_worker_fails_in_one_line(tmp_path):
+    run = str(tmp_path / "run")
+    ports = _free_ports(2)  # nobody listens on the chief's port
+    start = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, TRAIN, *FLAGS, "--dataset=digits", f"--output_dir={run}",
+         "--connect_timeout=5"],
+        env=_env(tmp_path, _tf_config(ports, 1)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, out, err = _finish([process], timeout=90)[0]
+    assert code == -signal.SIGKILL  # ended by the --connect_timeout watchdog
+    assert time.monotonic() - start < 90
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-2000:]
+    assert "process 1 of 2 could not reach" in lines[0]
+    assert "--connect_timeout=5" in lines[0]
+    assert not os.path.exists(run)  # a non-chief never writes the run
+
+
+# === JAX: keras.distribution.initialize, DataParallel ===
+
+JAX_FLAGS = ["--model=resnet18", "--width=0.0625", "--epochs=2", "--batch_size=128",
+             "--lr=0.01", "--warmup_epochs=0", "--ema_decays=0.5,0.8",
+             "--ema_period=2", "--seed=7", "--val_fraction=0",
+             "--distribution=data_parallel"]
+
+
+def _jax_env(tmp_path, coordinator=None, index=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="jax",
+               PYTHONPATH=ROOT, TMPDIR=str(tmp_path))
+    for name in ("XLA_FLAGS", "KERAS_DISTRIBUTION_JOB_ADDRESSES",
+                 "KERAS_DISTRIBUTION_NUM_PROCESSES", "KERAS_DISTRIBUTION_PROCESS_ID"):
+        env.pop(name, None)
+    if coordinator is not None:
+        env.update(KERAS_DISTRIBUTION_JOB_ADDRESSES=coordinator,
+                   KERAS_DISTRIBUTION_NUM_PROCESSES="2",
+                   KERAS_DISTRIBUTION_PROCESS_ID=str(index))
+    return env
+
+
+def _jax_start(script, run, env, data, *extra):
+    return subprocess.Popen([sys.executable, *script, *JAX_FLAGS,
+                             f"--dataset=folder:{data}", *extra,
+                             f"--output_dir={run}"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _jax_two_processes(run, tmp_path, data, scripts=((TRAIN,), (TRAIN,))):
+    coordinator = f"127.0.0.1:{_free_ports(1)[0]}"
+    processes = []
+    try:
+        for index, script in enumerate(scripts):
+            processes.append(_jax_start(script, run, _jax_env(tmp_path, coordinator, index),
+                                        data))
+    except BaseException:
+        for p in processes:
+            p.kill()
+        raise
+    return processes
+
+
+@pytest.fixture(scope="module")
+def jax_runs(tmp_path_factory):
+    """The same run as 2 JAX processes and as one, started together."""
+    pytest.importorskip("jax")
+    tmp_path = tmp_path_factory.mktemp("jax")
+    data = _digits_folder(str(tmp_path / "digits"))
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    processes = _jax_two_processes(two, tmp_path, data)
+    # The reference: one process whose CPU is 2 devices, so that every batch
+    # is split and summed as by the 2 processes. (Against 1 device, a run of
+    # 8 steps of this tiny ResNet drifts by up to 1e-3 in val_loss from the
+    # different order of the sums alone, as it does in one process.)
+    env = dict(_jax_env(tmp_path), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    processes.append(_jax_start((TRAIN,), one, env, data))
+    results = _finish(processes)
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    return tmp_path, data, two, one, results
+
+
+def test_jax_two_processes_match_one(jax_runs):
+    tmp_path, _, two, one, results = jax_runs
+    # Each process fed half of every batch of 128; BatchNorm and the loss
+    # see the global batch, as in one process.
+    _assert_same_history(_rows(two), _rows(one), atol=1e-6)
+    for name in ("sgd_last.weights.h5", "ema_0.8_last.weights.h5"):
+        a = _h5(os.path.join(two, name))
+        b = _h5(os.path.join(one, name))
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)
+    # Process 0 wrote the run; process 1 a temporary directory, removed.
+    assert "process 0 writes" in results[1][1]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("workertemp_")]
+
+
+@pytest.mark.slow
+def test_jax_killed_process_resumes_to_the_same_result(jax_runs, tmp_path):
+    _, data, reference, _, _ = jax_runs
+    run = str(tmp_path / "run")
+    processes = _jax_two_processes(run, tmp_path, data,
+                                   scripts=((TRAIN,), (KILL_AT, "mid_epoch")))
+    try:
+        assert processes[1].wait(timeout=TIMEOUT) == -signal.SIGKILL
+        processes[0].kill()
+    finally:
+        _finish(processes, timeout=30)
+    assert len(_rows(run)) == 1
+    results = _finish(_jax_two_processes(run, tmp_path, data))
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    assert "Resuming" in results[0][1]
+    _assert_same_history(_rows(run), _rows(reference), atol=1e-6)
+
+
+def test_jax_unreachable_coordinator_fails_in_one_line(tmp_path):
+    pytest.importorskip("jax")
+    run = str(tmp_path / "run")
+    coordinator = f"127.0.0.1:{_free_ports(1)[0]}"  # nobody listens there
+    start = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, TRAIN, *JAX_FLAGS, "--dataset=digits",
+         f"--output_dir={run}", "--connect_timeout=5"],
+        env=_jax_env(tmp_path, coordinator, 1),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, out, err = _finish([process], timeout=90)[0]
+    assert code == -signal.SIGKILL
+    assert time.monotonic() - start < 90
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-2000:]
+    assert "process 1 of 2 could not reach" in lines[0]
+    assert not os.path.exists(run)
+
+
+# === In-process pieces ===
+
+
+def test_process_roles_from_tf_config(monkeypatch):
+    from zoo import experiment
+
+    cluster = {"worker": ["h0:1", "h1:1"]}
+    for task, index in (({"type": "worker", "index": 0}, 0),
+                        ({"type": "worker", "index": 1}, 1)):
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
+        process = experiment._tf_config_process(30.0)
+        assert (process.index, process.count, process.peers) == (index, 2, "h0:1,h1:1")
+    # A separate chief task is process 0, the workers come after it.
+    monkeypatch.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"chief": ["c:1"], "worker": ["w:1"]},
+         "task": {"type": "worker", "index": 0}}))
+    assert experiment._tf_config_process(30.0).index == 1
+    monkeypatch.delenv("TF_CONFIG")
+    assert experiment._tf_config_process(30.0).count == 1
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster,
+                                                "task": {"type": "worker", "index": 5}}))
+    with pytest.raises(experiment.ConfigError, match="TF_CONFIG=.*not a cluster"):
+        experiment._tf_config_process(30.0)
+
+
+@pytest.mark.all_backends
+def test_bad_process_settings_fail_in_one_line(monkeypatch, tmp_path):
+    from zoo import experiment
+
+    config = experiment.Config(output_dir=str(tmp_path / "run"), epochs=2,
+                               warmup_epochs=0, distribution="none")
+    with pytest.raises(experiment.ConfigError, match="--connect_timeout=0"):
+        experiment.train(config, connect_timeout=0)
+    monkeypatch.setenv("KERAS_DISTRIBUTION_NUM_PROCESSES", "2")
+    monkeypatch.setenv("KERAS_DISTRIBUTION_PROCESS_ID", "2")
+    monkeypatch.setenv("KERAS_DISTRIBUTION_JOB_ADDRESSES", "h0:1")
+    with pytest.raises(experiment.ConfigError,
+                       match="KERAS_DISTRIBUTION_PROCESS_ID=2: give"):
+        experiment._jax_process(30.0)
+    assert not os.path.exists(config.output_dir)
+
+
+@pytest.mark.all_backends
+def test_array_loader_shards_split_every_batch():
+    from zoo.datasets import ArrayLoader
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(21, 4, 4, 3), dtype=np.uint8)
+    y = np.arange(21)
+    whole = ArrayLoader(x, y, 8, 0.5, 0.25, shuffle=True, augment=True, seed=3)
+    parts = [ArrayLoader(x, y, 8, 0.5, 0.25, shuffle=True, augment=True, seed=3,
+                         shard=(i, 2)) for i in range(2)]
+    for loader in (whole, *parts):
+        loader.set_epoch(1)
+    for b in range(len(whole)):
+        xb, yb = whole[b]
+        keep = len(yb) // 2 * 2  # the last batch of 5 loses 1 example
+        got = [p[b] for p in parts]
+        np.testing.assert_array_equal(np.concatenate([g[1] for g in got]), yb[:keep])
+        np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), xb[:keep])
+    with pytest.raises(ValueError, match="shard=\\(2, 2\\)"):
+        ArrayLoader(x, y, 8, 0.5, 0.25, shard=(2, 2))
+
+
+@pytest.mark.all_backends
+def test_synchronized_bn_switch():
+    import keras
+
+    import zoo
+
+    if keras.backend.backend() != "tensorflow":
+        with pytest.raises(ValueError, match="synchronized_bn=True"):
+            zoo.get_model("resnet18", 10, (32, 32, 3), width=0.0625,
+                          synchronized_bn=True)
+        return
+    for name in ("resnet18", "wrn28_10", "vgg16"):
+        extra = {"batch_norm": True} if name == "vgg16" else {}
+        model = zoo.get_model(name, 10, (32, 32, 3), width=0.0625,
+                              synchronized_bn=True, **extra)
+        layers = [layer for layer in model._flatten_layers()
+                  if isinstance(layer, keras.layers.BatchNormalization)]
+        assert layers and all(layer.synchronized for layer in layers), name
+        plain = zoo.get_model(name, 10, (32, 32, 3), width=0.0625, **extra)
+        assert not any(getattr(layer, "synchronized", False)
+                       for layer in plain._flatten_layers())

@@ -424,3 +424,26 @@ def test_synchronized_bn_switch():
         plain = zoo.get_model(name, 10, (32, 32, 3), width=0.0625, **extra)
         assert not any(getattr(layer, "synchronized", False)
                        for layer in plain._flatten_layers())
+
+
+def test_synchronized_bn_variance_in_two_passes():
+    # Keras' synchronized moments take E[x^2] - E[x]^2: at a mean of 1000
+    # and a spread of 0.1, float32 keeps none of the variance's digits.
+    import keras
+    import tensorflow as tf
+
+    import zoo
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        model = zoo.get_model("resnet18", 10, (8, 8, 3), width=0.0625,
+                              synchronized_bn=True)
+    bn = model.get_layer("stem_bn")
+    assert bn.synchronized
+    x = (1000 + 0.1 * np.random.default_rng(0).standard_normal(
+        (16, 8, 8, bn.gamma.shape[0]))).astype(np.float32)
+    got = strategy.run(tf.function(lambda: bn(x, training=True)))
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(axis=(0, 1, 2)), x64.var(axis=(0, 1, 2))
+    want = (x64 - mean) / np.sqrt(var + bn.epsilon)  # gamma 1, beta 0
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(got), want, atol=1e-2)

@@ -2,9 +2,9 @@
 
     python tests/scripts/two_devices.py [train.py flags]
 
-With `--distribution=multiworker` and no `TF_CONFIG`, the one worker then
-trains 2 replicas, each on half of every global batch: the arithmetic of 2
-worker processes with one device each, in one process. Used by
+With `--distribution=multiworker` and no `TF_CONFIG`, the one worker still
+trains a single replica on CPU:0 (MultiWorkerMirroredStrategy uses one CPU
+device per worker), on the whole of every global batch. Used by
 tests/test_multiprocess.py as the one-process reference.
 """
 

@@ -7,6 +7,7 @@ nothing to act on: they are hidden unless the user set TF_CPP_MIN_LOG_LEVEL.
 """
 
 import contextlib
+import importlib.util
 import os
 import sys
 
@@ -25,7 +26,9 @@ def quiet_start_up():
     """Sends file descriptor 2 to /dev/null meanwhile, unless the user set the level.
 
     TensorFlow logs its start-up lines in C++ before its logging reads
-    TF_CPP_MIN_LOG_LEVEL, so only this hides them. A Python exception
+    TF_CPP_MIN_LOG_LEVEL, so only this hides them. TensorFlow itself is
+    imported here when installed, also on JAX, where Keras imports it later
+    for its data pipeline and would print them then. A Python exception
     raised inside still reaches the user: it is printed after the block.
     """
     if USER_LOG_LEVEL:
@@ -36,6 +39,8 @@ def quiet_start_up():
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 2)
     try:
+        if importlib.util.find_spec("tensorflow") is not None:
+            import tensorflow  # noqa: F401
         yield
     finally:
         sys.stderr.flush()

@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 
 import keras_ema  # noqa: E402
 from keras_ema import _backend  # noqa: E402
+from ema_overhead import StepTimer  # noqa: E402
 
 
 def median_time(fn, sync, reps):
@@ -115,24 +116,6 @@ def bench_sharded(args):
         print(f"  {name:12s} {per * 1e3:10.2f} {mb:15.1f} {gathers:8d}")
     base = totals["replicated"]
     print(f"  sharded / replicated time: {totals['sharded'] / base:.3f}")
-
-
-class StepTimer(keras.callbacks.Callback):
-    """Wall time between consecutive batch ends, after `skip` batches."""
-
-    def __init__(self, skip):
-        super().__init__()
-        self.skip = skip
-
-    def on_train_begin(self, logs=None):
-        self.times = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter())
-
-    def total(self):
-        t = self.times[self.skip:]
-        return t[-1] - t[0], len(t) - 1
 
 
 def bench_host(args):

@@ -62,6 +62,18 @@ def read_history(run):
         return list(csv.DictReader(f))
 
 
+def read_h5(path):
+    """`{dataset path: array}` of every dataset in an HDF5 file."""
+    import h5py
+    import numpy as np
+
+    values = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: values.__setitem__(name, np.array(obj))
+                     if isinstance(obj, h5py.Dataset) else None)
+    return values
+
+
 def read_summary(run):
     with open(os.path.join(run, "summary.json")) as f:
         return json.load(f)

@@ -11,6 +11,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import read_h5
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _env():
@@ -23,16 +24,6 @@ def _rows(run):
         return []
     with open(path) as f:
         return list(csv.DictReader(f))
-
-
-def _h5(path):
-    import h5py
-
-    values = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: values.__setitem__(name, np.array(obj))
-                     if isinstance(obj, h5py.Dataset) else None)
-    return values
 
 
 # A SIGTERM, then a SIGKILL at each moment of a run's life, each followed by
@@ -122,7 +113,7 @@ def _assert_same_run(killed, clean):
     assert _rows(killed) == _rows(clean)
     for name in ("sgd_last.weights.h5", "ema_0.5_best_accuracy.weights.h5",
                  "ema_0.8_best_loss.weights.h5"):
-        x, y = _h5(os.path.join(clean, name)), _h5(os.path.join(killed, name))
+        x, y = read_h5(os.path.join(clean, name)), read_h5(os.path.join(killed, name))
         assert x.keys() == y.keys()
         for key in x:
             np.testing.assert_array_equal(x[key], y[key], err_msg=f"{name}:{key}")

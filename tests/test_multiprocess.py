@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import read_h5
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -197,20 +198,10 @@ def test_killed_worker_resumes_to_the_same_result(two_worker_run, tmp_path):
     assert "Resuming" in results[0][1]
     _assert_same_history(_rows(run), _rows(reference), atol=1e-6)
     for name in ("sgd_last.weights.h5", "ema_0.8_last.weights.h5"):
-        a, b = _h5(os.path.join(run, name)), _h5(os.path.join(reference, name))
+        a, b = read_h5(os.path.join(run, name)), read_h5(os.path.join(reference, name))
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)
-
-
-def _h5(path):
-    import h5py
-
-    values = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: values.__setitem__(name, np.array(obj))
-                     if isinstance(obj, h5py.Dataset) else None)
-    return values
 
 
 def test_unreachable_worker_fails_in_one_line(tmp_path):
@@ -301,8 +292,8 @@ def test_jax_two_processes_match_one(jax_runs):
     # see the global batch, as in one process.
     _assert_same_history(_rows(two), _rows(one), atol=1e-6)
     for name in ("sgd_last.weights.h5", "ema_0.8_last.weights.h5"):
-        a = _h5(os.path.join(two, name))
-        b = _h5(os.path.join(one, name))
+        a = read_h5(os.path.join(two, name))
+        b = read_h5(os.path.join(one, name))
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)

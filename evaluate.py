@@ -38,7 +38,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     with _cli.quiet_start_up():
         from zoo import evaluation
-    from zoo.datasets import DatasetError
+    from zoo.data import DatasetError
     from zoo import run_dir
     from zoo.run_dir import RunDirError
 

@@ -97,7 +97,7 @@ def main(argv):
         sys.exit(f"train.py: unexpected arguments {argv[1:]}; flags start with --.")
     with _cli.quiet_start_up():
         from zoo import experiment
-    from zoo.datasets import DatasetError
+    from zoo.data import DatasetError
     from zoo.run_dir import RunDirError
 
     signal.signal(signal.SIGTERM, _interrupt)

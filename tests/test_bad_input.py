@@ -13,7 +13,7 @@ import pytest
 
 from zoo import evaluation
 from zoo import experiment
-from zoo.datasets import DatasetError
+from zoo.data import DatasetError
 from zoo.run_dir import RunDirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

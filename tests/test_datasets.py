@@ -1,4 +1,4 @@
-"""Tests for zoo.datasets: loading, splits, label noise and ArrayLoader.
+"""Tests for zoo.data: loading, splits, label noise and ArrayLoader.
 
 Nothing here touches the network: digits is bundled with scikit-learn, image
 folders are written into tmp_path, TFDS datasets are mocked with
@@ -15,8 +15,14 @@ import keras
 import numpy as np
 import pytest
 
-from zoo import datasets
-from zoo.datasets import ArrayLoader, DatasetError, EpochSetter, load_dataset
+from zoo.data import DatasetError
+from zoo.data import load_dataset
+from zoo.data import tfds as tfds_source
+from zoo.data.loader import ArrayLoader
+from zoo.data.loader import EpochSetter
+from zoo.data.loader import crop_and_flip
+from zoo.data.noise import add_symmetric_noise
+from zoo.data.noise import parse_label_noise
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +32,7 @@ def _no_network(monkeypatch):
     def probe(*args, **kwargs):
         raise AssertionError(f"network probe attempted: {args}")
 
-    monkeypatch.setattr(datasets, "_host_reachable", probe)
+    monkeypatch.setattr(tfds_source, "_host_reachable", probe)
 
 
 def _rows(x, y):
@@ -129,7 +135,7 @@ def test_symmetric_noise_is_seeded():
 
 def test_symmetric_noise_is_uniform_over_other_classes():
     labels = np.zeros(60000, np.int32)
-    noisy, mask = datasets.add_symmetric_noise(labels, 0.5, 4, seed=0)
+    noisy, mask = add_symmetric_noise(labels, 0.5, 4, seed=0)
     assert mask.sum() == 30000
     counts = np.bincount(noisy[mask], minlength=4)
     assert counts[0] == 0
@@ -138,7 +144,7 @@ def test_symmetric_noise_is_uniform_over_other_classes():
 
 
 def test_parse_label_noise():
-    parse = datasets.parse_label_noise
+    parse = parse_label_noise
     assert parse(None) is None
     assert parse("") is None
     assert parse("none") is None
@@ -155,7 +161,7 @@ def test_parse_label_noise():
 )
 def test_bad_label_noise_specs_name_the_value(spec):
     with pytest.raises(DatasetError, match=spec):
-        datasets.parse_label_noise(spec)
+        parse_label_noise(spec)
     with pytest.raises(DatasetError, match=spec):
         load_dataset("digits", label_noise=spec)
 
@@ -176,6 +182,8 @@ def test_cifar_n_label_set_on_another_dataset():
         (dict(name="digits", seed=-1), "seed=-1"),
         (dict(name="digits", image_size=64), "image_size"),
         (dict(name="folder:x", image_size=0), "image_size=0"),
+        (dict(name="folder:x", image_size=(True, 8)), r"image_size=\(True, 8\)"),
+        (dict(name="digits", val_fraction="0.2"), "val_fraction='0.2'"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -217,6 +225,26 @@ def test_loader_len_and_drop_remainder():
         ArrayLoader(x, y, 11, 0.5, 0.25, drop_remainder=True)
     with pytest.raises(ValueError, match="dtype float32"):
         ArrayLoader(x.astype(np.float32), y, 4, 0.5, 0.25)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(batch_size=True), "batch_size=True"),
+        (dict(batch_size=2.0), "batch_size=2.0"),
+        (dict(seed=-1), "seed=-1"),
+        (dict(seed=1.0), "seed=1.0"),
+        # int() used to truncate a fractional shard to (0, 2).
+        (dict(shard=(0.5, 2)), r"shard=\(0.5, 2\)"),
+        (dict(shard=(0, 2, 1)), r"shard=\(0, 2, 1\)"),
+        (dict(shard=(0, 5)), r"shard=\(0, 5\), batch_size=4"),
+    ],
+)
+def test_loader_bad_arguments_echo_the_value(kwargs, match):
+    x, y = _images(10)
+    args = dict(batch_size=4, mean=0.5, std=0.25) | kwargs
+    with pytest.raises(ValueError, match=match):
+        ArrayLoader(x, y, **args)
 
 
 def _epoch_labels(loader):
@@ -320,7 +348,7 @@ def test_augmentation_depends_only_on_seed_epoch_and_batch():
 
 def test_crop_and_flip_matches_its_documented_draws():
     x, _ = _images(16, size=6)
-    got = datasets.crop_and_flip(x, np.random.default_rng(0), pad=2)
+    got = crop_and_flip(x, np.random.default_rng(0), pad=2)
     rng = np.random.default_rng(0)
     top, left = rng.integers(0, 5, 16), rng.integers(0, 5, 16)
     flip = rng.random(16) < 0.5
@@ -664,7 +692,7 @@ def test_unprepared_tfds_dataset_without_network_fails_fast(tmp_path, monkeypatc
         probed.append(host)
         return False
 
-    monkeypatch.setattr(datasets, "_host_reachable", unreachable)
+    monkeypatch.setattr(tfds_source, "_host_reachable", unreachable)
     start = time.monotonic()
     with pytest.raises(DatasetError, match=r"^cifar10: .*--data_dir") as info:
         load_dataset("cifar10", data_dir=str(tmp_path))
@@ -691,16 +719,16 @@ def test_host_probe_is_quick_and_local(monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # Bound but not listening: refused.
         start = time.monotonic()
-        assert datasets._host_reachable("127.0.0.1", port, timeout=1.0) is False
+        assert tfds_source._host_reachable("127.0.0.1", port, timeout=1.0) is False
     assert time.monotonic() - start < 2
 
 
 def test_zoo_imports_without_tensorflow():
     code = (
-        "import sys, zoo.datasets, zoo.schedules\n"
+        "import sys, zoo.data, zoo.data.loader, zoo.schedules\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n"
         "assert 'tensorflow_datasets' not in sys.modules, 'tfds imported'\n"
-        "zoo.datasets.load_dataset('digits')\n"
+        "zoo.data.load_dataset('digits')\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow imported by digits'\n"
     )
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")

@@ -15,7 +15,7 @@ from conftest import tiny_config
 import zoo
 from zoo import evaluation
 from zoo import experiment
-from zoo.datasets import load_dataset
+from zoo.data import load_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

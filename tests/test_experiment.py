@@ -16,7 +16,7 @@ from conftest import tiny_config
 
 from zoo import experiment
 from zoo import run_dir
-from zoo.datasets import DatasetError
+from zoo.data import DatasetError
 from zoo.run_dir import RunDirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -385,7 +385,7 @@ def test_bad_process_settings_fail_in_one_line(monkeypatch, tmp_path):
 
 @pytest.mark.all_backends
 def test_array_loader_shards_split_every_batch():
-    from zoo.datasets import ArrayLoader
+    from zoo.data.loader import ArrayLoader
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(21, 4, 4, 3), dtype=np.uint8)

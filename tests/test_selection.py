@@ -19,8 +19,8 @@ from conftest import tiny_config
 import zoo
 from zoo import evaluation
 from zoo import experiment
-from zoo.datasets import ArrayLoader
-from zoo.datasets import load_dataset
+from zoo.data.loader import ArrayLoader
+from zoo.data import load_dataset
 
 
 @pytest.fixture(scope="module")

@@ -54,8 +54,8 @@ import os
 import numpy as np
 
 from zoo import run_dir
-from zoo.datasets import ArrayLoader
-from zoo.datasets import load_dataset
+from zoo.data.loader import ArrayLoader
+from zoo.data import load_dataset
 from zoo.experiment import Config
 
 EVALS = ("generalization", "calibration", "churn", "transfer", "label_noise",

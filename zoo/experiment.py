@@ -20,9 +20,9 @@ import numpy as np
 import keras_ema
 from zoo import run_dir
 from zoo.backup import AtomicBackupAndRestore
-from zoo.datasets import ArrayLoader
-from zoo.datasets import EpochSetter
-from zoo.datasets import load_dataset
+from zoo.data.loader import ArrayLoader
+from zoo.data.loader import EpochSetter
+from zoo.data import load_dataset
 from zoo.plots import plot_curves
 from zoo.regularization import PyTorchSGD
 from zoo.schedules import WarmupCosine
@@ -574,7 +574,7 @@ def train(config: Config, verbose=None, callbacks=(),
 
     Raises:
         ConfigError: an invalid setting.
-        zoo.datasets.DatasetError: the data cannot be loaded.
+        zoo.data.DatasetError: the data cannot be loaded.
         zoo.run_dir.RunDirError: the output directory holds another run, or
             another process trains in it (`zoo.run_dir.RunInUseError`).
         In these cases nothing has been written.

@@ -56,7 +56,7 @@ def evaluate_posthoc(ev, runs, figures):
     from keras_ema import posthoc
     from keras_ema.batch_norm import batch_norm_layers
     from keras_ema.batch_norm import recompute_batch_norm_statistics
-    from zoo.datasets import ArrayLoader
+    from zoo.data.loader import ArrayLoader
     from zoo.evaluation import EvaluationError
     from zoo.evaluation import accuracy_and_loss
 

@@ -81,3 +81,27 @@ def test_pytorch_sgd_round_trips_and_decays_like_torch_weight_decay():
     w = keras.Variable(np.array([2.0, -4.0], "float32"))
     assert float(keras.ops.convert_to_numpy(regularizer(w))) == pytest.approx(
         0.005 * (4.0 + 16.0))
+
+
+@pytest.mark.all_backends
+@pytest.mark.parametrize(
+    "weight_decay, match",
+    [
+        (-1, "weight_decay=-1"),
+        (float("nan"), "weight_decay=nan"),
+        (float("inf"), "weight_decay=inf"),
+        (True, "weight_decay=True"),
+        ("5e-4", "weight_decay='5e-4'"),
+    ],
+)
+def test_weight_decay_must_be_a_finite_nonnegative_number(weight_decay, match):
+    # float() used to turn NaN, True and strings into an L2 penalty.
+    with pytest.raises(ValueError, match=match):
+        weight_decay_regularizer(weight_decay)
+
+
+@pytest.mark.all_backends
+def test_weight_decay_accepts_numpy_numbers_and_zero():
+    assert weight_decay_regularizer(0) is None
+    assert weight_decay_regularizer(np.float64(0.0)) is None
+    assert weight_decay_regularizer(np.float32(0.5)).l2 == pytest.approx(0.25)

@@ -27,11 +27,15 @@ Two differences from `torch.optim.SGD`'s default, which decays every parameter:
   loss is larger than the PyTorch one by `(wd / 2) * ||w||^2`.
 """
 
+import math
+
 import keras
 from keras import ops
 
+from keras_ema._checks import as_float
 
-def weight_decay_regularizer(weight_decay: float):
+
+def weight_decay_regularizer(weight_decay: float) -> keras.regularizers.L2 | None:
     """Returns the kernel regularizer that applies coupled SGD weight decay.
 
     The returned `keras.regularizers.L2(weight_decay / 2)` adds
@@ -39,8 +43,9 @@ def weight_decay_regularizer(weight_decay: float):
     is what `torch.optim.SGD(..., weight_decay=weight_decay)` does.
 
     Args:
-        weight_decay: float. The decay coefficient, as passed to PyTorch's SGD.
-            `0.0` returns `None` (no regularizer, no extra loss term).
+        weight_decay: float. The decay coefficient, as passed to PyTorch's SGD:
+            finite and `>= 0`. `0.0` returns `None` (no regularizer, no extra
+            loss term).
 
     Returns:
         A `keras.regularizers.L2` instance, or `None` when `weight_decay == 0`.
@@ -50,15 +55,15 @@ def weight_decay_regularizer(weight_decay: float):
     >>> weight_decay_regularizer(5e-4).l2
     0.00025
     """
-    weight_decay = float(weight_decay)
-    if weight_decay < 0.0:
+    decay = as_float(weight_decay)
+    if not (math.isfinite(decay) and decay >= 0.0):
         raise ValueError(
-            "Invalid value for argument `weight_decay`: it must be >= 0. "
-            f"Received: weight_decay={weight_decay}"
+            "Invalid value for argument `weight_decay`: expected a finite "
+            f"number >= 0. Received: weight_decay={weight_decay!r}"
         )
-    if weight_decay == 0.0:
+    if decay == 0.0:
         return None
-    return keras.regularizers.L2(weight_decay / 2.0)
+    return keras.regularizers.L2(decay / 2.0)
 
 
 @keras.saving.register_keras_serializable(package="zoo")

@@ -8,23 +8,12 @@ steps on TensorFlow and JAX.
 """
 
 import math
-import numbers
 
 import keras
 from keras import ops
 
-
-def _check_int(name: str, value, minimum: int, hint: str) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < minimum
-    ):
-        raise ValueError(
-            f"Invalid value for argument `{name}`: expected an integer "
-            f">= {minimum}. Received: {name}={value!r}. {hint}"
-        )
-    return int(value)
+from keras_ema._checks import as_float
+from keras_ema._checks import check_int
 
 
 @keras.saving.register_keras_serializable(package="zoo")
@@ -73,30 +62,22 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     ... )
     """
 
-    def __init__(self, peak_learning_rate, total_steps, warmup_steps=0):
+    def __init__(
+        self, peak_learning_rate: float, total_steps: int, warmup_steps: int = 0
+    ):
         super().__init__()
-        if (
-            isinstance(peak_learning_rate, bool)
-            or not isinstance(peak_learning_rate, numbers.Real)
-            or not math.isfinite(peak_learning_rate)
-            or peak_learning_rate <= 0
-        ):
+        peak = as_float(peak_learning_rate)
+        if not (math.isfinite(peak) and peak > 0):
             raise ValueError(
                 "Invalid value for argument `peak_learning_rate`: expected a "
                 "positive finite number. Received: "
                 f"peak_learning_rate={peak_learning_rate!r}."
             )
-        total_steps = _check_int(
-            "total_steps",
-            total_steps,
-            1,
-            "Pass epochs * steps_per_epoch.",
+        total_steps = check_int(
+            "total_steps", total_steps, 1, hint="Pass epochs * steps_per_epoch."
         )
-        warmup_steps = _check_int(
-            "warmup_steps",
-            warmup_steps,
-            0,
-            "Pass 0 for no warm-up.",
+        warmup_steps = check_int(
+            "warmup_steps", warmup_steps, 0, hint="Pass 0 for no warm-up."
         )
         if warmup_steps >= total_steps:
             raise ValueError(
@@ -105,7 +86,7 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                 f"phase is not empty. Received: warmup_steps={warmup_steps}. "
                 "Lower it or raise total_steps."
             )
-        self.peak_learning_rate = float(peak_learning_rate)
+        self.peak_learning_rate = peak
         self.total_steps = total_steps
         self.warmup_steps = warmup_steps
 

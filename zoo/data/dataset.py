@@ -1,8 +1,9 @@
 """The in-memory `Dataset` record and `DatasetError`, shared by every loader.
 
-They live apart from `load_dataset` so that the per-source modules (`noise`,
-`tfds`, `folders`) can raise `DatasetError` without importing the package
-they are part of.
+They live apart from `load_dataset` (in `zoo/data/__init__.py`) because the
+per-source modules (`noise`, `tfds`, `folders`) raise `DatasetError` and
+`load_dataset` imports them: defined in `__init__.py`, it would make a
+circular import.
 """
 
 import dataclasses

@@ -86,8 +86,8 @@ class ArrayLoader(keras.utils.PyDataset):
         x: np.ndarray,
         y: np.ndarray | None,
         batch_size: int,
-        mean,
-        std,
+        mean: float | np.ndarray,
+        std: float | np.ndarray,
         shuffle: bool = False,
         augment: bool = False,
         seed: int = 0,
@@ -279,7 +279,7 @@ class EpochSetter(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, *loaders):
+    def __init__(self, *loaders: ArrayLoader):
         super().__init__()
         for loader in loaders:
             if not hasattr(loader, "set_epoch"):

@@ -346,26 +346,11 @@ class Evaluator:
 
     def model(self, run, which):
         """The keras model `which` of `run`, weights loaded (cached)."""
-        import keras
-
-        import zoo
-        from keras_ema.batch_norm import batch_norm_layers
-        from keras_ema.batch_norm import recompute_batch_norm_statistics
+        from zoo.trained_model import trained_model
 
         key = (run.path, which)
         if key in self._models:
             return self._models[key]
-        data = self.data(run)
-        c = run.config
-        previous = keras.mixed_precision.global_policy()
-        if c.mixed_precision:
-            keras.mixed_precision.set_global_policy(c.mixed_precision)
-        try:
-            model = zoo.get_model(c.model, num_classes=data.num_classes,
-                                  input_shape=data.image_shape, width=c.width,
-                                  weight_decay=c.weight_decay)
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
         chosen = self.selection(run, which)
         path = os.path.join(run.path, chosen["weights"])
         if not os.path.exists(path):
@@ -373,14 +358,11 @@ class Evaluator:
                 f"{path} is missing; the run directory is incomplete: rerun "
                 "its training or remove it."
             )
-        run_dir.load_weights(model, path, remedy=(
-            "restore it from a copy, or retrain the run with --flagfile="
-            f"{os.path.join(run.path, 'flags.cfg')} --output_dir=NEW"))
-        if which.startswith("ema") and self.bn_recompute and batch_norm_layers(model):
-            recompute_batch_norm_statistics(
-                model,
-                ArrayLoader(data.x_train, None, c.batch_size, data.mean, data.std),
-            )
+        model = trained_model(
+            run.config, self.data(run), path,
+            bn_recompute=which.startswith("ema") and self.bn_recompute,
+            remedy=("restore it from a copy, or retrain the run with --flagfile="
+                    f"{os.path.join(run.path, 'flags.cfg')} --output_dir=NEW"))
         self._models = {k: v for k, v in self._models.items() if k[0] == run.path}
         self._models[key] = model
         return model

@@ -54,11 +54,10 @@ def evaluate_posthoc(ev, runs, figures):
     import keras
 
     from keras_ema import posthoc
-    from keras_ema.batch_norm import batch_norm_layers
-    from keras_ema.batch_norm import recompute_batch_norm_statistics
     from zoo.datasets import ArrayLoader
     from zoo.evaluation import EvaluationError
     from zoo.evaluation import accuracy_and_loss
+    from zoo.trained_model import recompute_bn
 
     per_run = {}
     for run in runs:
@@ -84,10 +83,8 @@ def evaluate_posthoc(ev, runs, figures):
                     report = posthoc.synthesize_into(model, snap, target, step)
                 except ValueError as e:  # a damaged or foreign snapshot
                     raise EvaluationError(f"--evals=posthoc: {run.path}: {e}") from None
-                if ev.bn_recompute and batch_norm_layers(model):
-                    recompute_batch_norm_statistics(
-                        model, ArrayLoader(data.x_train, None, c.batch_size,
-                                           data.mean, data.std))
+                if ev.bn_recompute:
+                    recompute_bn(model, c, data)
                 logits = model.predict(ArrayLoader(x, None, 256, data.mean, data.std),
                                        verbose=0)
                 accuracy, loss = accuracy_and_loss(logits, y)

@@ -1,9 +1,8 @@
 """`results.md`: the results of `zoo.evaluation.evaluate` as Markdown tables.
 
-Only formatting lives here: every number and note comes from the results
-dict, so a `results.json` gives back its `results.md`
-(`format_markdown(json.load(f))`). One function per section of the report;
-`SECTIONS` gives their order, which is not the order of `--evals`.
+Only formatting lives here: every number, name and note comes from the
+results dict. One function per section of the report; `SECTIONS` gives
+their order, which is not the order of `--evals`.
 """
 
 

@@ -15,6 +15,7 @@ from conftest import tiny_config
 import zoo
 from zoo import evaluation
 from zoo import experiment
+from zoo import notes
 from zoo import report
 from zoo.datasets import load_dataset
 
@@ -185,7 +186,7 @@ def test_a_note_says_why_the_ema_does_not_beat_the_baseline():
     table = {"baseline": {"accuracy": _stat(95.0)},
              "ema_accuracy": {"accuracy": _stat(94.5)},
              "ema_loss": {"accuracy": _stat(93.0)}}
-    (note,) = evaluation.generalization_notes(table, FACTS)
+    (note,) = notes.generalization_notes(table, FACTS)
     # 0.5 points of 360 images: 1.8 images.
     assert note.startswith(
         "Note: the EMA does not beat the baseline here (EMA (best accuracy) "
@@ -196,19 +197,19 @@ def test_a_note_says_why_the_ema_does_not_beat_the_baseline():
     assert "few epochs (2)" in note
     # Past the warm-up, a window shorter than an epoch is named instead.
     long_run = dict(FACTS, epochs=40, steps_per_epoch=20, steps=800)
-    (note,) = evaluation.generalization_notes(table, long_run)
+    (note,) = notes.generalization_notes(table, long_run)
     assert ("the EMA's window (period / (1 - decay) = 10 optimizer steps) is "
             "shorter than one epoch (20 steps): window too short") in note
     assert "warm-up" not in note.split("Likely:")[1]
     # An EMA ahead: no note.
     table["ema_loss"]["accuracy"] = _stat(95.5)
-    assert evaluation.generalization_notes(table, FACTS) == []
+    assert notes.generalization_notes(table, FACTS) == []
 
 
 def test_a_note_says_why_temperature_scaling_raises_the_ece():
     table = {"baseline": {"ece": _stat(4.0), "ece_ts": _stat(3.0)},
              "ema_loss": {"ece": _stat(1.5), "ece_ts": _stat(2.25)}}
-    (note,) = evaluation.calibration_notes(table, FACTS)
+    (note,) = notes.calibration_notes(table, FACTS)
     assert note == (
         "Note: temperature scaling raises the ECE of EMA (lowest loss) "
         "(1.50% to 2.25%). Likely: the temperature minimizes the NLL, not the "

@@ -25,7 +25,8 @@ number takes that decay.
 
 Each evaluation is registered in `EVALUATORS` under its `--evals` name
 (`register`); `evaluate` looks the names up. `zoo.report` writes the results
-as Markdown, `zoo.trained_model` rebuilds each model from its run.
+as Markdown, `zoo.notes` the notes under its tables, and `zoo.trained_model`
+rebuilds each model from its run.
 
 With `bn_recompute` (the paper's protocol, on by default) the EMA models'
 BatchNorm statistics are recomputed on one pass over the training split, in
@@ -59,6 +60,7 @@ from typing import Callable
 import numpy as np
 
 from keras_ema._checks import is_real
+from zoo import notes
 from zoo import report
 from zoo import run_dir
 from zoo.datasets import ArrayLoader
@@ -689,109 +691,6 @@ def evaluate_posthoc(ev, runs, figures, options) -> dict:
 EVALS = tuple(EVALUATORS)
 
 
-# === Notes for a puzzled reader ===
-
-
-def run_facts(ev: "Evaluator", run: Run, decay: "float | None") -> dict:
-    """The sizes and lengths of `run` that explain its results (see `notes`)."""
-    import math
-
-    data = ev.data(run)
-    c = run.config
-    steps_per_epoch = math.ceil(len(data.x_train) / c.batch_size)
-    return {
-        "train_size": int(len(data.x_train)),
-        "val_size": 0 if data.x_val is None else int(len(data.x_val)),
-        "test_size": int(len(data.x_test)),
-        "epochs": int(c.epochs),
-        "steps_per_epoch": int(steps_per_epoch),
-        "steps": int(c.epochs * steps_per_epoch),
-        "decay": None if decay is None else float(decay),
-        "period": int(c.ema_period),
-        "warmup": bool(c.ema_warmup),
-        "label_noise": c.label_noise or None,
-    }
-
-
-def _no_gain_reasons(facts):
-    """Why an EMA may not beat the last SGD iterate in this run."""
-    from keras_ema.multi_ema import warmup_end_step
-
-    reasons = []
-    decay, steps = facts["decay"], facts["steps"]
-    if decay is not None:
-        window = facts["period"] / (1.0 - decay)
-        end = warmup_end_step(decay)
-        if facts["warmup"] and end >= steps:
-            reasons.append(
-                f"the run's {steps} optimizer steps end before the warm-up of "
-                f"decay {decay} (step {end}), so the EMA averaged with a "
-                "smaller decay throughout")
-        elif window < facts["steps_per_epoch"]:
-            reasons.append(
-                f"the EMA's window (period / (1 - decay) = {window:.0f} "
-                f"optimizer steps) is shorter than one epoch "
-                f"({facts['steps_per_epoch']} steps): window too short, the "
-                "EMA stays close to the last iterate")
-        elif window > steps / 2:
-            reasons.append(
-                f"the EMA's window ({window:.0f} optimizer steps) spans over "
-                f"half of the run's {steps} steps, so it still holds early, "
-                "worse weights")
-    if facts["train_size"] < 10000:
-        reasons.append(f"small data ({facts['train_size']} training images)")
-    if facts["epochs"] < 30:
-        reasons.append(f"few epochs ({facts['epochs']})")
-    reasons.append(
-        "the learning rate decays to 0 by the last epoch, which removes most "
-        "of the noise the EMA averages out (the EMA study finds the gains "
-        "largest at a high learning rate and with noisy labels)")
-    return reasons
-
-
-def generalization_notes(table: dict, facts: dict, names: dict = MODEL_NAMES) -> list:
-    """A line when no EMA row beats the baseline's test accuracy, with why."""
-    if "baseline" not in table:
-        return []
-    emas = {m: t["accuracy"]["mean"] for m, t in table.items()
-            if m.startswith("ema_")}
-    if not emas:
-        return []
-    best = max(emas, key=emas.get)
-    base = table["baseline"]["accuracy"]["mean"]
-    if emas[best] > base:
-        return []
-    images = (base - emas[best]) * facts["test_size"] / 100.0
-    return [
-        f"Note: the EMA does not beat the baseline here ({names[best]} "
-        f"{emas[best]:.2f}% against {names['baseline']} {base:.2f}% test "
-        f"accuracy, {images:.1f} of {facts['test_size']} test images on "
-        "average). Likely: " + "; ".join(_no_gain_reasons(facts)) + "."
-    ]
-
-
-def calibration_notes(table: dict, facts: dict, names: dict = MODEL_NAMES) -> list:
-    """A line per model whose ECE temperature scaling raises, with why."""
-    lines = []
-    for m, t in table.items():
-        if "ece_ts" not in t or t["ece_ts"]["mean"] <= t["ece"]["mean"]:
-            continue
-        reasons = ["the temperature minimizes the NLL, not the ECE"]
-        if facts["val_size"] < 5000:
-            reasons.append(
-                f"it is fitted on {facts['val_size']} validation images "
-                "(small data), too few to pin it down")
-        if t["ece"]["mean"] < 3.0:
-            reasons.append(
-                f"the model is already calibrated within {t['ece']['mean']:.2f}%, "
-                "where the NLL's optimum can lie on either side of the ECE's")
-        lines.append(
-            f"Note: temperature scaling raises the ECE of {names[m]} "
-            f"({t['ece']['mean']:.2f}% to {t['ece_ts']['mean']:.2f}%). "
-            "Likely: " + "; ".join(reasons) + ".")
-    return lines
-
-
 def _selection_text(runs, early_stopping):
     split = runs[0].summary.get("selection_split")
     if not early_stopping:
@@ -870,25 +769,8 @@ def evaluate(runs: list, evals: "list[str]", bn_recompute: bool = True,
     for name in evals:
         log(f"{name}:")
         results["evals"][name] = EVALUATORS[name].run(ev, runs, figures, options)
-    results["notes"] = _notes(ev, runs, results, models)
+    results["notes"] = notes.notes_of(ev, runs, results, models)
     return results, figures
-
-
-def _notes(ev, runs, results, models):
-    """`{eval: [line]}`: what a reader would otherwise be puzzled by."""
-    ema = next((m for m in models if m.startswith("ema_")), None)
-    decay = ev.selection(runs[0], ema)["decay"] if ema else None
-    facts = run_facts(ev, runs[0], decay)
-    names = results["setup"]["model_names"]
-    evals = results["evals"]
-    notes = {}
-    for name in ("generalization", "label_noise"):
-        if name in evals:
-            notes[name] = generalization_notes(evals[name]["table"], facts, names)
-    if "calibration" in evals:
-        notes["calibration"] = calibration_notes(
-            evals["calibration"]["table"], facts, names)
-    return {k: v for k, v in notes.items() if v}
 
 
 def write_results(results: dict, figures: dict, output_dir: str) -> str:

@@ -16,10 +16,21 @@ from absl import flags
 
 import _cli
 
+# zoo.evaluation.EVALUATORS' names and help lines, repeated here so that
+# --help needs no Keras (tests/test_evaluate.py checks that they agree).
+EVALS = {
+    "generalization": "test accuracy and loss (Table 1)",
+    "label_noise": "clean test accuracy of --label_noise runs (Table 2)",
+    "calibration": "ECE before and after temperature scaling (Table 5)",
+    "churn": "disagreement between seeds; needs two or more runs, skipped "
+             "by default with one (Table 3)",
+    "transfer": "linear probe on --transfer_dataset (Table 4)",
+    "posthoc": "post-hoc EMA sweep; needs train.py --snapshot_every",
+}
+
 flags.DEFINE_list("evals", ["generalization", "calibration", "churn"],
-                  "Evaluations: generalization, calibration, churn (needs two "
-                  "or more runs; skipped by default with one), transfer, "
-                  "label_noise, posthoc (needs --snapshot_every).")
+                  "Comma-separated evaluations: " + "; ".join(
+                      f"{name}: {what}" for name, what in EVALS.items()) + ".")
 flags.DEFINE_boolean("bn_recompute", True, "Recompute the EMA models' BatchNorm "
                      "statistics on the training split first (the paper's protocol).")
 flags.DEFINE_string("decay", "largest", "The EMA decay to evaluate: largest "
@@ -67,6 +78,7 @@ def main(argv):
             transfer_dataset=FLAGS.transfer_dataset,
             transfer_data_dir=FLAGS.transfer_data_dir,
             probe_epochs=FLAGS.probe_epochs,
+            log=lambda line: print(line, flush=True),
         )
         with run_dir.disk_errors(output_dir):  # a full disk: one line
             path = evaluation.write_results(results, figures, output_dir)

@@ -288,7 +288,7 @@ def torch_resnet18(torch, width, num_classes):
     class ResNet18(nn.Module):
         def __init__(self):
             super().__init__()
-            filters = [zoo.resnet.scale_filters(f, width) for f in (64, 128, 256, 512)]
+            filters = [zoo.layers.scale_filters(f, width) for f in (64, 128, 256, 512)]
             self.stem = nn.Sequential(
                 nn.Conv2d(3, filters[0], 3, 1, 1, bias=False),
                 nn.BatchNorm2d(filters[0]),

@@ -15,6 +15,8 @@ from conftest import tiny_config
 import zoo
 from zoo import evaluation
 from zoo import experiment
+from zoo import notes
+from zoo import report
 from zoo.data import load_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,7 +186,7 @@ def test_a_note_says_why_the_ema_does_not_beat_the_baseline():
     table = {"baseline": {"accuracy": _stat(95.0)},
              "ema_accuracy": {"accuracy": _stat(94.5)},
              "ema_loss": {"accuracy": _stat(93.0)}}
-    (note,) = evaluation.generalization_notes(table, FACTS)
+    (note,) = notes.generalization_notes(table, FACTS)
     # 0.5 points of 360 images: 1.8 images.
     assert note.startswith(
         "Note: the EMA does not beat the baseline here (EMA (best accuracy) "
@@ -195,19 +197,19 @@ def test_a_note_says_why_the_ema_does_not_beat_the_baseline():
     assert "few epochs (2)" in note
     # Past the warm-up, a window shorter than an epoch is named instead.
     long_run = dict(FACTS, epochs=40, steps_per_epoch=20, steps=800)
-    (note,) = evaluation.generalization_notes(table, long_run)
+    (note,) = notes.generalization_notes(table, long_run)
     assert ("the EMA's window (period / (1 - decay) = 10 optimizer steps) is "
             "shorter than one epoch (20 steps): window too short") in note
     assert "warm-up" not in note.split("Likely:")[1]
     # An EMA ahead: no note.
     table["ema_loss"]["accuracy"] = _stat(95.5)
-    assert evaluation.generalization_notes(table, FACTS) == []
+    assert notes.generalization_notes(table, FACTS) == []
 
 
 def test_a_note_says_why_temperature_scaling_raises_the_ece():
     table = {"baseline": {"ece": _stat(4.0), "ece_ts": _stat(3.0)},
              "ema_loss": {"ece": _stat(1.5), "ece_ts": _stat(2.25)}}
-    (note,) = evaluation.calibration_notes(table, FACTS)
+    (note,) = notes.calibration_notes(table, FACTS)
     assert note == (
         "Note: temperature scaling raises the ECE of EMA (lowest loss) "
         "(1.50% to 2.25%). Likely: the temperature minimizes the NLL, not the "
@@ -226,7 +228,7 @@ def test_notes_appear_under_their_tables():
             "baseline": {"accuracy": _stat(95.0), "loss": _stat(0.2)}}}},
         "notes": {"generalization": ["Note: a reason."]},
     }
-    text = evaluation.format_markdown(results)
+    text = report.format_markdown(results)
     assert text.endswith("| Baseline (SGD last) | 95.00 | 0.2000 |\n\nNote: a reason.\n")
 
 
@@ -245,3 +247,71 @@ def test_one_run_with_the_default_evals_skips_churn_quietly(runs, tmp_path):
     # No TensorFlow start-up lines (I0000 ... oneDNN, E0000 ... cuInit) and
     # no retracing warning: nothing a user could act on.
     assert result.stderr.strip() == "", result.stderr[-2000:]
+
+
+def test_evaluate_py_lists_the_registered_evaluations():
+    # evaluate.py repeats the registry's names and help lines so that --help
+    # needs no Keras; they must agree, in the registry's order.
+    code = ("import json, sys\nsys.argv = ['evaluate.py']\nimport evaluate\n"
+            "print(json.dumps(list(evaluate.EVALS.items())))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.returncode == 0, result.stderr[-2000:]
+    listed = [tuple(item) for item in json.loads(result.stdout)]
+    assert listed == [(n, e.help) for n, e in evaluation.EVALUATORS.items()]
+    assert evaluation.EVALS == tuple(evaluation.EVALUATORS)
+    assert set(evaluation.EVALS) == {"generalization", "calibration", "churn",
+                                     "transfer", "label_noise", "posthoc"}
+
+
+def test_evaluate_looks_each_evaluation_up_in_the_registry(finished_run, monkeypatch):
+    calls = []
+
+    def check(runs, options):
+        calls.append(("check", options.probe_epochs))
+
+    def run(ev, runs, figures, options):
+        calls.append(("run", [r.path for r in runs]))
+        figures["extra.png"] = "drawn"
+        return {"answer": 42}
+
+    monkeypatch.setitem(evaluation.EVALUATORS, "extra", evaluation.Evaluation(
+        "extra", "an evaluation added for the test", run, check))
+    runs = evaluation.load_runs([finished_run[0]])
+    results, figures = evaluation.evaluate(runs, ["extra"], probe_epochs=7,
+                                           log=lambda s: None)
+    assert calls == [("check", 7), ("run", [finished_run[0]])]
+    assert results["evals"] == {"extra": {"answer": 42}}
+    assert figures == {"extra.png": "drawn"}
+
+    def refuse(runs, options):
+        raise evaluation.EvaluationError("--evals=extra: refused")
+
+    monkeypatch.setitem(evaluation.EVALUATORS, "extra", evaluation.Evaluation(
+        "extra", "refuses", run, refuse))
+    with pytest.raises(evaluation.EvaluationError, match="refused"):
+        evaluation.evaluate(runs, ["generalization", "extra"], log=lambda s: None)
+    assert len(calls) == 2  # the check ran before any evaluation
+
+
+def test_the_report_orders_its_sections_whatever_the_evals_order():
+    table = {"baseline": {"accuracy": _stat(95.0), "loss": _stat(0.2),
+                          "ece": _stat(3.0), "churn": _stat(1.5),
+                          "jensen_shannon": _stat(0.01)}}
+    results = {
+        "setup": {"model": "resnet18", "width": 0.0625, "dataset": "digits",
+                  "seeds": 1, "seed_values": [0], "averaging": "ema",
+                  "label_noise": None, "selection_text": "s",
+                  "decay_text": "d", "bn_recompute": True},
+        "evals": {"calibration": {"table": table, "temperature_tuned_on": None},
+                  "churn": {"table": table},
+                  "generalization": {"table": table}},
+    }
+    text = report.format_markdown(results)
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == ["## Generalization (Table 1)",
+                        "## Prediction disagreement between seeds (Table 3)",
+                        "## Calibration (Table 5)"]
+    assert "| Baseline (SGD last) | 95.00 | 3.00 | - |" in text
+    assert "| Baseline (SGD last) | 1.50 | 0.0100 |" in text

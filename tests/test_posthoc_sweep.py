@@ -1,6 +1,8 @@
 """evaluate.py --evals=posthoc on a tiny digits run trained with --snapshot_every."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -50,3 +52,26 @@ def test_posthoc_sweep_end_to_end(tmp_path, monkeypatch):
     os.rename(run / "snapshots", tmp_path / "elsewhere")
     with pytest.raises(evaluation.EvaluationError, match="--snapshot_every"):
         evaluation.evaluate(runs, ["posthoc"], log=lambda *a: None)
+
+
+def test_plot_sweep_leaves_the_backend_and_pyplot_alone(tmp_path):
+    # matplotlib's Figure API: no matplotlib.use() that would switch the
+    # backend of a notebook that imports the zoo, no figure left in pyplot.
+    code = (
+        "import matplotlib\n"
+        "from zoo import posthoc_sweep\n"
+        "matplotlib.use('svg')\n"
+        "import matplotlib.pyplot as plt\n"
+        "rows = [{'kind': 'ema', 'length': 10.0, 'accuracy': 90.0, 'loss': 0.3},\n"
+        "        {'kind': 'power', 'length': 30.0, 'accuracy': 91.0, 'loss': 0.2}]\n"
+        f"posthoc_sweep.plot_sweep(rows, {{'0.9': 20.0}}, {str(tmp_path / 'p.png')!r}, 't')\n"
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
+        "assert plt.get_fignums() == [], plt.get_fignums()\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=root,
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=root))
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(tmp_path / "p.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

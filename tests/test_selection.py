@@ -19,6 +19,7 @@ from conftest import tiny_config
 import zoo
 from zoo import evaluation
 from zoo import experiment
+from zoo import report
 from zoo.data.loader import ArrayLoader
 from zoo.data import load_dataset
 
@@ -238,7 +239,7 @@ def test_evaluate_without_selection_reports_last_epochs_only(plain_full, tmp_pat
     assert chosen["ema_last"] == {"weights": "ema_0.8_last.weights.h5", "decay": 0.8,
                                   "epoch": LAST, "chosen_by": None}
     assert res["setup"]["selection_split"] == "none"
-    text = evaluation.format_markdown(res)
+    text = report.format_markdown(res)
     assert "no early stopping" in text and "EMA (last epoch)" in text
     assert "EMA (best accuracy)" not in text
     with pytest.raises(evaluation.EvaluationError, match="no validation split"):
@@ -260,7 +261,7 @@ def test_evaluate_a_full_run_reports_the_tuned_epochs(tune, full):
     assert chosen["sgd_best_accuracy"]["epoch"] == CHOSEN["sgd"]
     assert chosen["baseline"]["chosen_by"] is None
     assert res["setup"]["selection_split"] == "tuning_run"
-    assert "validation split of the tuning run(s)" in evaluation.format_markdown(res)
+    assert "validation split of the tuning run(s)" in report.format_markdown(res)
     # best_on_validation: the decay whose tuning-run validation value is best.
     values = read_json(os.path.join(tune[1], "summary.json"))["ema"]
     ev = evaluation.Evaluator(runs, decay="best_on_validation", log=lambda s: None)

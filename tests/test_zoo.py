@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import zoo
+from zoo import layers
 from zoo import resnet
 from zoo import vgg
 from zoo import wide_resnet
@@ -291,7 +292,7 @@ def test_subsample_then_1x1_conv_equals_a_stride_2_1x1_conv(size):
     batch, cin, cout = 3, 5, 4
     images = keras.Input((size, size, cin))
     conv = keras.layers.Conv2D(cout, 1, use_bias=False, name="s_0_conv")
-    model = keras.Model(images, conv(resnet.subsample(images, 2, name="s_sub")))
+    model = keras.Model(images, conv(layers.subsample(images, 2, name="s_sub")))
     kernel = rng.normal(size=(1, 1, cin, cout)).astype("float32")
     conv.kernel.assign(kernel)
     x = rng.normal(size=(batch, size, size, cin)).astype("float32")
@@ -308,7 +309,7 @@ def test_subsample_then_1x1_conv_equals_a_stride_2_1x1_conv(size):
     np.testing.assert_allclose(dx, expected_dx, rtol=1e-5, atol=1e-5)
     expected_dw = np.einsum("bijc,bijd->cd", picked, upstream)
     np.testing.assert_allclose(dw[0, 0], expected_dw, rtol=1e-4, atol=1e-4)
-    assert resnet.subsample(images, 1, name="unused") is images
+    assert layers.subsample(images, 1, name="unused") is images
 
 
 def _old_layout_models():
@@ -334,6 +335,33 @@ def test_checkpoints_of_the_strided_conv_shortcut_still_load(key):
     )
     shortcut = [w for w in model.weights if "_0_conv" in w.path]
     assert shortcut and all(tuple(w.shape)[:2] == (1, 1) for w in shortcut)
+
+
+def _before_layers_models():
+    return {
+        "vgg_bn": zoo.VGG(stackwise_num_filters=[4, 8], stackwise_num_repeats=[1, 2],
+                          batch_norm=True, num_classes=3, input_shape=(8, 8, 3)),
+        "resnet_downsample": zoo.ResNet(
+            stackwise_num_blocks=[1, 1], stackwise_num_filters=[4, 8], num_classes=3,
+            input_shape=(16, 16, 3), stem="downsample"),
+        "wrn_dropout": zoo.WideResNet(depth=10, widen_factor=1, width=0.25, dropout=0.2,
+                                      num_classes=3, input_shape=(8, 8, 3)),
+    }
+
+
+@pytest.mark.parametrize("key", ["vgg_bn", "resnet_downsample", "wrn_dropout"])
+def test_checkpoints_from_before_the_shared_layers_still_load(key):
+    # tests/data holds weights saved when each model wrote out its own conv
+    # and BN layers (random values in every variable, BN statistics
+    # included) and that model's logits; the layers moved to zoo/layers.py
+    # with the same names, so the file loads and the logits are equal.
+    model = _before_layers_models()[key]
+    model.load_weights(os.path.join(DATA, f"{key}_before_layers.weights.h5"))
+    reference = np.load(os.path.join(DATA, "before_layers_outputs.npz"))
+    logits = model(reference[f"{key}_images"], training=False)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(logits), reference[key], rtol=1e-5, atol=1e-4
+    )
 
 
 @pytest.mark.skipif(
@@ -454,12 +482,26 @@ def test_unknown_name_lists_known_models():
         (lambda: zoo.ResNet([2, 2], [64]), r"stackwise_num_blocks=\[2, 2\]"),
         (lambda: zoo.ResNet(stem="imagenet"), "Received: stem='imagenet'"),
         (lambda: zoo.VGG(width=0), "Received: width=0"),
+        (lambda: zoo.ResNet(width=True), "Received: width=True"),
+        (lambda: zoo.ResNet([2, 2.5], [4, 8]), r"stackwise_num_blocks=\[2, 2.5\]"),
+        (lambda: zoo.WideResNet(dropout="0.1"), "Received: dropout=0.1"),
+        (lambda: zoo.WideResNet(depth=True), "Received: depth=True"),
         (lambda: zoo.get_model("vgg16", weight_decay=-1), "weight_decay=-1"),
     ],
 )
 def test_invalid_arguments_raise_value_error(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_numpy_ints_are_accepted_where_ints_are():
+    # Sizes read from arrays or configs arrive as NumPy ints.
+    model = zoo.WideResNet(depth=np.int64(10), widen_factor=np.int32(1), width=0.25,
+                           num_classes=3, input_shape=(8, 8, 3))
+    assert type(model.get_config()["depth"]) is int
+    assert model.count_params() == zoo.WideResNet(
+        depth=10, widen_factor=1, width=0.25, num_classes=3,
+        input_shape=(8, 8, 3)).count_params()
 
 
 # --- Imports --------------------------------------------------------------------

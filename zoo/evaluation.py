@@ -23,6 +23,11 @@ tables (`decay="largest"`); `decay="best_on_validation"` takes for each
 criterion the decay whose chosen value on the validation split is best, and a
 number takes that decay.
 
+Each evaluation is registered in `EVALUATORS` under its `--evals` name
+(`register`); `evaluate` looks the names up. `zoo.report` writes the results
+as Markdown, `zoo.notes` the notes under its tables, and `zoo.trained_model`
+rebuilds each model from its run.
+
 With `bn_recompute` (the paper's protocol, on by default) the EMA models'
 BatchNorm statistics are recomputed on one pass over the training split, in
 batches of the training batch size, without augmentation
@@ -50,16 +55,18 @@ import dataclasses
 import itertools
 import logging
 import os
+from typing import Callable
 
 import numpy as np
 
+from keras_ema._checks import is_real
+from zoo import notes
+from zoo import report
 from zoo import run_dir
 from zoo.data.loader import ArrayLoader
 from zoo.data import load_dataset
 from zoo.experiment import Config
 
-EVALS = ("generalization", "calibration", "churn", "transfer", "label_noise",
-         "posthoc")
 MODELS = ("baseline", "ema_accuracy", "ema_loss")
 MODEL_NAMES = {
     "baseline": "Baseline (SGD last)",
@@ -89,6 +96,60 @@ class EvaluationError(ValueError):
     """Runs cannot be evaluated as asked; the message says which and why."""
 
 
+# === The evaluations, by name (as big_vision's evaluators) ===
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The settings of `evaluate` that single evaluations read."""
+
+    transfer_dataset: "str | None" = None
+    transfer_data_dir: "str | None" = None
+    probe_epochs: int = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """An entry of `EVALUATORS`.
+
+    Attributes:
+        name: str. What `--evals` calls it; its key in `results["evals"]`.
+        help: str. What it computes, in a line of `evaluate.py --help`.
+        run: `(Evaluator, runs, figures, Options) -> dict`. Computes the
+            result, adding reliability diagrams or plots to `figures`.
+        check: `(runs, Options) -> None` or `None`. Raises
+            `EvaluationError` when the runs or options cannot give this
+            evaluation, before any model is built.
+    """
+
+    name: str
+    help: str
+    run: "Callable[[Evaluator, list, dict, Options], dict]"
+    check: "Callable[[list, Options], None] | None" = None
+
+
+EVALUATORS: "dict[str, Evaluation]" = {}
+
+
+def register(name: str, help: str, check: "Callable | None" = None) -> Callable:
+    """Registers the decorated function as evaluation `name` of `EVALUATORS`.
+
+    Args:
+        name: str. The `--evals` name.
+        help: str. What it computes, for `evaluate.py --help`.
+        check: `(runs, Options) -> None` or `None`. See `Evaluation`.
+            Defaults to `None`.
+
+    Returns:
+        A decorator that returns the function unchanged.
+    """
+    def decorator(function):
+        EVALUATORS[name] = Evaluation(name, help, function, check)
+        return function
+
+    return decorator
+
+
 @dataclasses.dataclass
 class Run:
     """A finished run: its directory, configuration and summary."""
@@ -99,11 +160,11 @@ class Run:
     flags: dict
 
     @property
-    def name(self):
+    def name(self) -> str:
         return os.path.basename(os.path.normpath(self.path))
 
 
-def load_runs(paths) -> list:
+def load_runs(paths: "list[str]") -> list:
     """The finished runs in `paths`, checked to be seeds of one configuration.
 
     Raises:
@@ -198,7 +259,7 @@ def _check_selection(run):
         )
 
 
-def parse_decay(text) -> "str | float":
+def parse_decay(text: "str | float | None") -> "str | float":
     """`--decay`'s value: `"largest"`, `"best_on_validation"` or a float."""
     if text is None:
         return "largest"
@@ -216,7 +277,8 @@ def parse_decay(text) -> "str | float":
     return value
 
 
-def select_ema(summary, criterion, decay="largest"):
+def select_ema(summary: dict, criterion: str,
+               decay: "str | float" = "largest") -> tuple:
     """`(decay, epoch, weights file)` of the EMA chosen by `criterion`.
 
     Args:
@@ -253,7 +315,7 @@ def select_ema(summary, criterion, decay="largest"):
     return float(name), int(record["epoch"]), record["weights"]
 
 
-def accuracy_and_loss(logits, labels):
+def accuracy_and_loss(logits, labels) -> tuple:
     """Top-1 accuracy and mean softmax cross-entropy of `logits`."""
     from scipy.special import log_softmax
 
@@ -264,7 +326,7 @@ def accuracy_and_loss(logits, labels):
     return accuracy, loss
 
 
-def softmax(logits):
+def softmax(logits) -> np.ndarray:
     from scipy.special import softmax as _softmax
 
     return _softmax(np.asarray(logits, np.float64), axis=1)
@@ -279,20 +341,22 @@ class Evaluator:
             on the training split first.
         decay: `"largest"`, `"best_on_validation"` or a float, see
             `select_ema`; `None` is `"largest"`.
-        log: a function printing one line of progress.
+        log: a function of one line of progress, or `None` to log it
+            through absl at INFO. Defaults to `None`.
     """
 
-    def __init__(self, runs, bn_recompute=True, decay="largest", log=print):
+    def __init__(self, runs, bn_recompute: bool = True,
+                 decay: "str | float" = "largest", log=None):
         self.runs = runs
         self.bn_recompute = bn_recompute
         self.decay = parse_decay(decay)
         self.early_stopping = all(_has_selection(r) for r in runs)
-        self.log = log
+        self.log = log or _log_info
         self._data = {}
         self._models = {}
         self._logits = {}
 
-    def data(self, run):
+    def data(self, run: Run):
         """The run's dataset, as training loaded it (split, noise, statistics)."""
         c = run.config
         key = (c.dataset, c.data_dir, c.val_fraction, c.seed, c.label_noise,
@@ -306,7 +370,7 @@ class Evaluator:
             )
         return self._data[key]
 
-    def models(self, wanted):
+    def models(self, wanted) -> tuple:
         """`wanted` models, or without chosen epochs their last-epoch stand-ins."""
         if self.early_stopping:
             return tuple(wanted)
@@ -317,7 +381,7 @@ class Evaluator:
                 out.append(which)
         return tuple(out)
 
-    def selection(self, run, model):
+    def selection(self, run: Run, model: str) -> dict:
         """`{"weights", "decay", "epoch", "chosen_by"}` of a model of `run`.
 
         `chosen_by` names the run and split that chose the epoch
@@ -339,33 +403,18 @@ class Evaluator:
         return {"weights": weights, "decay": decay, "epoch": epoch,
                 "chosen_by": _chooser(run, record[key])}
 
-    def name(self, which):
+    def name(self, which: str) -> str:
         """The table row of model `which`, named for what its weights hold."""
         averaging = self.runs[0].config.averaging
         return TRAINED_MODEL_NAMES.get(averaging, {}).get(which, MODEL_NAMES[which])
 
-    def model(self, run, which):
+    def model(self, run: Run, which: str):
         """The keras model `which` of `run`, weights loaded (cached)."""
-        import keras
-
-        import zoo
-        from keras_ema.batch_norm import batch_norm_layers
-        from keras_ema.batch_norm import recompute_batch_norm_statistics
+        from zoo.trained_model import trained_model
 
         key = (run.path, which)
         if key in self._models:
             return self._models[key]
-        data = self.data(run)
-        c = run.config
-        previous = keras.mixed_precision.global_policy()
-        if c.mixed_precision:
-            keras.mixed_precision.set_global_policy(c.mixed_precision)
-        try:
-            model = zoo.get_model(c.model, num_classes=data.num_classes,
-                                  input_shape=data.image_shape, width=c.width,
-                                  weight_decay=c.weight_decay)
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
         chosen = self.selection(run, which)
         path = os.path.join(run.path, chosen["weights"])
         if not os.path.exists(path):
@@ -373,19 +422,16 @@ class Evaluator:
                 f"{path} is missing; the run directory is incomplete: rerun "
                 "its training or remove it."
             )
-        run_dir.load_weights(model, path, remedy=(
-            "restore it from a copy, or retrain the run with --flagfile="
-            f"{os.path.join(run.path, 'flags.cfg')} --output_dir=NEW"))
-        if which.startswith("ema") and self.bn_recompute and batch_norm_layers(model):
-            recompute_batch_norm_statistics(
-                model,
-                ArrayLoader(data.x_train, None, c.batch_size, data.mean, data.std),
-            )
+        model = trained_model(
+            run.config, self.data(run), path,
+            bn_recompute=which.startswith("ema") and self.bn_recompute,
+            remedy=("restore it from a copy, or retrain the run with --flagfile="
+                    f"{os.path.join(run.path, 'flags.cfg')} --output_dir=NEW"))
         self._models = {k: v for k, v in self._models.items() if k[0] == run.path}
         self._models[key] = model
         return model
 
-    def logits(self, run, which, split="test"):
+    def logits(self, run: Run, which: str, split: str = "test") -> np.ndarray:
         """float64 logits of model `which` of `run` on `split` (test or val)."""
         key = (run.path, which, split)
         if key not in self._logits:
@@ -399,9 +445,16 @@ class Evaluator:
                                                np.float64)
         return self._logits[key]
 
-    def labels(self, run, split="test"):
+    def labels(self, run: Run, split: str = "test") -> np.ndarray:
         data = self.data(run)
         return data.y_test if split == "test" else data.y_val
+
+
+def _log_info(line):
+    """Logs a progress line through absl (the zoo's logger) at INFO."""
+    from absl import logging as absl_logging
+
+    absl_logging.info("%s", line)
 
 
 class _RetracingFilter(logging.Filter):
@@ -434,7 +487,7 @@ def _chooser(run, record):
     return by
 
 
-def mean_std(values):
+def mean_std(values) -> dict:
     """`{"mean", "std", "n", "values"}`; std is the sample std (ddof=1), 0 for one value."""
     values = [float(v) for v in values]
     return {
@@ -452,7 +505,7 @@ def _aggregate(per_run):
         out[model] = {
             metric: mean_std([r[model][metric] for r in per_run])
             for metric in per_run[0][model]
-            if isinstance(per_run[0][model][metric], (int, float))
+            if is_real(per_run[0][model][metric])
         }
     return out
 
@@ -461,7 +514,8 @@ def _aggregate(per_run):
 GENERALIZATION_MODELS = ("baseline", "sgd_best_accuracy", "ema_accuracy", "ema_loss")
 
 
-def evaluate_generalization(ev, runs, models=GENERALIZATION_MODELS):
+def _accuracy_table(ev, runs, models):
+    """Test accuracy (%) and loss of `models` of every run, and their mean ± std."""
     models = ev.models(models)
     per_run = []
     for run in runs:
@@ -473,7 +527,13 @@ def evaluate_generalization(ev, runs, models=GENERALIZATION_MODELS):
     return {"per_run": per_run, "table": _aggregate(per_run)}
 
 
-def _check_label_noise(runs):
+@register("generalization", "test accuracy and loss (Table 1)")
+def evaluate_generalization(ev, runs, figures, options) -> dict:
+    """Table 1: test accuracy and loss of SGD and the EMAs."""
+    return _accuracy_table(ev, runs, GENERALIZATION_MODELS)
+
+
+def _check_label_noise(runs, options=None):
     if not runs[0].config.label_noise:
         raise EvaluationError(
             f"--evals=label_noise needs runs trained with --label_noise; "
@@ -481,7 +541,7 @@ def _check_label_noise(runs):
         )
 
 
-def _check_churn(runs):
+def _check_churn(runs, options=None):
     if len(runs) < 2:
         raise EvaluationError(
             f"--evals=churn compares seeds: it needs at least two runs, got "
@@ -489,15 +549,28 @@ def _check_churn(runs):
         )
 
 
-def evaluate_label_noise(ev, runs):
+def _check_transfer(runs, options):
+    if not options.transfer_dataset:
+        raise EvaluationError(
+            "--evals=transfer needs --transfer_dataset (e.g. digits, cifar10, "
+            "folder:PATH) with images of the runs' size."
+        )
+
+
+@register("label_noise", "clean test accuracy of --label_noise runs (Table 2)",
+          check=_check_label_noise)
+def evaluate_label_noise(ev, runs, figures, options) -> dict:
+    """Table 2: clean test accuracy of runs trained with noisy labels."""
     _check_label_noise(runs)
-    noise = runs[0].config.label_noise
-    result = evaluate_generalization(ev, runs)
-    result["label_noise"] = noise
+    result = _accuracy_table(ev, runs, GENERALIZATION_MODELS)
+    result["label_noise"] = runs[0].config.label_noise
     return result
 
 
-def evaluate_calibration(ev, runs, figures, models=("baseline", "ema_loss")):
+@register("calibration", "ECE before and after temperature scaling (Table 5)")
+def evaluate_calibration(ev, runs, figures, options,
+                         models=("baseline", "ema_loss")) -> dict:
+    """Table 5: accuracy, ECE and ECE after temperature scaling; diagrams."""
     from keras_ema.calibration import apply_temperature
     from keras_ema.calibration import expected_calibration_error
     from keras_ema.calibration import fit_temperature
@@ -536,7 +609,11 @@ def evaluate_calibration(ev, runs, figures, models=("baseline", "ema_loss")):
             "temperature_tuned_on": tuned_on, "figure_seed": first.config.seed}
 
 
-def evaluate_churn(ev, runs, models=("baseline", "ema_loss")):
+@register("churn", ("disagreement between seeds; needs two or more runs, skipped "
+          "by default with one (Table 3)"), check=_check_churn)
+def evaluate_churn(ev, runs, figures, options,
+                   models=("baseline", "ema_loss")) -> dict:
+    """Table 3: churn and Jensen-Shannon divergence between pairs of seeds."""
     from keras_ema.disagreement import churn
     from keras_ema.disagreement import jensen_shannon
 
@@ -558,8 +635,15 @@ def evaluate_churn(ev, runs, models=("baseline", "ema_loss")):
     return {"per_pair": per_pair, "table": table}
 
 
-def evaluate_transfer(ev, runs, dataset, data_dir=None, epochs=50, seed=0):
+@register("transfer", "linear probe on --transfer_dataset (Table 4)",
+          check=_check_transfer)
+def evaluate_transfer(ev, runs, figures, options, seed=0) -> dict:
+    """Table 4: linear-probe accuracy of the frozen features on another dataset."""
     from keras_ema.linear_probe import linear_probe
+
+    dataset = options.transfer_dataset
+    data_dir = options.transfer_data_dir
+    epochs = options.probe_epochs
 
     per_run = []
     for run in runs:
@@ -595,210 +679,16 @@ def _normalized(x, data):
     return ((x.astype(np.float32) / 255.0 - data.mean) / data.std).astype(np.float32)
 
 
-# === Notes for a puzzled reader ===
+@register("posthoc", "post-hoc EMA sweep; needs train.py --snapshot_every")
+def evaluate_posthoc(ev, runs, figures, options) -> dict:
+    """The post-hoc EMA sweep over each run's snapshots (`zoo.posthoc_sweep`)."""
+    from zoo import posthoc_sweep
+
+    return posthoc_sweep.evaluate_posthoc(ev, runs, figures)
 
 
-def run_facts(ev, run, decay) -> dict:
-    """The sizes and lengths of `run` that explain its results (see `notes`)."""
-    import math
-
-    data = ev.data(run)
-    c = run.config
-    steps_per_epoch = math.ceil(len(data.x_train) / c.batch_size)
-    return {
-        "train_size": int(len(data.x_train)),
-        "val_size": 0 if data.x_val is None else int(len(data.x_val)),
-        "test_size": int(len(data.x_test)),
-        "epochs": int(c.epochs),
-        "steps_per_epoch": int(steps_per_epoch),
-        "steps": int(c.epochs * steps_per_epoch),
-        "decay": None if decay is None else float(decay),
-        "period": int(c.ema_period),
-        "warmup": bool(c.ema_warmup),
-        "label_noise": c.label_noise or None,
-    }
-
-
-def _no_gain_reasons(facts):
-    """Why an EMA may not beat the last SGD iterate in this run."""
-    from keras_ema.multi_ema import warmup_end_step
-
-    reasons = []
-    decay, steps = facts["decay"], facts["steps"]
-    if decay is not None:
-        window = facts["period"] / (1.0 - decay)
-        end = warmup_end_step(decay)
-        if facts["warmup"] and end >= steps:
-            reasons.append(
-                f"the run's {steps} optimizer steps end before the warm-up of "
-                f"decay {decay} (step {end}), so the EMA averaged with a "
-                "smaller decay throughout")
-        elif window < facts["steps_per_epoch"]:
-            reasons.append(
-                f"the EMA's window (period / (1 - decay) = {window:.0f} "
-                f"optimizer steps) is shorter than one epoch "
-                f"({facts['steps_per_epoch']} steps): window too short, the "
-                "EMA stays close to the last iterate")
-        elif window > steps / 2:
-            reasons.append(
-                f"the EMA's window ({window:.0f} optimizer steps) spans over "
-                f"half of the run's {steps} steps, so it still holds early, "
-                "worse weights")
-    if facts["train_size"] < 10000:
-        reasons.append(f"small data ({facts['train_size']} training images)")
-    if facts["epochs"] < 30:
-        reasons.append(f"few epochs ({facts['epochs']})")
-    reasons.append(
-        "the learning rate decays to 0 by the last epoch, which removes most "
-        "of the noise the EMA averages out (the EMA study finds the gains "
-        "largest at a high learning rate and with noisy labels)")
-    return reasons
-
-
-def generalization_notes(table, facts, names=MODEL_NAMES) -> list:
-    """A line when no EMA row beats the baseline's test accuracy, with why."""
-    if "baseline" not in table:
-        return []
-    emas = {m: t["accuracy"]["mean"] for m, t in table.items()
-            if m.startswith("ema_")}
-    if not emas:
-        return []
-    best = max(emas, key=emas.get)
-    base = table["baseline"]["accuracy"]["mean"]
-    if emas[best] > base:
-        return []
-    images = (base - emas[best]) * facts["test_size"] / 100.0
-    return [
-        f"Note: the EMA does not beat the baseline here ({names[best]} "
-        f"{emas[best]:.2f}% against {names['baseline']} {base:.2f}% test "
-        f"accuracy, {images:.1f} of {facts['test_size']} test images on "
-        "average). Likely: " + "; ".join(_no_gain_reasons(facts)) + "."
-    ]
-
-
-def calibration_notes(table, facts, names=MODEL_NAMES) -> list:
-    """A line per model whose ECE temperature scaling raises, with why."""
-    lines = []
-    for m, t in table.items():
-        if "ece_ts" not in t or t["ece_ts"]["mean"] <= t["ece"]["mean"]:
-            continue
-        reasons = ["the temperature minimizes the NLL, not the ECE"]
-        if facts["val_size"] < 5000:
-            reasons.append(
-                f"it is fitted on {facts['val_size']} validation images "
-                "(small data), too few to pin it down")
-        if t["ece"]["mean"] < 3.0:
-            reasons.append(
-                f"the model is already calibrated within {t['ece']['mean']:.2f}%, "
-                "where the NLL's optimum can lie on either side of the ECE's")
-        lines.append(
-            f"Note: temperature scaling raises the ECE of {names[m]} "
-            f"({t['ece']['mean']:.2f}% to {t['ece_ts']['mean']:.2f}%). "
-            "Likely: " + "; ".join(reasons) + ".")
-    return lines
-
-
-# === Output ===
-
-
-def _fmt(stat, digits):
-    if stat["n"] > 1:
-        return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f}"
-
-
-def _table(header, rows):
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def format_markdown(results) -> str:
-    """The tables of `results` (see `evaluate`) as Markdown."""
-    setup = results["setup"]
-    names = setup.get("model_names", MODEL_NAMES)
-    lines = [
-        f"# {setup['model']} (width {setup['width']:g}) on {setup['dataset']}",
-        "",
-        f"{setup['seeds']} seed(s) ({', '.join(map(str, setup['seed_values']))}); "
-        f"averaging {setup['averaging']}; label noise "
-        f"{setup['label_noise'] or 'none'}; {setup['selection_text']}; EMA "
-        f"decay: {setup['decay_text']}; BN statistics of the EMA models "
-        f"{'recomputed' if setup['bn_recompute'] else 'as averaged'}. "
-        "Mean ± sample std over seeds (over pairs for churn).",
-    ]
-    notes = results.get("notes", {})
-    chosen = results.get("selection", {})
-    if chosen:
-        def where(c):
-            by = c.get("chosen_by")
-            return "last epoch" if by is None else f"chosen on {by['run']} {by['split']}"
-
-        lines += ["", "Evaluated weights: " + "; ".join(
-            f"{run}: " + ", ".join(
-                f"{names[m]} " + (f"{c['decay']} " if c["decay"] else "")
-                + f"@ epoch {c['epoch']} ({where(c)})" for m, c in models.items())
-            for run, models in chosen.items()),
-            "", "Epochs count from 0 as in history.csv; Keras's progress bar "
-            "shows epoch e as e+1."]
-    evals = results["evals"]
-    if "generalization" in evals:
-        t = evals["generalization"]["table"]
-        lines += ["", "## Generalization (Table 1)", "",
-                  _table(["Model", "Test accuracy (%)", "Test loss"],
-                         [[names[m], _fmt(t[m]["accuracy"], 2),
-                           _fmt(t[m]["loss"], 4)] for m in t])]
-        lines += _note_lines(notes.get("generalization"))
-    if "label_noise" in evals:
-        e = evals["label_noise"]
-        t = e["table"]
-        lines += ["", f"## Label noise {e['label_noise']} (Table 2)", "",
-                  _table(["Model", "Clean test accuracy (%)", "Test loss"],
-                         [[names[m], _fmt(t[m]["accuracy"], 2),
-                           _fmt(t[m]["loss"], 4)] for m in t])]
-        lines += _note_lines(notes.get("label_noise"))
-    if "churn" in evals:
-        t = evals["churn"]["table"]
-        lines += ["", "## Prediction disagreement between seeds (Table 3)", "",
-                  _table(["Model", "Churn (%)", "JS divergence"],
-                         [[names[m], _fmt(t[m]["churn"], 2),
-                           _fmt(t[m]["jensen_shannon"], 4)] for m in t])]
-    if "transfer" in evals:
-        e = evals["transfer"]
-        t = e["table"]
-        lines += ["", f"## Linear probe on {e['transfer_dataset']} (Table 4)", "",
-                  _table(["Model", "Test accuracy (%)"],
-                         [[names[m], _fmt(t[m]["accuracy"], 2)] for m in t])]
-    if "calibration" in evals:
-        e = evals["calibration"]
-        t = e["table"]
-        rows = []
-        for m in t:
-            ts = _fmt(t[m]["ece_ts"], 2) if "ece_ts" in t[m] else "-"
-            rows.append([names[m], _fmt(t[m]["accuracy"], 2),
-                         _fmt(t[m]["ece"], 2), ts])
-        lines += ["", "## Calibration (Table 5)", "",
-                  _table(["Model", "Accuracy (%)", "ECE (%)", "ECE after TS (%)"], rows),
-                  "", "ECE: 100 equal-mass bins on the top-1 confidence. "
-                  + ("Temperature fitted by NLL on each run's validation split."
-                     if e["temperature_tuned_on"] else
-                     "No validation split (--val_fraction=0): no temperature scaling."),
-                  *_note_lines(notes.get("calibration")),
-                  "", f"Reliability diagrams of seed {e['figure_seed']} on test "
-                  "(the bars: 15 equal-width bins; under them, the predictions "
-                  "per bin; the legend's ECE: 100 equal-mass bins, as the table):"
-                  if "figure_seed" in e else "Reliability diagrams on test:",
-                  "", "  ".join(f"![{names[m]}](reliability_{m}.png)" for m in t)]
-    if "posthoc" in evals:
-        from zoo.posthoc_sweep import format_markdown as posthoc_markdown
-
-        lines += posthoc_markdown(evals["posthoc"])
-    return "\n".join(lines) + "\n"
-
-
-def _note_lines(notes):
-    return [line for note in notes or () for line in ("", note)]
+# The names `--evals` accepts, in the order of the registry.
+EVALS = tuple(EVALUATORS)
 
 
 def _selection_text(runs, early_stopping):
@@ -823,31 +713,34 @@ def _decay_text(runs, decay):
     return f"{decay} (--decay)"
 
 
-def evaluate(runs, evals, bn_recompute=True, decay="largest", transfer_dataset=None,
-             transfer_data_dir=None, probe_epochs=50, log=print):
+def evaluate(runs: list, evals: "list[str]", bn_recompute: bool = True,
+             decay: "str | float" = "largest",
+             transfer_dataset: "str | None" = None,
+             transfer_data_dir: "str | None" = None, probe_epochs: int = 50,
+             log: "Callable[[str], None] | None" = None) -> tuple:
     """Runs `evals` on `runs`; returns `(results dict, figures)`.
 
+    Each name of `evals` is looked up in `EVALUATORS`; their checks all run
+    before the first model is built.
+
     `decay`: `"largest"` (default), `"best_on_validation"` or a float; see
-    `select_ema`.
+    `select_ema`. `log`: a function of one line of progress; `None` logs
+    through absl at INFO.
 
     `figures` maps PNG file names to `(probs, labels, title)` of reliability
     diagrams; nothing is written here (see `write_results`).
     """
-    unknown = [e for e in evals if e not in EVALS]
+    log = log or _log_info
+    unknown = [e for e in evals if e not in EVALUATORS]
     if unknown or not evals:
         raise EvaluationError(
             f"--evals={','.join(evals)}: unknown evaluation "
             f"{unknown[0] if unknown else '(none)'}; use some of {','.join(EVALS)}."
         )
-    if "churn" in evals:
-        _check_churn(runs)
-    if "transfer" in evals and not transfer_dataset:
-        raise EvaluationError(
-            "--evals=transfer needs --transfer_dataset (e.g. digits, cifar10, "
-            "folder:PATH) with images of the runs' size."
-        )
-    if "label_noise" in evals:
-        _check_label_noise(runs)
+    options = Options(transfer_dataset, transfer_data_dir, probe_epochs)
+    for name in evals:
+        if EVALUATORS[name].check is not None:
+            EVALUATORS[name].check(runs, options)
     ev = Evaluator(runs, bn_recompute=bn_recompute, decay=decay, log=log)
     if not ev.early_stopping and ev.decay == "best_on_validation":
         select_ema(runs[0].summary, "last", ev.decay)  # raises: nothing to choose on
@@ -875,43 +768,12 @@ def evaluate(runs, evals, bn_recompute=True, decay="largest", transfer_dataset=N
     figures = {}
     for name in evals:
         log(f"{name}:")
-        if name == "generalization":
-            results["evals"][name] = evaluate_generalization(ev, runs)
-        elif name == "label_noise":
-            results["evals"][name] = evaluate_label_noise(ev, runs)
-        elif name == "calibration":
-            results["evals"][name] = evaluate_calibration(ev, runs, figures)
-        elif name == "churn":
-            results["evals"][name] = evaluate_churn(ev, runs)
-        elif name == "transfer":
-            results["evals"][name] = evaluate_transfer(
-                ev, runs, transfer_dataset, transfer_data_dir, probe_epochs)
-        elif name == "posthoc":  # zoo/posthoc_sweep.py
-            from zoo.posthoc_sweep import evaluate_posthoc
-
-            results["evals"][name] = evaluate_posthoc(ev, runs, figures)
-    results["notes"] = _notes(ev, runs, results, models)
+        results["evals"][name] = EVALUATORS[name].run(ev, runs, figures, options)
+    results["notes"] = notes.notes_of(ev, runs, results, models)
     return results, figures
 
 
-def _notes(ev, runs, results, models):
-    """`{eval: [line]}`: what a reader would otherwise be puzzled by."""
-    ema = next((m for m in models if m.startswith("ema_")), None)
-    decay = ev.selection(runs[0], ema)["decay"] if ema else None
-    facts = run_facts(ev, runs[0], decay)
-    names = results["setup"]["model_names"]
-    evals = results["evals"]
-    notes = {}
-    for name in ("generalization", "label_noise"):
-        if name in evals:
-            notes[name] = generalization_notes(evals[name]["table"], facts, names)
-    if "calibration" in evals:
-        notes["calibration"] = calibration_notes(
-            evals["calibration"]["table"], facts, names)
-    return {k: v for k, v in notes.items() if v}
-
-
-def write_results(results, figures, output_dir):
+def write_results(results: dict, figures: dict, output_dir: str) -> str:
     """Writes the PNGs, `results.json` and `results.md`, each atomically."""
     from keras_ema.calibration import reliability_diagram
 
@@ -926,5 +788,5 @@ def write_results(results, figures, output_dir):
                             title=title)
     run_dir.write_json(os.path.join(output_dir, "results.json"), results)
     run_dir.write_text(os.path.join(output_dir, "results.md"),
-                       format_markdown(results))
+                       report.format_markdown(results))
     return os.path.join(output_dir, "results.md")

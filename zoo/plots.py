@@ -8,7 +8,7 @@ from zoo import run_dir
 EPOCH_LABEL = "epoch (from 0, as in history.csv)"
 
 
-def ema_columns(row, metric="val_accuracy"):
+def ema_columns(row: dict, metric: str = "val_accuracy") -> dict:
     """`{decay: column}` for the `ema_<decay>_<metric>` columns of a history row."""
     out = {}
     for key in row:
@@ -21,7 +21,8 @@ def ema_columns(row, metric="val_accuracy"):
     return dict(sorted(out.items()))
 
 
-def zoom_limits(curves, start, upper=None):
+def zoom_limits(curves: list, start: int,
+                upper: "float | None" = None) -> "tuple | None":
     """The y-limits that show where the curves differ.
 
     The limits span every finite value of every curve from index `start` on
@@ -48,7 +49,7 @@ def zoom_limits(curves, start, upper=None):
     return low, high
 
 
-def plot_curves(history, path, title=None):
+def plot_curves(history: list, path: str, title: "str | None" = None) -> None:
     """Writes `curves_figure(history, title)` to `path` (PNG), atomically.
 
     Args:
@@ -62,7 +63,7 @@ def plot_curves(history, path, title=None):
         fig.savefig(tmp, dpi=100, format="png")
 
 
-def curves_figure(history, title=None):
+def curves_figure(history: list, title: "str | None" = None):
     """The validation curves of one run, a matplotlib `Figure`.
 
     Left: validation accuracy, right: validation loss, each for SGD (black)

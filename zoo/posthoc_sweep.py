@@ -29,7 +29,7 @@ MAX_PROFILE_ERROR = 0.05
 SIGMA_RELS = (0.03, 0.05, 0.08, 0.10, 0.15, 0.20, 0.28)
 
 
-def targets(step, period, warmup):
+def targets(step: int, period: int, warmup: bool) -> list:
     """`[(label, kind, profile)]` of the sweep at target step `step`."""
     from keras_ema import posthoc
 
@@ -49,16 +49,15 @@ def targets(step, period, warmup):
     return out
 
 
-def evaluate_posthoc(ev, runs, figures):
+def evaluate_posthoc(ev, runs: list, figures: dict) -> dict:
     """The sweep for every run; fills `figures` with one plot per run."""
     import keras
 
     from keras_ema import posthoc
-    from keras_ema.batch_norm import batch_norm_layers
-    from keras_ema.batch_norm import recompute_batch_norm_statistics
     from zoo.data.loader import ArrayLoader
     from zoo.evaluation import EvaluationError
     from zoo.evaluation import accuracy_and_loss
+    from zoo.trained_model import recompute_bn
 
     per_run = {}
     for run in runs:
@@ -84,10 +83,8 @@ def evaluate_posthoc(ev, runs, figures):
                     report = posthoc.synthesize_into(model, snap, target, step)
                 except ValueError as e:  # a damaged or foreign snapshot
                     raise EvaluationError(f"--evals=posthoc: {run.path}: {e}") from None
-                if ev.bn_recompute and batch_norm_layers(model):
-                    recompute_batch_norm_statistics(
-                        model, ArrayLoader(data.x_train, None, c.batch_size,
-                                           data.mean, data.std))
+                if ev.bn_recompute:
+                    recompute_bn(model, c, data)
                 logits = model.predict(ArrayLoader(x, None, 256, data.mean, data.std),
                                        verbose=0)
                 accuracy, loss = accuracy_and_loss(logits, y)
@@ -129,16 +126,15 @@ def _plotter(rows, tracked, title):
     return draw
 
 
-def plot_sweep(rows, tracked, path, title=None):
+def plot_sweep(rows: list, tracked: dict, path: str,
+               title: "str | None" = None) -> None:
     """Accuracy and loss against averaging length (log x), written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from zoo import run_dir
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
     styles = {"ema": ("tab:blue", "o", "classic EMA"),
               "power": ("tab:orange", "s", "power EMA (EDM2)")}
     for ax, key, name in ((axes[0], "accuracy", "validation accuracy (%)"),
@@ -172,24 +168,3 @@ def plot_sweep(rows, tracked, path, title=None):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with run_dir.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-
-
-def format_markdown(result) -> list:
-    """Markdown lines of the sweep's results."""
-    lines = ["", "## Post-hoc EMA sweep", ""]
-    for name, r in result["per_run"].items():
-        lines += [f"{name}: step {r['step']}, metrics on the {r['split']} split, "
-                  "BN statistics recomputed per candidate.", "",
-                  "| Target | Length (steps) | Profile error | Accuracy (%) | Loss |",
-                  "|---|---|---|---|---|"]
-        for c in r["candidates"]:
-            note = "" if c["reachable"] else " (not matched: not chosen)"
-            lines.append(f"| {c['target']}{note} | {c['length']:.0f} | "
-                         f"{c['profile_error']:.1e} | {c['accuracy']:.2f} | "
-                         f"{c['loss']:.4f} |")
-        lines += ["", f"Best by accuracy: {r['best_accuracy']['target']} "
-                  f"({r['best_accuracy']['accuracy']:.2f}%); best by loss: "
-                  f"{r['best_loss']['target']} ({r['best_loss']['loss']:.4f}).",
-                  "", f"![post-hoc sweep](posthoc_{name}.png)"]
-    return lines

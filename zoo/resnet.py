@@ -15,6 +15,7 @@ sample a different pixel grid.
 import keras
 from keras import layers
 
+from zoo import layers as blocks
 from zoo.regularization import weight_decay_regularizer
 
 VARIANTS = {
@@ -43,68 +44,6 @@ STEMS = ("auto", "cifar", "downsample")
 
 # Inputs at least this large get the "downsample" stem under `stem="auto"`.
 _DOWNSAMPLE_STEM_MIN_SIZE = 64
-
-
-def scale_filters(filters: int, width: float) -> int:
-    """Scales a filter count by a width multiplier: `max(1, round(f * width))`."""
-    return max(1, int(round(filters * width)))
-
-
-def conv_kernel_initializer():
-    """He-normal with fan-out, as torchvision and WRN's reference code use."""
-    return keras.initializers.VarianceScaling(
-        scale=2.0, mode="fan_out", distribution="untruncated_normal"
-    )
-
-
-def validate_width(width: float) -> float:
-    if not isinstance(width, (int, float)) or width <= 0:
-        raise ValueError(
-            "Invalid value for argument `width`: it must be a positive number. "
-            f"Received: width={width}"
-        )
-    return float(width)
-
-
-def validate_input_shape(input_shape) -> tuple:
-    input_shape = tuple(input_shape)
-    if len(input_shape) != 3:
-        raise ValueError(
-            "Invalid value for argument `input_shape`: expected "
-            "(height, width, channels). "
-            f"Received: input_shape={input_shape}"
-        )
-    return input_shape
-
-
-def subsample(x, stride: int, name: str):
-    """Keeps every `stride`-th row and column: `x[:, ::stride, ::stride]`.
-
-    A stride-2 1x1 conv is this subsampling followed by a stride-1 1x1 conv,
-    with the same output (`ceil(n / 2)` pixels for odd sizes too), the same
-    gradients and the same kernel. The projection shortcuts use the pair
-    because TensorFlow 2.21's oneDNN backward pass of a strided 1x1 conv
-    corrupts memory and aborts the process when the batch size is odd.
-    `MaxPooling2D(1, strides)` does the subsampling as a built-in layer
-    without weights, so checkpoints of the strided conv still load and saved
-    models need no custom class. It costs nothing measurable: ResNet-18 at
-    width 0.25, 32x32, batch 64, TensorFlow 2.21 on 2 CPU cores, one process
-    alternating the two models, takes 142.8 ms of CPU time per training step
-    against 143.0 with the strided conv (medians of 12 x 10 steps); turning
-    oneDNN off for the whole process instead (`TF_ENABLE_ONEDNN_OPTS=0`)
-    takes 309-312 ms, about twice as long.
-
-    Args:
-        x: Tensor. Channels last.
-        stride: int. The step between kept rows and columns; `1` returns `x`.
-        name: str. The layer name.
-
-    Returns:
-        The subsampled tensor.
-    """
-    if stride == 1:
-        return x
-    return layers.MaxPooling2D(1, strides=stride, name=name)(x)
 
 
 @keras.saving.register_keras_serializable(package="zoo")
@@ -189,50 +128,37 @@ class ResNet(keras.Model):
         name="resnet",
         **kwargs,
     ):
-        stackwise_num_blocks = list(stackwise_num_blocks)
-        stackwise_num_filters = list(stackwise_num_filters)
-        if (
-            not stackwise_num_blocks
-            or len(stackwise_num_blocks) != len(stackwise_num_filters)
-            or min(stackwise_num_blocks) < 1
-            or min(stackwise_num_filters) < 1
-        ):
-            raise ValueError(
-                "`stackwise_num_blocks` and `stackwise_num_filters` must be "
-                "non-empty lists of positive ints of the same length. "
-                f"Received: stackwise_num_blocks={stackwise_num_blocks}, "
-                f"stackwise_num_filters={stackwise_num_filters}"
-            )
+        stacks = blocks.validate_stacks(
+            stackwise_num_blocks=stackwise_num_blocks,
+            stackwise_num_filters=stackwise_num_filters,
+        )
+        stackwise_num_blocks = stacks["stackwise_num_blocks"]
+        stackwise_num_filters = stacks["stackwise_num_filters"]
         if stem not in STEMS:
             raise ValueError(
                 f"Invalid value for argument `stem`: expected one of {STEMS}. "
                 f"Received: stem={stem!r}"
             )
-        width = validate_width(width)
-        input_shape = validate_input_shape(input_shape)
+        width = blocks.validate_width(width)
+        input_shape = blocks.validate_input_shape(input_shape)
         regularizer = weight_decay_regularizer(weight_decay)
         resolved_stem = stem
         if stem == "auto":
             sides = [s for s in input_shape[:2] if s is not None]
             large = bool(sides) and min(sides) >= _DOWNSAMPLE_STEM_MIN_SIZE
             resolved_stem = "downsample" if large else "cifar"
-        filters = [scale_filters(f, width) for f in stackwise_num_filters]
+        filters = [blocks.scale_filters(f, width) for f in stackwise_num_filters]
 
         # === Functional Model ===
         inputs = keras.Input(shape=input_shape, name="images")
-        x = layers.Conv2D(
+        x = blocks.conv_bn(
+            inputs,
             filters[0],
             3,
-            padding="same",
-            use_bias=False,
-            kernel_initializer=conv_kernel_initializer(),
-            kernel_regularizer=regularizer,
-            name="stem_conv",
-        )(inputs)
-        x = layers.BatchNormalization(
-            axis=-1, momentum=0.9, epsilon=1e-5, name="stem_bn"
-        )(x)
-        x = layers.Activation("relu", name="stem_relu")(x)
+            activation=True,
+            regularizer=regularizer,
+            name="stem",
+        )
         if resolved_stem == "downsample":
             # Zero padding before the max-pool is harmless after a ReLU and
             # matches torch's MaxPool2d(3, 2, padding=1).
@@ -249,13 +175,7 @@ class ResNet(keras.Model):
                     regularizer=regularizer,
                     name=f"stack{stack_index}_block{block_index}",
                 )
-        x = layers.GlobalAveragePooling2D(name="pool")(x)
-        outputs = layers.Dense(
-            num_classes,
-            kernel_regularizer=regularizer,
-            dtype="float32",
-            name="classifier",
-        )(x)
+        outputs = blocks.classifier(x, num_classes, regularizer)
         super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
 
         # === Config ===
@@ -291,7 +211,7 @@ def apply_basic_block(x, filters, stride=1, regularizer=None, name=None):
 
     The shortcut is the identity when shape is kept, else a 1x1 conv + BN
     with the block's stride (projection shortcut, option B of He et al.),
-    computed as `subsample` then a stride-1 1x1 conv.
+    computed as `zoo.layers.subsample` then a stride-1 1x1 conv.
 
     Args:
         x: Tensor. The block input, channels last.
@@ -308,45 +228,23 @@ def apply_basic_block(x, filters, stride=1, regularizer=None, name=None):
     in_filters = x.shape[-1]
     shortcut = x
     if stride != 1 or in_filters != filters:
-        shortcut = layers.Conv2D(
+        shortcut = blocks.conv_bn(
+            x,
             filters,
             1,
-            use_bias=False,
-            kernel_initializer=conv_kernel_initializer(),
-            kernel_regularizer=regularizer,
-            name=f"{name}_0_conv",
-        )(subsample(x, stride, name=f"{name}_0_subsample"))
-        shortcut = layers.BatchNormalization(
-            axis=-1, momentum=0.9, epsilon=1e-5, name=f"{name}_0_bn"
-        )(shortcut)
-
-    if stride > 1:
-        x = layers.ZeroPadding2D(1, name=f"{name}_1_pad")(x)
-    x = layers.Conv2D(
+            strides=stride,
+            regularizer=regularizer,
+            name=f"{name}_0",
+        )
+    x = blocks.conv_bn(
+        x,
         filters,
         3,
         strides=stride,
-        padding="valid" if stride > 1 else "same",
-        use_bias=False,
-        kernel_initializer=conv_kernel_initializer(),
-        kernel_regularizer=regularizer,
-        name=f"{name}_1_conv",
-    )(x)
-    x = layers.BatchNormalization(
-        axis=-1, momentum=0.9, epsilon=1e-5, name=f"{name}_1_bn"
-    )(x)
-    x = layers.Activation("relu", name=f"{name}_1_relu")(x)
-    x = layers.Conv2D(
-        filters,
-        3,
-        padding="same",
-        use_bias=False,
-        kernel_initializer=conv_kernel_initializer(),
-        kernel_regularizer=regularizer,
-        name=f"{name}_2_conv",
-    )(x)
-    x = layers.BatchNormalization(
-        axis=-1, momentum=0.9, epsilon=1e-5, name=f"{name}_2_bn"
-    )(x)
+        activation=True,
+        regularizer=regularizer,
+        name=f"{name}_1",
+    )
+    x = blocks.conv_bn(x, filters, 3, regularizer=regularizer, name=f"{name}_2")
     x = layers.Add(name=f"{name}_add")([shortcut, x])
     return layers.Activation("relu", name=f"{name}_out")(x)

@@ -11,11 +11,8 @@ VGG-16 having no BN (EMA then needs no BN-statistics recompute), so
 import keras
 from keras import layers
 
+from zoo import layers as blocks
 from zoo.regularization import weight_decay_regularizer
-from zoo.resnet import conv_kernel_initializer
-from zoo.resnet import scale_filters
-from zoo.resnet import validate_input_shape
-from zoo.resnet import validate_width
 
 VARIANTS = {
     "vgg16": {
@@ -93,29 +90,21 @@ class VGG(keras.Model):
         name="vgg",
         **kwargs,
     ):
-        stackwise_num_filters = list(stackwise_num_filters)
-        stackwise_num_repeats = list(stackwise_num_repeats)
-        if (
-            not stackwise_num_filters
-            or len(stackwise_num_filters) != len(stackwise_num_repeats)
-            or min(stackwise_num_filters) < 1
-            or min(stackwise_num_repeats) < 1
-        ):
-            raise ValueError(
-                "`stackwise_num_filters` and `stackwise_num_repeats` must be "
-                "non-empty lists of positive ints of the same length. "
-                f"Received: stackwise_num_filters={stackwise_num_filters}, "
-                f"stackwise_num_repeats={stackwise_num_repeats}"
-            )
+        stacks = blocks.validate_stacks(
+            stackwise_num_filters=stackwise_num_filters,
+            stackwise_num_repeats=stackwise_num_repeats,
+        )
+        stackwise_num_filters = stacks["stackwise_num_filters"]
+        stackwise_num_repeats = stacks["stackwise_num_repeats"]
         if not isinstance(batch_norm, bool):
             raise ValueError(
                 "Invalid value for argument `batch_norm`: expected a bool. "
                 f"Received: batch_norm={batch_norm!r}"
             )
-        width = validate_width(width)
-        input_shape = validate_input_shape(input_shape)
+        width = blocks.validate_width(width)
+        input_shape = blocks.validate_input_shape(input_shape)
         regularizer = weight_decay_regularizer(weight_decay)
-        filters = [scale_filters(f, width) for f in stackwise_num_filters]
+        filters = [blocks.scale_filters(f, width) for f in stackwise_num_filters]
 
         # === Functional Model ===
         inputs = keras.Input(shape=input_shape, name="images")
@@ -131,13 +120,7 @@ class VGG(keras.Model):
                 regularizer=regularizer,
                 name=f"stack{stack_index}",
             )
-        x = layers.GlobalAveragePooling2D(name="pool")(x)
-        outputs = layers.Dense(
-            num_classes,
-            kernel_regularizer=regularizer,
-            dtype="float32",
-            name="classifier",
-        )(x)
+        outputs = blocks.classifier(x, num_classes, regularizer)
         super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
 
         # === Config ===
@@ -185,17 +168,14 @@ def apply_vgg_stack(
         The stack output tensor, at half the input resolution.
     """
     for conv_index in range(repeats):
-        x = layers.Conv2D(
+        x = blocks.conv_bn(
+            x,
             filters,
             3,
-            padding="same",
-            kernel_initializer=conv_kernel_initializer(),
-            kernel_regularizer=regularizer,
-            name=f"{name}_{conv_index}_conv",
-        )(x)
-        if batch_norm:
-            x = layers.BatchNormalization(
-                axis=-1, momentum=0.9, epsilon=1e-5, name=f"{name}_{conv_index}_bn"
-            )(x)
-        x = layers.Activation("relu", name=f"{name}_{conv_index}_relu")(x)
+            use_bias=True,
+            bn=batch_norm,
+            activation=True,
+            regularizer=regularizer,
+            name=f"{name}_{conv_index}",
+        )
     return layers.MaxPooling2D(2, strides=2, name=f"{name}_pool")(x)

@@ -13,12 +13,10 @@ does (BN gamma and beta included, BN moving mean/variance not).
 import keras
 from keras import layers
 
+from keras_ema._checks import as_float
+from keras_ema._checks import is_int
+from zoo import layers as blocks
 from zoo.regularization import weight_decay_regularizer
-from zoo.resnet import conv_kernel_initializer
-from zoo.resnet import scale_filters
-from zoo.resnet import subsample
-from zoo.resnet import validate_input_shape
-from zoo.resnet import validate_width
 
 VARIANTS = {
     "wrn28_10": {
@@ -93,41 +91,35 @@ class WideResNet(keras.Model):
         name="wide_resnet",
         **kwargs,
     ):
-        if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6 != 0:
+        if not is_int(depth) or depth < 10 or (depth - 4) % 6 != 0:
             raise ValueError(
                 "Invalid value for argument `depth`: it must be 6 * n + 4 "
                 f"with n >= 1 (10, 16, 22, 28, ...). Received: depth={depth}"
             )
-        if not isinstance(widen_factor, int) or widen_factor < 1:
+        if not is_int(widen_factor) or widen_factor < 1:
             raise ValueError(
                 "Invalid value for argument `widen_factor`: it must be a "
                 f"positive int. Received: widen_factor={widen_factor}"
             )
-        if not 0.0 <= dropout < 1.0:
+        if not 0.0 <= as_float(dropout) < 1.0:
             raise ValueError(
                 "Invalid value for argument `dropout`: it must be in [0, 1). "
                 f"Received: dropout={dropout}"
             )
-        width = validate_width(width)
-        input_shape = validate_input_shape(input_shape)
+        width = blocks.validate_width(width)
+        input_shape = blocks.validate_input_shape(input_shape)
         regularizer = weight_decay_regularizer(weight_decay)
         blocks_per_group = (depth - 4) // 6
-        stem_filters = scale_filters(16, width)
+        stem_filters = blocks.scale_filters(16, width)
         group_filters = [
-            scale_filters(16 * widen_factor * 2**i, width) for i in range(3)
+            blocks.scale_filters(16 * widen_factor * 2**i, width) for i in range(3)
         ]
 
         # === Functional Model ===
         inputs = keras.Input(shape=input_shape, name="images")
-        x = layers.Conv2D(
-            stem_filters,
-            3,
-            padding="same",
-            use_bias=False,
-            kernel_initializer=conv_kernel_initializer(),
-            kernel_regularizer=regularizer,
-            name="stem_conv",
-        )(inputs)
+        x = blocks.conv(
+            inputs, stem_filters, 3, regularizer=regularizer, name="stem"
+        )
         for group_index, filters in enumerate(group_filters):
             for block_index in range(blocks_per_group):
                 x = apply_wide_basic_block(
@@ -138,22 +130,13 @@ class WideResNet(keras.Model):
                     regularizer=regularizer,
                     name=f"group{group_index}_block{block_index}",
                 )
-        x = layers.BatchNormalization(
-            axis=-1, momentum=0.9, epsilon=1e-5, name="post_bn"
-        )(x)
-        x = layers.Activation("relu", name="post_relu")(x)
-        x = layers.GlobalAveragePooling2D(name="pool")(x)
-        outputs = layers.Dense(
-            num_classes,
-            kernel_regularizer=regularizer,
-            dtype="float32",
-            name="classifier",
-        )(x)
+        x = blocks.bn_relu(x, "post")
+        outputs = blocks.classifier(x, num_classes, regularizer)
         super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
 
         # === Config ===
-        self.depth = depth
-        self.widen_factor = widen_factor
+        self.depth = int(depth)
+        self.widen_factor = int(widen_factor)
         self.dropout = float(dropout)
         self.num_classes = num_classes
         self.image_shape = input_shape
@@ -185,7 +168,7 @@ def apply_wide_basic_block(
 
     BN-ReLU-conv3x3(stride)-BN-ReLU-dropout-conv3x3, added to the input, or
     to a 1x1 conv (same stride, no BN) of the pre-activated input when the
-    channel count changes; a strided shortcut is `zoo.resnet.subsample` then
+    channel count changes; a strided shortcut is `zoo.layers.subsample` then
     a stride-1 1x1 conv (see there why).
 
     Args:
@@ -203,48 +186,28 @@ def apply_wide_basic_block(
         The block output tensor.
     """
     in_filters = x.shape[-1]
-    preact = layers.BatchNormalization(
-        axis=-1, momentum=0.9, epsilon=1e-5, name=f"{name}_1_bn"
-    )(x)
-    preact = layers.Activation("relu", name=f"{name}_1_relu")(preact)
+    preact = blocks.bn_relu(x, f"{name}_1")
     if in_filters == filters and stride == 1:
         shortcut = x
     else:
-        shortcut = layers.Conv2D(
+        shortcut = blocks.conv(
+            preact,
             filters,
             1,
-            use_bias=False,
-            kernel_initializer=conv_kernel_initializer(),
-            kernel_regularizer=regularizer,
-            name=f"{name}_0_conv",
-        )(subsample(preact, stride, name=f"{name}_0_subsample"))
-
-    y = preact
-    if stride > 1:
-        y = layers.ZeroPadding2D(1, name=f"{name}_1_pad")(y)
-    y = layers.Conv2D(
+            strides=stride,
+            regularizer=regularizer,
+            name=f"{name}_0",
+        )
+    y = blocks.conv(
+        preact,
         filters,
         3,
         strides=stride,
-        padding="valid" if stride > 1 else "same",
-        use_bias=False,
-        kernel_initializer=conv_kernel_initializer(),
-        kernel_regularizer=regularizer,
-        name=f"{name}_1_conv",
-    )(y)
-    y = layers.BatchNormalization(
-        axis=-1, momentum=0.9, epsilon=1e-5, name=f"{name}_2_bn"
-    )(y)
-    y = layers.Activation("relu", name=f"{name}_2_relu")(y)
+        regularizer=regularizer,
+        name=f"{name}_1",
+    )
+    y = blocks.bn_relu(y, f"{name}_2")
     if dropout > 0.0:
         y = layers.Dropout(dropout, name=f"{name}_dropout")(y)
-    y = layers.Conv2D(
-        filters,
-        3,
-        padding="same",
-        use_bias=False,
-        kernel_initializer=conv_kernel_initializer(),
-        kernel_regularizer=regularizer,
-        name=f"{name}_2_conv",
-    )(y)
+    y = blocks.conv(y, filters, 3, regularizer=regularizer, name=f"{name}_2")
     return layers.Add(name=f"{name}_out")([shortcut, y])

@@ -9,6 +9,7 @@ import numpy as np
 from keras_ema import _backend
 from keras_ema import _keras_private
 from keras_ema._checks import check_int
+from keras_ema._checks import is_int
 from keras_ema._checks import numpy_if_tf
 
 DEFAULT_BATCH_SIZE = 128
@@ -260,7 +261,7 @@ def _num_batches(data, batch_size, steps):
         total = -(-_num_samples(data) // batch_size)
     else:
         total = getattr(data, "num_batches", None)  # a keras.utils.PyDataset
-        if not isinstance(total, (int, np.integer)):
+        if not is_int(total):
             try:
                 total = len(data)
             except TypeError:

@@ -669,11 +669,12 @@ class MultiEMA(keras.callbacks.Callback):
         if not os.path.exists(path):
             if files and step > 0:
                 steps = ", ".join(str(s) for s in state_file.file_steps(files))
+                prefix = os.path.join(self.backup_dir, state_file.STATE_PREFIX)
                 raise ValueError(
                     f"MultiEMA: no saved state at optimizer step {step} in "
                     f"{self.backup_dir} (it holds steps {steps}), so the EMAs "
                     "cannot continue. Resume the model from one of those "
-                    f"steps, or remove {os.path.join(self.backup_dir, state_file.STATE_PREFIX)}"
+                    f"steps, or remove {prefix}"
                     "*.npz to restart the EMAs from the current weights."
                 )
             return False

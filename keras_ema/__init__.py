@@ -12,11 +12,11 @@ from keras_ema.disagreement import jensen_shannon
 from keras_ema.export import export_ema
 from keras_ema.export import export_model
 from keras_ema.linear_probe import linear_probe
-from keras_ema.multi_ema import DEFAULT_DECAYS
+from keras_ema.decay import DEFAULT_DECAYS
+from keras_ema.decay import warmup_decay
+from keras_ema.decay import warmup_end_step
 from keras_ema.multi_ema import MultiEMA
 from keras_ema.multi_ema import UntrackedDecayError
-from keras_ema.multi_ema import warmup_decay
-from keras_ema.multi_ema import warmup_end_step
 from keras_ema import posthoc
 from keras_ema.switch_ema import SwitchEMA
 

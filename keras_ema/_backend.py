@@ -398,7 +398,9 @@ def snapshot(variables):
 
 def strategy_scope(model):
     """The scope new variables must be created in to live beside `model`'s."""
-    strategy = getattr(model, "_distribute_strategy", None)
+    from keras_ema import _keras_private
+
+    strategy = _keras_private.distribute_strategy(model)
     if name() == "tensorflow" and strategy is not None:
         return strategy.scope()
     import contextlib

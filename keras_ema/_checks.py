@@ -81,3 +81,46 @@ def numpy_if_tf(x):
     if type(x).__module__.startswith("tensorflow"):
         return np.asarray(x)
     return x
+
+
+# How far a row of probabilities may sum from 1: float32 softmax outputs over
+# thousands of classes, or float16 ones, are a little off.
+ROW_SUM_TOLERANCE = 1e-3
+
+
+def is_probability_rows(values: np.ndarray) -> bool:
+    """Whether every row of 2D `values` is a probability vector (2 classes or more)."""
+    if values.shape[1] < 2 or values.min() < 0.0 or values.max() > 1.0:
+        return False
+    return bool(np.all(np.abs(values.sum(axis=1) - 1.0) <= ROW_SUM_TOLERANCE))
+
+
+def check_probability_rows(name: str, values: np.ndarray):
+    """Raises unless every row of 2D `values` holds probabilities.
+
+    Entries must lie in [0, 1] (rounding may push a softmax output 1e-6
+    outside) and each row must sum to 1 within `ROW_SUM_TOLERANCE`; the
+    message names the argument `name` and asks for softmax outputs.
+    """
+    low, high = values.min(), values.max()
+    if low < -1e-6:
+        raise ValueError(
+            f"Invalid value for argument `{name}`: expected non-negative "
+            "probabilities in [0, 1] (pass softmax outputs, not logits). "
+            f"Received values in [{low:.4g}, {high:.4g}]"
+        )
+    sums = values.sum(axis=1)
+    off = np.abs(sums - 1.0) > ROW_SUM_TOLERANCE
+    if np.any(off):
+        raise ValueError(
+            f"Invalid value for argument `{name}`: every row must sum to 1 "
+            f"(within {ROW_SUM_TOLERANCE:g}); pass softmax outputs. "
+            f"Received: row {int(np.argmax(off))} sums to "
+            f"{sums[np.argmax(off)]:.6g}"
+        )
+    if high > 1 + 1e-6:
+        raise ValueError(
+            f"Invalid value for argument `{name}`: expected probabilities in "
+            f"[0, 1] (pass softmax outputs, not logits). Received values in "
+            f"[{low:.4g}, {high:.4g}]"
+        )

@@ -7,6 +7,10 @@ import keras
 import numpy as np
 
 from keras_ema import _backend
+from keras_ema import _keras_private
+from keras_ema._checks import check_int
+from keras_ema._checks import is_int
+from keras_ema._checks import numpy_if_tf
 
 DEFAULT_BATCH_SIZE = 128
 
@@ -15,14 +19,23 @@ def batch_norm_layers(model) -> list:
     """Every `keras.layers.BatchNormalization` layer in `model`, nested ones too."""
     return [
         layer
-        for layer in model._flatten_layers(include_self=False)
+        for layer in _keras_private.flatten_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
 
 
+def batch_norm_statistics(model) -> list:
+    """The moving mean and variance of every built BatchNorm in `model`."""
+    return _statistics(batch_norm_layers(model))
+
+
 def recompute_batch_norm_statistics(
-    model, data, batch_size=None, steps=None, verbose=0
-):
+    model: keras.Model,
+    data,
+    batch_size: int | None = None,
+    steps: int | None = None,
+    verbose: int = 0,
+) -> keras.Model:
     """Sets every BatchNorm's moving statistics to their average over `data`.
 
     After training, and above all after averaging weights (an EMA), the
@@ -85,22 +98,8 @@ def recompute_batch_norm_statistics(
     """
     if batch_size is None:
         batch_size = DEFAULT_BATCH_SIZE
-    if isinstance(batch_size, bool) or not isinstance(
-        batch_size, (int, np.integer)
-    ) or batch_size < 1:
-        raise ValueError(
-            "Invalid value for argument `batch_size`: expected an int >= 1 or "
-            f"None. Received: batch_size={batch_size!r}"
-        )
-    if steps is not None and (
-        isinstance(steps, bool)
-        or not isinstance(steps, (int, np.integer))
-        or steps < 1
-    ):
-        raise ValueError(
-            "Invalid value for argument `steps`: expected an int >= 1 or None. "
-            f"Received: steps={steps!r}"
-        )
+    batch_size = check_int("batch_size", batch_size, allow_none=True)
+    steps = check_int("steps", steps, allow_none=True)
     every = batch_norm_layers(model)
     if not every:
         warnings.warn(
@@ -262,7 +261,7 @@ def _num_batches(data, batch_size, steps):
         total = -(-_num_samples(data) // batch_size)
     else:
         total = getattr(data, "num_batches", None)  # a keras.utils.PyDataset
-        if not isinstance(total, (int, np.integer)):
+        if not is_int(total):
             try:
                 total = len(data)
             except TypeError:
@@ -298,7 +297,7 @@ def _batches(data, batch_size, steps):
                 lambda a: a[start:start + batch_size], data
             )
             if convert:
-                x = keras.tree.map_structure(_to_numpy_if_tf, x)
+                x = keras.tree.map_structure(numpy_if_tf, x)
             yield x
         return
     try:
@@ -314,11 +313,5 @@ def _batches(data, batch_size, steps):
     for batch in iterator:
         x = batch[0] if isinstance(batch, tuple) else batch
         if convert:
-            x = keras.tree.map_structure(_to_numpy_if_tf, x)
+            x = keras.tree.map_structure(numpy_if_tf, x)
         yield x
-
-
-def _to_numpy_if_tf(x):
-    if type(x).__module__.startswith("tensorflow"):
-        return np.asarray(x)
-    return x

@@ -1,13 +1,12 @@
 """BELAY: an EMA whose spring also pulls the model toward the average."""
 
-import math
-
 import keras
 import numpy as np
 
 from keras_ema import _backend
+from keras_ema._checks import check_fraction
+from keras_ema.decay import check_decay
 from keras_ema.multi_ema import MultiEMA
-from keras_ema.multi_ema import _validate_decay
 
 
 class Belay(MultiEMA):
@@ -76,19 +75,12 @@ class Belay(MultiEMA):
     ```
     """
 
-    def __init__(self, decay=0.998, coupling=0.1, **kwargs):
-        decay = _validate_decay(decay)
-        number = not isinstance(coupling, bool) and isinstance(
-            coupling, (int, float, np.integer, np.floating)
-        )
-        if not number or not 0.0 <= coupling < 1.0 or not math.isfinite(coupling):
-            raise ValueError(
-                "Invalid value for argument `coupling`: expected a float in "
-                f"[0, 1). Received: coupling={coupling!r}"
-            )
+    def __init__(self, decay: float = 0.998, coupling: float = 0.1, **kwargs):
+        decay = check_decay(decay)
+        coupling = check_fraction("coupling", coupling, low_open=False)
         super().__init__(decays=(decay,), **kwargs)
         self.decay = decay
-        self.coupling = float(coupling)
+        self.coupling = coupling
 
     def _make_update(self, shadows, variables):
         pulled = [v.trainable for v in variables]

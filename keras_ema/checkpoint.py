@@ -6,6 +6,7 @@ import warnings
 
 import keras
 
+from keras_ema import _keras_private
 from keras_ema._files import atomic_path
 
 
@@ -60,11 +61,11 @@ class EMACheckpoint(keras.callbacks.Callback):
     def __init__(
         self,
         ema,
-        filepath,
-        decay=None,
-        monitor="val_accuracy",
-        mode="auto",
-        verbose=0,
+        filepath: str | os.PathLike,
+        decay: float | None = None,
+        monitor: str = "val_accuracy",
+        mode: str = "auto",
+        verbose: int = 0,
     ):
         super().__init__()
         from keras_ema.multi_ema import MultiEMA
@@ -174,11 +175,10 @@ class EMACheckpoint(keras.callbacks.Callback):
         self._save()
         if self.verbose:
             previous = "" if self.best is None else f" from {self.best:.5f}"
-            print(
+            _keras_private.print_msg(
                 f"EMACheckpoint: epoch {epoch} (counted from 0): {self.key} "
                 f"improved{previous} to {value:.5f}; saved the EMA to "
-                f"{self.filepath}",
-                flush=True,
+                f"{self.filepath}"
             )
         self.best = value
         self.best_epoch = int(epoch)

@@ -7,8 +7,11 @@ import shutil
 import keras
 import numpy as np
 
+from keras_ema import _keras_private
+from keras_ema._files import atomic_path
+from keras_ema._files import temp_path
+from keras_ema.batch_norm import batch_norm_statistics
 from keras_ema.batch_norm import recompute_batch_norm_statistics
-from keras_ema.multi_ema import batch_norm_statistics
 
 
 def _check_finite(model, when=""):
@@ -26,7 +29,9 @@ def _check_finite(model, when=""):
             )
 
 
-def export_ema(ema, decay, directory, batch_norm_data=None, verbose=1):
+def export_ema(
+    ema, decay: float, directory: str, batch_norm_data=None, verbose: int = 1
+) -> keras.Model:
     """Writes the EMA model of `decay` as a SavedModel and a `.keras` file.
 
     The EMA weights go into an independent copy of the model
@@ -58,11 +63,13 @@ def export_ema(ema, decay, directory, batch_norm_data=None, verbose=1):
     export_model(model, directory, batch_norm_data=batch_norm_data,
                  verbose=verbose)
     if verbose:
-        print(f"(the EMA with decay {decay})")
+        _keras_private.print_msg(f"(the EMA with decay {decay})")
     return model
 
 
-def export_model(model, directory, batch_norm_data=None, verbose=1):
+def export_model(
+    model: keras.Model, directory: str, batch_norm_data=None, verbose: int = 1
+) -> keras.Model:
     """Writes `model` as a TensorFlow SavedModel and a `.keras` file.
 
     With `batch_norm_data`, the model's BatchNorm statistics are first
@@ -94,7 +101,8 @@ def export_model(model, directory, batch_norm_data=None, verbose=1):
         _check_finite(model, " after recomputing its BatchNorm statistics")
     os.makedirs(directory, exist_ok=True)
     saved_model = os.path.join(directory, "saved_model")
-    tmp_saved_model = os.path.join(directory, f".saved_model.tmp{os.getpid()}")
+    # A directory: written under its temporary name by hand.
+    tmp_saved_model = temp_path(saved_model)
     try:
         with _tensorflow_warnings_only():
             model.export(tmp_saved_model, format="tf_saved_model", verbose=False)
@@ -104,15 +112,12 @@ def export_model(model, directory, batch_norm_data=None, verbose=1):
     finally:
         shutil.rmtree(tmp_saved_model, ignore_errors=True)
     keras_file = os.path.join(directory, "model.keras")
-    tmp_keras = os.path.join(directory, f".model.tmp{os.getpid()}.keras")
-    try:
+    with atomic_path(keras_file) as tmp_keras:
         model.save(tmp_keras)
-        os.replace(tmp_keras, keras_file)
-    finally:
-        if os.path.exists(tmp_keras):
-            os.remove(tmp_keras)
     if verbose:
-        print(f"Exported {saved_model} (SavedModel) and {keras_file}", flush=True)
+        _keras_private.print_msg(
+            f"Exported {saved_model} (SavedModel) and {keras_file}"
+        )
     return model
 
 

@@ -3,10 +3,17 @@
 import keras
 import numpy as np
 
+from keras_ema._checks import as_float
+from keras_ema._checks import check_fraction
+from keras_ema._checks import check_int
+from keras_ema._checks import numpy_if_tf
+
 CLASSIFIER_NAME = "classifier"
 
 
-def feature_extractor(backbone, feature_layer=CLASSIFIER_NAME) -> keras.Model:
+def feature_extractor(
+    backbone: keras.Model, feature_layer: str = CLASSIFIER_NAME
+) -> keras.Model:
     """A model from `backbone`'s inputs to the input of its classifier.
 
     The classifier is the layer named `feature_layer`, by default
@@ -56,27 +63,6 @@ def feature_extractor(backbone, feature_layer=CLASSIFIER_NAME) -> keras.Model:
         ) from None
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-        value < 1
-    ):
-        raise ValueError(
-            f"Invalid value for argument `{name}`: expected an int >= 1. "
-            f"Received: {name}={value!r}"
-        )
-    return int(value)
-
-
-def _as_float(value):
-    """`float(value)`, or NaN (which fails every range check) if it is none."""
-    if isinstance(value, bool):
-        return float("nan")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
 def _labels(y):
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] > 1:  # one-hot
@@ -111,7 +97,7 @@ def _features(extractor, data, batch_size, name):
                     f"Invalid value for argument `{name}`: every batch must "
                     "be a tuple (x, y)."
                 )
-            x = keras.tree.map_structure(_numpy_if_tf, batch[0])
+            x = keras.tree.map_structure(numpy_if_tf, batch[0])
             features.append(keras.ops.convert_to_numpy(
                 extractor.predict_on_batch(x)
             ))
@@ -161,23 +147,17 @@ class _ShuffledEpochs(keras.utils.PyDataset):
         return self.x[rows], self.y[rows]
 
 
-def _numpy_if_tf(x):
-    if type(x).__module__.startswith("tensorflow"):
-        return np.asarray(x)
-    return x
-
-
 def linear_probe(
-    backbone,
+    backbone: keras.Model,
     train_data,
     test_data,
-    epochs=50,
-    batch_size=128,
-    learning_rate=0.01,
-    momentum=0.9,
-    seed=0,
-    verbose=0,
-    feature_layer=CLASSIFIER_NAME,
+    epochs: int = 50,
+    batch_size: int = 128,
+    learning_rate: float = 0.01,
+    momentum: float = 0.9,
+    seed: int = 0,
+    verbose: int = 0,
+    feature_layer: str = CLASSIFIER_NAME,
 ) -> float:
     """Test accuracy of a linear classifier trained on frozen features.
 
@@ -229,18 +209,14 @@ def linear_probe(
                                       (x_test_c100, y_test_c100))
     ```
     """
-    epochs = _check_positive_int("epochs", epochs)
-    batch_size = _check_positive_int("batch_size", batch_size)
-    if not _as_float(learning_rate) > 0:
+    epochs = check_int("epochs", epochs)
+    batch_size = check_int("batch_size", batch_size)
+    if not as_float(learning_rate) > 0:
         raise ValueError(
             "Invalid value for argument `learning_rate`: expected a float > 0. "
             f"Received: learning_rate={learning_rate!r}"
         )
-    if not 0.0 <= _as_float(momentum) < 1.0:
-        raise ValueError(
-            "Invalid value for argument `momentum`: expected a float in "
-            f"[0, 1). Received: momentum={momentum!r}"
-        )
+    check_fraction("momentum", momentum, low_open=False)
     extractor = feature_extractor(backbone, feature_layer)
     x_train, y_train = _features(extractor, train_data, batch_size, "train_data")
     x_test, y_test = _features(extractor, test_data, batch_size, "test_data")

@@ -1,23 +1,28 @@
 """MultiEMA: several exponential moving averages of a model's weights at once."""
 
 import contextlib
-import glob
 import itertools
-import json
 import math
 import os
-import sys
 import warnings
-import zipfile
+from collections.abc import Sequence
 
 import keras
 import numpy as np
 
 from keras_ema import _backend
+from keras_ema import _keras_private
+from keras_ema import _validation_data
+from keras_ema import state_file
+from keras_ema._checks import check_int
 from keras_ema._files import atomic_path
 from keras_ema._files import write_weights
-
-DEFAULT_DECAYS = (0.968, 0.984, 0.992, 0.996, 0.998)
+from keras_ema.batch_norm import batch_norm_statistics
+from keras_ema.batch_norm import recompute_batch_norm_statistics
+from keras_ema.decay import DEFAULT_DECAYS
+from keras_ema.decay import check_decays
+from keras_ema.decay import warmup_decay
+from keras_ema.decay import warmup_end_step
 
 # Keys under which `model.evaluate` reports accuracy, most specific last.
 _ACCURACY_KEYS = (
@@ -27,7 +32,6 @@ _ACCURACY_KEYS = (
     "categorical_accuracy",
     "binary_accuracy",
 )
-_STATE_PREFIX = "multi_ema_step"
 
 # Keras callbacks that read every key of the epoch's logs (History, CSVLogger,
 # TensorBoard, RemoteMonitor) or one named by `monitor` (the others).
@@ -72,93 +76,6 @@ class BestRecords(dict):
         )
 
 
-def _calling_callbacks(callback):
-    """The callbacks of the `keras.callbacks.CallbackList` running `callback`.
-
-    `fit` wraps its callbacks in a `CallbackList` that calls each hook of
-    each callback in list order (Keras 3.15.1, `callback_list.py`); the list
-    is found as the `self` of a calling frame. `None` when the caller is not
-    a CallbackList (hooks driven by hand, another training loop).
-    """
-    frame = sys._getframe(1)
-    try:
-        for _ in range(8):
-            if frame is None:
-                return None
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, keras.callbacks.CallbackList) and any(
-                c is callback for c in owner.callbacks
-            ):
-                return list(owner.callbacks)
-            frame = frame.f_back
-        return None
-    finally:
-        del frame
-
-
-def warmup_decay(decay: float, step: int) -> float:
-    """The decay used by the update made right after optimizer step `step`.
-
-    `min(decay, (step + 1) / (step + 10))`, with `step` the 0-based index of
-    the optimizer step, counting every step since training began. For
-    `decay=0.998` the warm-up value reaches the decay at step 4490.
-    """
-    return min(decay, (step + 1.0) / (step + 10.0))
-
-
-def warmup_end_step(decay: float) -> int:
-    """First 0-based optimizer step at which `warmup_decay` equals `decay`.
-
-    `(t + 1) / (t + 10) >= decay` holds from `t = 9 * decay / (1 - decay) - 1`:
-    0.968 -> 272, 0.984 -> 553, 0.992 -> 1115, 0.996 -> 2240, 0.998 -> 4490.
-    """
-    # The tolerance absorbs the rounding of 9 * 0.998 / 0.002 = 4491.000000004.
-    return max(0, math.ceil(9.0 * decay / (1.0 - decay) - 1e-6) - 1)
-
-
-def _validate_decays(decays):
-    if isinstance(decays, (int, float)):
-        decays = (decays,)
-    try:
-        decays = tuple(float(d) for d in decays)
-    except (TypeError, ValueError):
-        raise ValueError(
-            "Invalid value for argument `decays`: expected a sequence of "
-            f"floats in (0, 1). Received: decays={decays!r}"
-        ) from None
-    if not decays:
-        raise ValueError(
-            "Invalid value for argument `decays`: at least one decay is "
-            "needed, e.g. decays=(0.99,). Received: decays=()"
-        )
-    for d in decays:
-        if not 0.0 < d < 1.0 or not math.isfinite(d):
-            raise ValueError(
-                "Invalid value for argument `decays`: every decay must lie "
-                f"strictly between 0 and 1. Received: decays={decays} "
-                f"(bad value: {d})"
-            )
-    if len(set(decays)) != len(decays):
-        raise ValueError(
-            "Invalid value for argument `decays`: decays must be distinct. "
-            f"Received: decays={decays}"
-        )
-    return decays
-
-
-def _validate_decay(decay):
-    """The check of a single-EMA callback's `decay` argument."""
-    ok = not isinstance(decay, bool) and isinstance(
-        decay, (int, float, np.integer, np.floating)
-    )
-    if not ok or not 0.0 < decay < 1.0 or not math.isfinite(decay):
-        raise ValueError(
-            "Invalid value for argument `decay`: expected a float strictly "
-            f"between 0 and 1. Received: decay={decay!r}"
-        )
-    return float(decay)
-
-
 def _to_int(value):
     return int(keras.ops.convert_to_numpy(value))
 
@@ -168,19 +85,6 @@ def _accumulation_steps(optimizer):
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer = optimizer.inner_optimizer
     return int(getattr(optimizer, "gradient_accumulation_steps", None) or 1)
-
-
-def _is_batch_norm(layer):
-    return isinstance(layer, keras.layers.BatchNormalization)
-
-
-def batch_norm_statistics(model):
-    """The moving mean and variance variables of every BatchNorm in `model`."""
-    stats = []
-    for layer in model._flatten_layers(include_self=False):
-        if _is_batch_norm(layer) and layer.built:
-            stats += [layer.moving_mean, layer.moving_variance]
-    return stats
 
 
 class MultiEMA(keras.callbacks.Callback):
@@ -281,7 +185,9 @@ class MultiEMA(keras.callbacks.Callback):
         raise_on_nonfinite: bool. Raise `FloatingPointError` instead of
             skipping an update on non-finite weights. Defaults to `False`.
         jit_compile: bool. Compile the update with XLA. Defaults to `True`.
-        verbose: int. 1 prints the decay schedule at the start of training.
+        verbose: int. 1 prints the decay schedule at the start of training
+            (through Keras' `print_msg`, so to `absl.logging` after
+            `keras.config.disable_interactive_logging()`); 0 is silent.
             Defaults to `1`.
         snapshot_dir: str or `None`. Where post-hoc EMA snapshots are
             written (`keras_ema.posthoc`). Defaults to `None`.
@@ -324,35 +230,27 @@ class MultiEMA(keras.callbacks.Callback):
 
     def __init__(
         self,
-        decays=DEFAULT_DECAYS,
-        period=16,
-        warmup=True,
-        average_batch_norm=True,
+        decays: Sequence[float] | float = DEFAULT_DECAYS,
+        period: int = 16,
+        warmup: bool = True,
+        average_batch_norm: bool = True,
         validation_data=None,
-        validation_batch_size=None,
+        validation_batch_size: int | None = None,
         recompute_batch_norm_data=None,
-        best_weights_dir=None,
-        backup_dir=None,
-        raise_on_nonfinite=False,
-        jit_compile=True,
-        verbose=1,
-        snapshot_dir=None,
-        snapshot_every=None,
-        snapshot_dtype="float32",
-        shadow_device=None,
+        best_weights_dir: str | None = None,
+        backup_dir: str | None = None,
+        raise_on_nonfinite: bool = False,
+        jit_compile: bool = True,
+        verbose: int = 1,
+        snapshot_dir: str | None = None,
+        snapshot_every: int | None = None,
+        snapshot_dtype: str = "float32",
+        shadow_device: str | None = None,
     ):
         super().__init__()
-        self.decays = _validate_decays(decays)
+        self.decays = check_decays(decays)
         self.shadow_device = _backend.validate_shadow_device(shadow_device)
-        if snapshot_every is not None and (
-            isinstance(snapshot_every, bool)
-            or not isinstance(snapshot_every, (int, np.integer))
-            or snapshot_every < 1
-        ):
-            raise ValueError(
-                "Invalid value for argument `snapshot_every`: expected None or "
-                f"an int >= 1. Received: snapshot_every={snapshot_every!r}"
-            )
+        check_int("snapshot_every", snapshot_every, allow_none=True)
         if (snapshot_every is None) != (snapshot_dir is None):
             raise ValueError(
                 "MultiEMA needs both `snapshot_dir` and `snapshot_every` to "
@@ -374,17 +272,7 @@ class MultiEMA(keras.callbacks.Callback):
         self._log_steps = []
         self._log_decays = []
         self._log_pending = []
-        if isinstance(period, bool) or not isinstance(period, (int, np.integer)):
-            raise ValueError(
-                "Invalid value for argument `period`: expected an int >= 1. "
-                f"Received: period={period!r}"
-            )
-        if period < 1:
-            raise ValueError(
-                "Invalid value for argument `period`: expected an int >= 1. "
-                f"Received: period={period}"
-            )
-        self.period = int(period)
+        self.period = check_int("period", period)
         self.warmup = bool(warmup)
         self.average_batch_norm = bool(average_batch_norm)
         self.validation_data = validation_data
@@ -432,7 +320,7 @@ class MultiEMA(keras.callbacks.Callback):
             return np.asarray(self.decays, np.float64)
         return np.asarray([warmup_decay(d, step) for d in self.decays])
 
-    def schedule_summary(self, total_steps=None) -> str:
+    def schedule_summary(self, total_steps: int | None = None) -> str:
         """A table: per-step decay and warm-up end of every EMA."""
         n = len(self.decays)
         lines = [
@@ -487,7 +375,7 @@ class MultiEMA(keras.callbacks.Callback):
         """
         if self.validation_data is None:
             return
-        callbacks = _calling_callbacks(self)
+        callbacks = _keras_private.calling_callbacks(self)
         if not callbacks:
             return
         before = itertools.takewhile(lambda c: c is not self, callbacks)
@@ -754,34 +642,19 @@ class MultiEMA(keras.callbacks.Callback):
             self._log_steps, self._log_decays = [], []
         self._log_pending = []
 
-    def _state_files(self):
-        pattern = os.path.join(self.backup_dir, f"{_STATE_PREFIX}*.npz")
-        return sorted(glob.glob(pattern))
-
     def backup_steps(self) -> list:
         """Optimizer steps whose state files in `backup_dir` read back whole.
 
         A resume can continue these EMAs only at one of these steps; a
         damaged file is left out.
         """
-        return backup_steps(self.backup_dir) if self.backup_dir else []
+        return state_file.backup_steps(self.backup_dir) if self.backup_dir else []
 
     def _save_backup(self):
-        state = self.get_state()
-        shadows = state.pop("shadows")
-        os.makedirs(self.backup_dir, exist_ok=True)
-        path = _state_path(self.backup_dir, self._step)
-        with atomic_path(path) as tmp:
-            np.savez(
-                tmp,
-                meta=np.asarray(json.dumps(state)),
-                **{f"s{i}": s for i, s in enumerate(shadows)},
-            )
         # Keep the two newest: a kill between this file and the model's own
         # backup leaves the model one epoch behind, and that state is kept;
         # a damaged newest file leaves the older one to resume from.
-        for old in self._state_files()[:-2]:
-            os.remove(old)
+        state_file.write_state_file(self.backup_dir, self.get_state(), keep=2)
 
     def _restore_backup(self, step):
         """Restores the state saved at optimizer step `step`, if any.
@@ -791,23 +664,24 @@ class MultiEMA(keras.callbacks.Callback):
         `step` is damaged, or when other steps are saved but not `step`: the
         EMAs never restart silently from the current weights.
         """
-        files = self._state_files()
-        path = _state_path(self.backup_dir, step)
+        files = state_file.state_files(self.backup_dir)
+        path = state_file.state_path(self.backup_dir, step)
         if not os.path.exists(path):
             if files and step > 0:
-                steps = ", ".join(str(s) for s in _file_steps(files))
+                steps = ", ".join(str(s) for s in state_file.file_steps(files))
+                prefix = os.path.join(self.backup_dir, state_file.STATE_PREFIX)
                 raise ValueError(
                     f"MultiEMA: no saved state at optimizer step {step} in "
                     f"{self.backup_dir} (it holds steps {steps}), so the EMAs "
                     "cannot continue. Resume the model from one of those "
-                    f"steps, or remove {os.path.join(self.backup_dir, _STATE_PREFIX)}"
+                    f"steps, or remove {prefix}"
                     "*.npz to restart the EMAs from the current weights."
                 )
             return False
-        self.set_state(read_state_file(path))
+        self.set_state(state_file.read_state_file(path))
         return True
 
-    def restore_backup(self, model) -> bool:
+    def restore_backup(self, model: keras.Model) -> bool:
         """Builds the EMAs of `model` and loads them from `backup_dir`, outside fit.
 
         Training restores the backup by itself; this serves a program that
@@ -844,7 +718,7 @@ class MultiEMA(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self.verbose:
-            print(self.schedule_summary(), flush=True)
+            _keras_private.print_msg(self.schedule_summary())
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
         accumulation = _accumulation_steps(self.model.optimizer)
         if epochs and steps:
@@ -853,7 +727,7 @@ class MultiEMA(keras.callbacks.Callback):
         self._warn_changed_variables()
         self._warn_callback_order()
         if self.validation_data is not None:
-            _check_validation_data(
+            _validation_data.check_validation_data(
                 self.model, self.validation_data, self.validation_batch_size
             )
 
@@ -884,7 +758,7 @@ class MultiEMA(keras.callbacks.Callback):
         self._accumulation = _accumulation_steps(optimizer)
         self._epoch_start_batch = step * self._accumulation
         if self._count_batches and self._accumulation > 1:
-            self._epoch_start_batch = _to_int(optimizer._iterations)
+            self._epoch_start_batch = _to_int(_keras_private.raw_iterations(optimizer))
 
     def on_train_batch_end(self, batch, logs=None):
         # Keras passes the index of the last batch of the execution, which for
@@ -1048,7 +922,7 @@ class MultiEMA(keras.callbacks.Callback):
             ) from None
 
     @contextlib.contextmanager
-    def swapped_in(self, decay):
+    def swapped_in(self, decay: float):
         """Context manager: the EMA of `decay` in the model, live weights after.
 
         Every variable of the model is copied aside, the EMA values are
@@ -1088,7 +962,7 @@ class MultiEMA(keras.callbacks.Callback):
                     value = _backend.place_like(value, v)
                 v.assign(value)
 
-    def ema_weights(self, decay) -> list:
+    def ema_weights(self, decay: float) -> list:
         """`model.get_weights()` with the EMA of `decay` in place of the live values."""
         i = self._index(decay)
         averaged = {id(v): s for v, s in zip(self._variables, self._shadows)}
@@ -1101,7 +975,7 @@ class MultiEMA(keras.callbacks.Callback):
                 out.append(keras.ops.convert_to_numpy(value[i]).astype(v.dtype))
         return out
 
-    def save_weights(self, decay, path: str):
+    def save_weights(self, decay: float, path: str):
         """Writes the model weights with the EMA of `decay` to `path` (.weights.h5).
 
         The file is written under a temporary name and renamed, so a crash
@@ -1117,7 +991,7 @@ class MultiEMA(keras.callbacks.Callback):
         with atomic_path(path) as tmp, self.swapped_in(decay) as model:
             write_weights(model, tmp)
 
-    def ema_model(self, decay) -> keras.Model:
+    def ema_model(self, decay: float) -> keras.Model:
         """An independent copy of the model holding the EMA of `decay`.
 
         The copy is compiled like the original when that is possible; the
@@ -1134,172 +1008,17 @@ class MultiEMA(keras.callbacks.Callback):
                 pass
         return clone
 
-    def evaluate(self, data, batch_size=None) -> dict:
+    def evaluate(self, data, batch_size: int | None = None) -> dict:
         """`model.evaluate` of every EMA: `{decay: {metric: value}}`."""
         batch_size = batch_size or self.validation_batch_size
         results = {}
         for decay in self.decays:
             with self.swapped_in(decay) as model:
                 if self.recompute_batch_norm_data is not None:
-                    from keras_ema.batch_norm import recompute_batch_norm_statistics
-
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         recompute_batch_norm_statistics(
                             model, self.recompute_batch_norm_data
                         )
-                results[decay] = _evaluate(model, data, batch_size)
+                results[decay] = _validation_data.evaluate(model, data, batch_size)
         return results
-
-
-def _first_batch(data, batch_size):
-    """`(x, y)` of the first batch of `data`, or `None` if it cannot be read
-    without consuming it (a generator or an iterator)."""
-    if isinstance(data, (tuple, list)):
-        n = batch_size or 32
-        x, y = data[0], data[1]
-        return (
-            keras.tree.map_structure(lambda a: a[:n], x),
-            None if y is None else keras.tree.map_structure(lambda a: a[:n], y),
-        )
-    if isinstance(data, keras.utils.PyDataset):
-        batch = data[0]
-    elif type(data).__module__.startswith("tensorflow") and hasattr(data, "take"):
-        batch = next(iter(data.take(1)), None)
-        if batch is None:
-            raise ValueError(
-                "Invalid `validation_data` for MultiEMA: the dataset is empty."
-            )
-    else:
-        return None
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise ValueError(
-            "Invalid `validation_data` for MultiEMA: its batches must be "
-            "`(x, y)` or `(x, y, sample_weight)` to evaluate the EMAs. "
-            f"Received a batch of type {type(batch).__name__}."
-        )
-    return batch[0], batch[1]
-
-
-def _check_labels(model, y, where):
-    """Class-index labels must lie in `[0, number of outputs)`."""
-    outputs = getattr(model, "outputs", None)
-    if y is None or not outputs or len(outputs) != 1:
-        return
-    out_shape = tuple(outputs[0].shape)
-    if not hasattr(y, "shape"):
-        return
-    y = np.asarray(keras.ops.convert_to_numpy(y))
-    classes = out_shape[-1] if out_shape else None
-    if not classes or classes < 2 or y.size == 0:
-        return
-    sparse = y.ndim == len(out_shape) - 1 or (
-        y.ndim == len(out_shape) and y.shape[-1] == 1
-    )
-    if not sparse or not np.issubdtype(y.dtype, np.number):
-        return
-    low, high = y.min(), y.max()
-    if low < 0 or high >= classes or not np.all(np.equal(np.mod(y, 1), 0)):
-        raise ValueError(
-            f"Invalid `validation_data` for MultiEMA: {where} labels range "
-            f"over [{low}, {high}], but the model has {classes} outputs, so "
-            f"class labels must be integers in [0, {classes - 1}]. Check the "
-            "labels or the model's number of classes."
-        )
-
-
-def _check_validation_data(model, data, batch_size):
-    """Fails fast on validation data the EMAs could not be evaluated on.
-
-    Checks the labels of `(x, y)` arrays in full and of a dataset's first
-    batch, then evaluates one batch, so that a mismatch is reported before
-    training instead of after the first epoch.
-    """
-    if isinstance(data, (tuple, list)) and len(data) >= 2:
-        _check_labels(model, data[1], "the")
-    elif isinstance(data, (tuple, list)):
-        raise ValueError(
-            "Invalid `validation_data` for MultiEMA: expected `(x, y)` or "
-            f"`(x, y, sample_weight)`. Received a {type(data).__name__} of "
-            f"length {len(data)}."
-        )
-    batch = _first_batch(data, batch_size)
-    if batch is None:
-        return
-    x, y = batch
-    if not isinstance(data, (tuple, list)):
-        _check_labels(model, y, "the first batch's")
-    try:
-        model.evaluate(x, y, batch_size=batch_size or 32, verbose=0)
-    except Exception as e:  # report it in one line, before training
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        detail = lines[0][:300] if lines else type(e).__name__
-        raise ValueError(
-            "Invalid `validation_data` for MultiEMA: the model cannot be "
-            f"evaluated on its first batch ({type(e).__name__}: {detail}). "
-            "Check the shapes of x and y against the model."
-        ) from None
-
-
-def _state_path(directory, step):
-    return os.path.join(directory, f"{_STATE_PREFIX}{int(step):012d}.npz")
-
-
-def _file_steps(files):
-    steps = []
-    for f in files:
-        digits = os.path.basename(f)[len(_STATE_PREFIX):-len(".npz")]
-        if digits.isdigit():
-            steps.append(int(digits))
-    return sorted(steps)
-
-
-def _one_line(error):
-    return " ".join(f"{type(error).__name__}: {error}".split())
-
-
-def read_state_file(path) -> dict:
-    """The MultiEMA state saved in `path` (a `multi_ema_step<step>.npz`).
-
-    Raises:
-        ValueError: one line naming the file if it does not read back whole.
-    """
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            state = json.loads(str(data["meta"]))
-            n = len([k for k in data.files if k.startswith("s")])
-            state["shadows"] = [np.asarray(data[f"s{i}"]) for i in range(n)]
-        if not isinstance(state, dict) or not all(
-            k in state for k in ("decays", "step", "attempted", "best")
-        ):
-            raise ValueError("its metadata lacks the MultiEMA fields")
-    except (OSError, ValueError, KeyError, EOFError, TypeError,
-            zipfile.BadZipFile) as error:
-        raise ValueError(
-            f"MultiEMA state file {path} is damaged ({_one_line(error)})."
-        ) from None
-    return state
-
-
-def backup_steps(directory) -> list:
-    """Optimizer steps whose MultiEMA state files in `directory` read back whole."""
-    files = sorted(glob.glob(os.path.join(directory, f"{_STATE_PREFIX}*.npz")))
-    steps = []
-    for step in _file_steps(files):
-        try:
-            read_state_file(_state_path(directory, step))
-        except ValueError:
-            continue
-        steps.append(step)
-    return steps
-
-
-def _evaluate(model, data, batch_size):
-    if isinstance(data, (tuple, list)):
-        x, y = data[0], data[1]
-        sample_weight = data[2] if len(data) > 2 else None
-        return model.evaluate(
-            x, y, sample_weight=sample_weight, batch_size=batch_size,
-            verbose=0, return_dict=True,
-        )
-    return model.evaluate(data, verbose=0, return_dict=True)

@@ -36,7 +36,11 @@ import re
 
 import numpy as np
 
+from keras_ema._checks import as_float
+from keras_ema._checks import check_int
+from keras_ema._checks import is_int
 from keras_ema._files import atomic_path
+from keras_ema.decay import check_decay
 
 SNAPSHOT_PREFIX = "snapshot_"
 _SNAPSHOT_RE = re.compile(r"^snapshot_(\d{12})\.npz$")
@@ -56,7 +60,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     Returns:
         The relative standard deviation of the profile, a float.
     """
-    g = float(gamma)
+    g = as_float(gamma)
     if not g > -1 or not math.isfinite(g):
         raise ValueError(
             f"Invalid value for argument `gamma`: expected a finite float > -1. "
@@ -81,7 +85,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     Returns:
         gamma, a float > -0.382 (the larger root).
     """
-    s = float(sigma_rel) if not isinstance(sigma_rel, bool) else float("nan")
+    s = as_float(sigma_rel)
     if not (0.0 < s < _SIGMA_REL_MAX) or not math.isfinite(s):
         raise ValueError(
             "Invalid value for argument `sigma_rel`: expected a float in "
@@ -103,12 +107,8 @@ _SIGMA_REL_MAX = math.sqrt(
 # === Profiles ===
 
 
-def _is_int(x):
-    return not isinstance(x, bool) and isinstance(x, (int, np.integer))
-
-
 def _check_step(step):
-    if not _is_int(step) or step < 1:
+    if not is_int(step) or step < 1:
         raise ValueError(
             f"Invalid target step: expected an int >= 1. Received: step={step!r}"
         )
@@ -136,15 +136,8 @@ class EMAProfile:
     """
 
     def __init__(self, decay: float, period: int = 1, warmup: bool = True):
-        from keras_ema.multi_ema import _validate_decay
-
-        self.decay = _validate_decay(decay)
-        if not _is_int(period) or period < 1:
-            raise ValueError(
-                "Invalid value for argument `period`: expected an int >= 1. "
-                f"Received: period={period!r}"
-            )
-        self.period = int(period)
+        self.decay = check_decay(decay)
+        self.period = check_int("period", period)
         self.warmup = bool(warmup)
 
     def weights(self, step: int) -> np.ndarray:
@@ -220,13 +213,9 @@ class UniformProfile:
     ```
     """
 
-    def __init__(self, start_step: int, end_step=None):
-        if not _is_int(start_step) or start_step < 0:
-            raise ValueError(
-                "Invalid value for argument `start_step`: expected an int >= 0. "
-                f"Received: start_step={start_step!r}"
-            )
-        if end_step is not None and (not _is_int(end_step) or end_step < start_step):
+    def __init__(self, start_step: int, end_step: int | None = None):
+        check_int("start_step", start_step, minimum=0)
+        if end_step is not None and (not is_int(end_step) or end_step < start_step):
             raise ValueError(
                 "Invalid value for argument `end_step`: expected None or an "
                 f"int >= start_step={start_step}. Received: end_step={end_step!r}"
@@ -306,7 +295,9 @@ def snapshot_path(snapshot_dir: str, step: int) -> str:
     return os.path.join(snapshot_dir, f"{SNAPSHOT_PREFIX}{int(step):012d}.npz")
 
 
-def write_snapshot(snapshot_dir, step, shadows, meta, dtype="float32"):
+def write_snapshot(
+    snapshot_dir: str, step: int, shadows: list, meta: dict, dtype: str = "float32"
+) -> str:
     """Writes one snapshot atomically (temporary file with the pid, renamed).
 
     `shadows[j]` is the `(num_emas,) + shape` array of variable `j`; `meta`
@@ -379,7 +370,7 @@ class Report:
         )
 
 
-def solve(snapshot_dir: str, target, step=None):
+def solve(snapshot_dir: str, target, step: int | None = None) -> tuple:
     """Least-squares coefficients of the snapshots for `target` at `step`.
 
     Returns `(report, plan)` where `plan` is `[(path, coefficients per EMA)]`
@@ -441,7 +432,7 @@ def solve(snapshot_dir: str, target, step=None):
     return report, sorted(plan.items())
 
 
-def synthesize(snapshot_dir: str, target, step=None):
+def synthesize(snapshot_dir: str, target, step: int | None = None) -> tuple:
     """The weights of `target` at `step`, combined from the stored snapshots.
 
     Solves the least-squares match of the target's profile by the profiles
@@ -487,7 +478,9 @@ def synthesize(snapshot_dir: str, target, step=None):
     return out, report
 
 
-def synthesize_into(model, snapshot_dir: str, target, step=None) -> Report:
+def synthesize_into(
+    model, snapshot_dir: str, target, step: int | None = None
+) -> Report:
     """Assigns the synthesized average of `target` into `model`.
 
     The averaged variables (those the snapshots hold, matched by path: the

@@ -1,14 +1,9 @@
 """SwitchEMA: an EMA copied back into the model at chosen epoch ends."""
 
-import numpy as np
-
+from keras_ema._checks import check_int
+from keras_ema.batch_norm import batch_norm_statistics
+from keras_ema.decay import check_decay
 from keras_ema.multi_ema import MultiEMA
-from keras_ema.multi_ema import _validate_decay
-from keras_ema.multi_ema import batch_norm_statistics
-
-
-def _is_int(value):
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
 
 
 class SwitchEMA(MultiEMA):
@@ -71,27 +66,19 @@ class SwitchEMA(MultiEMA):
 
     def __init__(
         self,
-        decay=0.998,
-        every_epochs=1,
-        start_epoch=0,
-        switch_batch_norm=True,
+        decay: float = 0.998,
+        every_epochs: int = 1,
+        start_epoch: int = 0,
+        switch_batch_norm: bool = True,
         **kwargs,
     ):
-        decay = _validate_decay(decay)
-        if not _is_int(every_epochs) or every_epochs < 1:
-            raise ValueError(
-                "Invalid value for argument `every_epochs`: expected an int "
-                f">= 1. Received: every_epochs={every_epochs!r}"
-            )
-        if not _is_int(start_epoch) or start_epoch < 0:
-            raise ValueError(
-                "Invalid value for argument `start_epoch`: expected an int "
-                f">= 0. Received: start_epoch={start_epoch!r}"
-            )
+        decay = check_decay(decay)
+        every_epochs = check_int("every_epochs", every_epochs)
+        start_epoch = check_int("start_epoch", start_epoch, minimum=0)
         super().__init__(decays=(decay,), **kwargs)
         self.decay = decay
-        self.every_epochs = int(every_epochs)
-        self.start_epoch = int(start_epoch)
+        self.every_epochs = every_epochs
+        self.start_epoch = start_epoch
         self.switch_batch_norm = bool(switch_batch_norm)
         self.switch_epochs = []
 

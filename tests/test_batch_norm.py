@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from keras_ema.batch_norm import batch_norm_layers
+from keras_ema.batch_norm import batch_norm_statistics
 from keras_ema.batch_norm import recompute_batch_norm_statistics
 
 pytestmark = pytest.mark.all_backends
@@ -183,6 +184,27 @@ def other_weights(model):
 def test_batch_norm_layers_finds_every_layer():
     model = bn_model()
     assert [layer.name for layer in batch_norm_layers(model)] == list(BN_NAMES)
+
+
+def test_batch_norm_statistics_of_nested_and_unbuilt_layers():
+    # A BatchNorm inside a nested model is found; an unbuilt one (never
+    # called) holds no statistics yet and is left out.
+    inner = keras.Sequential(
+        [keras.layers.Dense(3), keras.layers.BatchNormalization(name="inner_bn")],
+        name="inner",
+    )
+    unused = keras.layers.BatchNormalization(name="unused_bn")
+    inputs = keras.Input((4,))
+    outputs = keras.layers.BatchNormalization(name="outer_bn")(inner(inputs))
+    model = keras.Model(inputs, outputs)
+    model.unused = unused
+    inner_bn, outer_bn = inner.get_layer("inner_bn"), model.get_layer("outer_bn")
+    expected = [inner_bn.moving_mean, inner_bn.moving_variance,
+                outer_bn.moving_mean, outer_bn.moving_variance]
+    got = batch_norm_statistics(model)
+    assert sorted(v.path for v in got) == sorted(v.path for v in expected)
+    assert all(any(v is e for e in expected) for v in got)
+    assert "unused_bn" in [layer.name for layer in batch_norm_layers(model)]
 
 
 def test_matches_numpy_average_of_per_batch_statistics():

@@ -119,3 +119,21 @@ def test_jensen_shannon_refuses_non_probabilities(a, match):
         jensen_shannon(a, np.array([[0.5, 0.5]]))
     with pytest.raises(ValueError, match=match):
         jensen_shannon(np.array([[0.5, 0.5]]), a)
+
+
+def test_jensen_shannon_takes_rounding_below_zero_as_zero():
+    # A softmax output rounded a hair below 0 (within the 1e-6 that
+    # expected_calibration_error also accepts) counts as 0, as a probability:
+    # the result is the one of the rows with that entry set to 0, by hand:
+    # p = (1, 0), q = (0.5, 0.5), m = (0.75, 0.25),
+    # KL(p || m) = ln(4 / 3), KL(q || m) = 0.5 ln(2 / 3) + 0.5 ln 2.
+    p = np.array([[1.0, -1e-9]])
+    q = np.array([[0.5, 0.5]])
+    expected = 0.5 * math.log(4 / 3) + 0.5 * (
+        0.5 * math.log(2 / 3) + 0.5 * math.log(2.0))
+    assert jensen_shannon(p, q) == pytest.approx(expected, rel=1e-9)
+    assert jensen_shannon(q, p) == pytest.approx(expected, rel=1e-9)
+    # Beyond rounding, a negative entry is refused in the same words as by
+    # expected_calibration_error.
+    with pytest.raises(ValueError, match=r"non-negative probabilities in \[0, 1\]"):
+        jensen_shannon(np.array([[1.001, -0.001]]), q)

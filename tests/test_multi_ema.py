@@ -649,3 +649,56 @@ def test_multi_ema_first_gives_no_order_warning_and_full_logs(tmp_path):
     # Without validation_data there are no EMA keys to miss.
     quiet = MultiEMA(DECAYS, period=1, verbose=0)
     assert _order_warnings([keras.callbacks.CSVLogger(csv), quiet], quiet) == []
+
+
+def test_schedule_summary_follows_verbose_and_keras_logging(capsys, caplog):
+    import logging
+
+    model = tiny_model(1)
+    x, y = data()
+    summary = "MultiEMA: 1 EMA (decay 0.5), one update every optimizer step"
+
+    def fit(verbose):
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0,
+                  callbacks=[MultiEMA((0.5,), period=1, verbose=verbose)])
+        return capsys.readouterr().out
+
+    assert summary in fit(1)
+    assert "MultiEMA" not in fit(0)
+    # With Keras' interactive logging off, the summary goes to absl.logging
+    # (as Keras' own messages do), not to stdout.
+    caplog.set_level(logging.INFO, logger="absl")
+    keras.config.disable_interactive_logging()
+    try:
+        out = fit(1)
+    finally:
+        keras.config.enable_interactive_logging()
+    assert "MultiEMA" not in out
+    assert any(summary in r.getMessage() for r in caplog.records)
+
+
+def test_state_file_round_trip_keeps_the_two_newest(tmp_path):
+    import os
+
+    from keras_ema import state_file
+
+    shadows = [np.arange(6, dtype=np.float32).reshape(1, 2, 3),
+               np.float32([[0.25]])]
+    state = {"decays": [0.5], "attempted": 3, "best": {"0.5": {}},
+             "shadows": shadows}
+    for step in (3, 7, 12):
+        state_file.write_state_file(str(tmp_path), dict(state, step=step))
+    assert sorted(os.listdir(tmp_path)) == [
+        "multi_ema_step000000000007.npz", "multi_ema_step000000000012.npz"]
+    newest = tmp_path / "multi_ema_step000000000012.npz"
+    back = state_file.read_state_file(str(newest))
+    assert back["step"] == 12 and back["decays"] == [0.5]
+    assert back["best"] == {"0.5": {}} and back["attempted"] == 3
+    assert len(back["shadows"]) == 2
+    for got, sent in zip(back["shadows"], shadows):
+        np.testing.assert_array_equal(got, sent)
+    assert state_file.backup_steps(str(tmp_path)) == [7, 12]
+    newest.write_bytes(b"not a zip file")
+    assert state_file.backup_steps(str(tmp_path)) == [7]
+    with pytest.raises(ValueError, match=r"step000000000012.npz is damaged"):
+        state_file.read_state_file(str(newest))

@@ -124,11 +124,11 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                 problems.append(f"{weights} ({_describe(error)})")
                 continue
             if self.ema_state and optimizer is not None:
-                from keras_ema import multi_ema
+                from keras_ema import state_file
 
                 step = int(keras.ops.convert_to_numpy(optimizer.iterations))
                 if ema_steps is None:
-                    ema_steps = multi_ema.backup_steps(self.backup_dir)
+                    ema_steps = state_file.backup_steps(self.backup_dir)
                 if step not in ema_steps:
                     problems.append(_ema_problem(self.backup_dir, step))
                     continue
@@ -197,13 +197,13 @@ def _describe(error):
 
 def _ema_problem(backup_dir, step):
     """Why the MultiEMA state of `step` cannot be restored, in a few words."""
-    from keras_ema import multi_ema
+    from keras_ema import state_file
 
-    path = os.path.join(backup_dir, f"multi_ema_step{step:012d}.npz")
+    path = state_file.state_path(backup_dir, step)
     if not os.path.exists(path):
         return f"{path} (missing)"
     try:
-        multi_ema.read_state_file(path)
+        state_file.read_state_file(path)
     except ValueError as error:
         return str(error).rstrip(".")
     return f"{path} (unreadable)"

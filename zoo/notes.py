@@ -56,7 +56,7 @@ def run_facts(ev, run, decay: "float | None") -> dict:
 
 def _no_gain_reasons(facts):
     """Why an EMA may not beat the last SGD iterate in this run."""
-    from keras_ema.multi_ema import warmup_end_step
+    from keras_ema.decay import warmup_end_step
 
     reasons = []
     decay, steps = facts["decay"], facts["steps"]

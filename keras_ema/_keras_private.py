@@ -1,0 +1,78 @@
+"""Every use of a private Keras API, one function each.
+
+Keras does not promise these names: each function says which Keras version
+it was read from, and `pyproject.toml` bounds Keras to the versions the
+suite has run against. When Keras moves one of them, only this file
+changes.
+"""
+
+import sys
+
+import keras
+
+
+def flatten_layers(model) -> list:
+    """Every layer nested in `model` (not `model` itself), depth first.
+
+    `Layer._flatten_layers(include_self=False)` (Keras 3.15.1,
+    `keras/src/layers/layer.py`) walks sublayers of any model kind
+    (functional, Sequential, subclassed) where `model.layers` lists the
+    top level only.
+    """
+    return list(model._flatten_layers(include_self=False))
+
+
+def raw_iterations(optimizer):
+    """The optimizer's batch counter, gradient-accumulation steps included.
+
+    With `gradient_accumulation_steps=n` the public `iterations` is this
+    counter `// n` (Keras 3.15.1, `keras/src/optimizers/base_optimizer.py`:
+    `_iterations` counts every batch).
+    """
+    return optimizer._iterations
+
+
+def distribute_strategy(model):
+    """The `tf.distribute.Strategy` the model was built under, or `None`.
+
+    Keras 3.15.1 (`keras/src/backend/tensorflow/trainer.py`) stores it as
+    `model._distribute_strategy`.
+    """
+    return getattr(model, "_distribute_strategy", None)
+
+
+def calling_callbacks(callback):
+    """The callbacks of the `keras.callbacks.CallbackList` running `callback`.
+
+    `fit` wraps its callbacks in a `CallbackList` that calls each hook of
+    each callback in list order (Keras 3.15.1, `callback_list.py`), and does
+    not tell a callback its neighbours; the list is found as the `self` of a
+    calling frame (`sys._getframe`, CPython). `None` when the caller is not
+    a CallbackList (hooks driven by hand, another training loop).
+    """
+    frame = sys._getframe(1)
+    try:
+        for _ in range(8):
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, keras.callbacks.CallbackList) and any(
+                c is callback for c in owner.callbacks
+            ):
+                return list(owner.callbacks)
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def print_msg(message: str):
+    """Prints `message` as Keras prints its own (progress bars, summaries).
+
+    To stdout, or to `absl.logging` after
+    `keras.config.disable_interactive_logging()`. Keras 3.15.1 exports no
+    public name for it: `keras/src/utils/io_utils.py`, `print_msg`.
+    """
+    from keras.src.utils import io_utils
+
+    io_utils.print_msg(message)

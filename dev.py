@@ -7,8 +7,8 @@
     python3 dev.py evaluate ARGS    # evaluate.py ARGS inside .venv/
 
 Only `python3` is needed: the first run creates `.venv/` and installs the
-package with its test extra there; later runs reuse it until pyproject.toml
-changes.
+package with every extra (TensorFlow, JAX, the kit's datasets and tools,
+pytest) there; later runs reuse it until pyproject.toml changes.
 """
 
 import hashlib
@@ -39,7 +39,8 @@ def ensure_environment():
     print("Installing keras-ema and its dependencies into .venv/ (3 GB: 2-4 "
           "minutes from a package cache, several more to download)", flush=True)
     pip = [PYTHON, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    if _run(pip + ["-e", ".[test]"]) != 0:
+    # Editable: keras_ema from this checkout; zoo/ is imported from it too.
+    if _run(pip + ["-e", ".[tensorflow,jax,data,zoo,test]"]) != 0:
         sys.exit("pip install failed: see the messages above.")
     with open(STAMP, "w") as f:
         f.write(wanted)

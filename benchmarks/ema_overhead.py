@@ -19,6 +19,7 @@ adds no more than Keras' single EMA; the update takes at most 2x streaming.
 
 import argparse
 import os
+import sys
 import time
 import warnings
 
@@ -26,6 +27,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+
+# zoo/ is the repository's kit, not installed: import it from this checkout.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras_ema  # noqa: E402
 import zoo  # noqa: E402

@@ -67,6 +67,8 @@ if any(flag in sys.argv[1:] for flag in COMPARE_FLAGS):
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+# zoo/ is the repository's kit, not installed: import it from this checkout.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import zoo  # noqa: E402
 
 PROG = "throughput.py"

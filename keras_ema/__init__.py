@@ -19,5 +19,8 @@ from keras_ema.multi_ema import MultiEMA
 from keras_ema.multi_ema import UntrackedDecayError
 from keras_ema import posthoc
 from keras_ema.switch_ema import SwitchEMA
+from keras_ema.tensorboard import EMATensorBoard
 
+# The one version string: pyproject.toml reads it (setuptools' dynamic
+# `attr`), so an installed wheel and a checkout on PYTHONPATH agree.
 __version__ = "0.1.0"

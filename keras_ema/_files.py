@@ -10,6 +10,7 @@ import contextlib
 import errno
 import io
 import os
+import shutil
 
 
 def temp_path(path: str) -> str:
@@ -51,18 +52,69 @@ def disk_full_error(error, path):
 def atomic_path(path: str):
     """Yields `temp_path(path)` to write; renames it onto `path` on success.
 
-    The temporary file is removed on every exit; a full disk is raised as an
+    The caller writes a file or a directory under the temporary name. A
+    directory replaces an existing `path` directory (the old one is moved
+    aside under `temp_path(path) + ".old"` and removed after the rename, so
+    `path` is missing only between two renames). The temporary file or
+    directory is removed on every exit; a full disk is raised as an
     `OSError(ENOSPC)` naming `path` (see `disk_full_error`).
     """
     tmp = temp_path(path)
     try:
         yield tmp
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except Exception as error:
         raise disk_full_error(error, path) from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove(tmp)
+
+
+def _replace(tmp: str, path: str):
+    """`os.replace(tmp, path)`, also when both are directories."""
+    if not (os.path.isdir(tmp) and os.path.isdir(path)
+            and not os.path.islink(path)):
+        os.replace(tmp, path)
+        return
+    old = tmp + ".old"
+    _remove(old)
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    _remove(old)
+
+
+def _remove(path: str):
+    """Removes the file, link or directory tree `path` if there is one."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _h5_weights_bytes(model):
+    """The bytes `model.save_weights` writes to a `.weights.h5` file, or `None`.
+
+    The one use of Keras' private `saving_lib` (read from Keras 3.15.1:
+    `H5IOStore(io.BytesIO(), mode="w")` and `_save_state(...)`, as
+    `saving_lib.save_weights_only` does for a file); `None` when this Keras
+    lays them out otherwise.
+    """
+    try:
+        from keras.src.saving import saving_lib
+
+        store = saving_lib.H5IOStore(io.BytesIO(), mode="w")
+    except (ImportError, AttributeError, TypeError):  # another Keras layout
+        return None
+    buffer = store.path_or_io
+    try:
+        saving_lib._save_state(model, weights_store=store, assets_store=None,
+                               inner_path="", visited_saveables=set())
+    finally:
+        store.close()
+    return buffer.getbuffer()
 
 
 def write_weights(model, path: str):
@@ -71,23 +123,14 @@ def write_weights(model, path: str):
     On a full disk, h5py writing straight to the file raises from its
     destructors and then crashes the process (a segmentation fault); built in
     memory, the weights reach the disk through one plain write that fails
-    with an ordinary `OSError`. Uses Keras' private `saving_lib` (read from
-    Keras 3.15.1) and falls back to `model.save_weights` without it.
+    with an ordinary `OSError`. Falls back to `model.save_weights` where
+    Keras' internals differ (see `_h5_weights_bytes`).
     """
-    try:
-        from keras.src.saving import saving_lib
-
-        store = saving_lib.H5IOStore(io.BytesIO(), mode="w")
-    except (ImportError, AttributeError, TypeError):  # another Keras layout
+    data = _h5_weights_bytes(model)
+    if data is None:
         model.save_weights(path, overwrite=True)
         return
-    buffer = store.path_or_io
-    try:
-        saving_lib._save_state(model, weights_store=store, assets_store=None,
-                               inner_path="", visited_saveables=set())
-    finally:
-        store.close()
     with open(path, "wb") as f:
-        f.write(buffer.getbuffer())
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -108,7 +108,7 @@ def curves_figure(history: list, title: "str | None" = None):
         limits = zoom_limits(curves, start, upper=100.0 if scale == 100.0 else None)
         if limits is not None:
             axis.set_ylim(*limits)
-        if epochs:
+        if len(epochs) > 1:  # one epoch: matplotlib's default, a point in the middle
             axis.set_xlim(epochs[0], epochs[-1])
         axis.set_xlabel(EPOCH_LABEL)
         axis.set_ylabel(name)

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import io
 import os
+import shutil
 
 
 def temp_path(path: str) -> str:
@@ -51,8 +52,9 @@ def disk_full_error(error, path):
 def atomic_path(path: str):
     """Yields `temp_path(path)` to write; renames it onto `path` on success.
 
-    The temporary file is removed on every exit; a full disk is raised as an
-    `OSError(ENOSPC)` naming `path` (see `disk_full_error`).
+    The temporary file, or folder (a writer may make a directory there), is
+    removed on every exit; a full disk is raised as an `OSError(ENOSPC)`
+    naming `path` (see `disk_full_error`).
     """
     tmp = temp_path(path)
     try:
@@ -61,7 +63,9 @@ def atomic_path(path: str):
     except Exception as error:
         raise disk_full_error(error, path) from None
     finally:
-        if os.path.exists(tmp):
+        if os.path.isdir(tmp) and not os.path.islink(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
             os.remove(tmp)
 
 

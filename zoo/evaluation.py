@@ -53,10 +53,10 @@ import os
 
 import numpy as np
 
-from zoo import run_dir
+from zoo.run import run_dir
 from zoo.datasets import ArrayLoader
 from zoo.datasets import load_dataset
-from zoo.experiment import Config
+from zoo.run.config import Config
 
 EVALS = ("generalization", "calibration", "churn", "transfer", "label_noise",
          "posthoc")
@@ -348,7 +348,7 @@ class Evaluator:
         """The keras model `which` of `run`, weights loaded (cached)."""
         import keras
 
-        import zoo
+        import zoo.models
         from keras_ema.batch_norm import batch_norm_layers
         from keras_ema.batch_norm import recompute_batch_norm_statistics
 
@@ -361,7 +361,7 @@ class Evaluator:
         if c.mixed_precision:
             keras.mixed_precision.set_global_policy(c.mixed_precision)
         try:
-            model = zoo.get_model(c.model, num_classes=data.num_classes,
+            model = zoo.models.get_model(c.model, num_classes=data.num_classes,
                                   input_shape=data.image_shape, width=c.width,
                                   weight_decay=c.weight_decay)
         finally:

@@ -136,7 +136,7 @@ def plot_sweep(rows, tracked, path, title=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from zoo import run_dir
+    from zoo.run import run_dir
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"ema": ("tab:blue", "o", "classic EMA"),

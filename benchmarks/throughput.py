@@ -253,7 +253,7 @@ def run_table(args):
 
 
 def torch_resnet18(torch, width, num_classes):
-    """The PyTorch CIFAR ResNet-18 that `zoo.ResNet` reproduces.
+    """The PyTorch CIFAR ResNet-18 that `zoo.resnet.ResNet` reproduces.
 
     kuangliu/pytorch-cifar's: a 3x3 stride-1 conv-BN-ReLU stem (no max-pool),
     four stacks of two post-activation basic blocks (64, 128, 256, 512

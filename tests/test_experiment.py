@@ -379,3 +379,23 @@ def test_lock_on_a_directory_that_cannot_be_written(tmp_path):
     with pytest.raises(RunDirError, match=r"^--output_dir=\S+gone cannot be written "
                                           r"\(No such file or directory\); make it"):
         run_dir.lock_run_dir(str(tmp_path / "gone"))
+
+
+@pytest.mark.all_backends
+def test_config_checks_types_and_resolves_to_plain_numbers():
+    with pytest.raises(experiment.ConfigError,
+                       match=r"^--epochs=2\.5: must be an integer, not float$"):
+        experiment.Config(output_dir="run", epochs=2.5).resolved()
+    with pytest.raises(experiment.ConfigError,
+                       match=r"^--epochs=True: must be an integer, not bool$"):
+        experiment.Config(output_dir="run", epochs=True).resolved()
+    with pytest.raises(experiment.ConfigError,
+                       match=r"^--lr='0\.1': must be a number, not str$"):
+        experiment.Config(output_dir="run", lr="0.1").resolved()
+    config = experiment.Config(output_dir="run", seed=np.int64(3), lr=1,
+                               width=np.float32(0.5)).resolved()
+    assert (type(config.seed), type(config.lr), type(config.width)) == (int, float, float)
+    assert "--seed=3\n" in config.to_flags()
+    assert "--lr=1.0\n" in config.to_flags()
+    assert "--width=0.5\n" in config.to_flags()
+

@@ -344,7 +344,7 @@ def test_every_model_trains_at_odd_batch_sizes_without_a_native_crash():
     # the process (SIGSEGV or a malloc error) at odd batch sizes; a
     # subprocess keeps such a crash from taking pytest down with it.
     code = (
-        "import numpy as np, keras, zoo\n"
+        "import numpy as np, keras, zoo.models\n"
         "rng = np.random.default_rng(0)\n"
         "for name in zoo.models.MODELS:\n"
         "    model = zoo.models.get_model(name, 3, width=0.125)\n"
@@ -474,7 +474,7 @@ def test_zoo_imports_and_builds_without_tensorflow():
         "        if name.split('.')[0] == 'tensorflow':\n"
         "            raise ImportError('tensorflow is blocked')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import zoo\n"
+        "import zoo.models\n"
         "m = zoo.models.get_model('resnet18', width=0.0625)\n"
         "assert 'tensorflow' not in sys.modules\n"
         "print(m.output_shape)\n"

@@ -147,6 +147,11 @@ class Config:
         if not config.export_decay and config.ema_decays:
             config.export_decay = max(config.ema_decays)
         config.validate()
+        # Plain Python numbers (not NumPy's), as the flag file writes them.
+        for field in dataclasses.fields(config):
+            if type(field.default) in (int, float):
+                value = type(field.default)(getattr(config, field.name))
+                setattr(config, field.name, value)
         return config
 
     def validate(self):
@@ -155,10 +160,20 @@ class Config:
         def fail(flag, value, what):
             raise ConfigError(f"--{flag}={value}: {what}")
 
+        from keras_ema._checks import is_int
+        from keras_ema._checks import is_real
+
         if not self.output_dir:
             fail("output_dir", "", "required; give the run directory to write")
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            kind = type(field.default)
+            if kind is int and not is_int(value):
+                fail(field.name, repr(value),
+                     f"must be an integer, not {type(value).__name__}")
+            if kind is float and not is_real(value):
+                fail(field.name, repr(value),
+                     f"must be a number, not {type(value).__name__}")
             if isinstance(value, float) and not math.isfinite(value):
                 fail(field.name, value, "must be a finite number")
             if isinstance(value, tuple):
@@ -259,8 +274,6 @@ def _check_field(field, value) -> str:
         named = ", ".join(c for c in choices if c)
         empty = " or leave it empty" if "" in choices else ""
         return f"unknown {field.name}; use one of {named}{empty}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return ""
     low = meta.get("minimum", meta.get("above"))
     high = meta.get("maximum", meta.get("below"))
     too_low = low is not None and (value < low if "minimum" in meta else value <= low)

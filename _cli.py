@@ -12,6 +12,7 @@ import os
 import sys
 
 from absl import app
+from absl import flags
 
 # Whether the user chose TensorFlow's C++ log level; if not, errors and below
 # are hidden (`3`), and so is what TensorFlow prints while its libraries load.
@@ -50,10 +51,19 @@ def quiet_start_up():
 
 
 def parse_flags(argv):
-    """absl's flag parsing, but `-h` is `--help`, and help exits with 0, not 1."""
+    """absl's flag parsing, but `-h` is `--help`, and help exits with 0, not 1.
+
+    A bad flag (a value of the wrong type, out of its bounds, not among its
+    choices) exits with status 1 and one line, `SCRIPT: error: --flag=value:
+    why`, as the scripts' own checks do.
+    """
     argv = [argv[0]] + ["--help" if a == "-h" else a for a in argv[1:]]
     try:
-        return app.parse_flags_with_usage(argv)
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        message = " ".join(str(error).split())
+        message = message[len("flag "):] if message.startswith("flag ") else message
+        sys.exit(f"{os.path.basename(argv[0])}: error: {message}; see --help")
     except SystemExit as exit_:
         # absl exits with 1 after printing the help.
         if exit_.code == 1 and any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):

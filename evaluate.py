@@ -50,8 +50,8 @@ def main(argv):
     with _cli.quiet_start_up():
         from zoo import evaluation
     from zoo.data import DatasetError
-    from zoo import run_dir
-    from zoo.run_dir import RunDirError
+    from zoo.run import run_dir
+    from zoo.run.run_dir import RunDirError
 
     paths = argv[1:]
     try:
@@ -62,7 +62,7 @@ def main(argv):
         runs = evaluation.load_runs(paths)
         output_dir = FLAGS.output_dir or os.path.join(
             os.path.dirname(os.path.abspath(paths[0])), "results")
-        from zoo.run_dir import check_output_dir
+        from zoo.run.run_dir import check_output_dir
 
         check_output_dir(output_dir)
         print(f"Evaluating {len(runs)} run(s): {', '.join(paths)}", flush=True)

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras_ema  # noqa: E402
-import zoo  # noqa: E402
+import zoo.models  # noqa: E402
 
 
 class StepTimer(keras.callbacks.Callback):
@@ -55,7 +55,7 @@ class StepTimer(keras.callbacks.Callback):
 
 def build(args, use_ema=False):
     keras.utils.set_random_seed(0)
-    model = zoo.get_model(args.model, 10, (args.image_size, args.image_size, 3),
+    model = zoo.models.get_model(args.model, 10, (args.image_size, args.image_size, 3),
                           width=args.width)
     model.compile(
         optimizer=keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True,

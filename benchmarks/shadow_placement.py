@@ -119,11 +119,11 @@ def bench_sharded(args):
 
 
 def bench_host(args):
-    import zoo
+    import zoo.models
 
     def build():
         keras.utils.set_random_seed(0)
-        model = zoo.get_model("resnet18", 10, (args.image_size, args.image_size, 3),
+        model = zoo.models.get_model("resnet18", 10, (args.image_size, args.image_size, 3),
                               width=args.width)
         model.compile(
             optimizer=keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True),

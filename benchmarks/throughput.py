@@ -69,13 +69,13 @@ import numpy as np  # noqa: E402
 
 # zoo/ is the repository's kit, not installed: import it from this checkout.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import zoo  # noqa: E402
+import zoo.models  # noqa: E402
 
 PROG = "throughput.py"
 NUM_CLASSES = 100
 IMAGE_SHAPE = (32, 32, 3)
 LEARNING_RATE = 0.01  # small enough that random labels do not blow up to NaN
-# The paper's weight decay per family, as zoo.experiment.DEFAULT_WEIGHT_DECAY.
+# The paper's weight decay per family, as zoo.run.config.DEFAULT_WEIGHT_DECAY.
 WEIGHT_DECAY = {"resnet": 1e-4, "wrn": 5e-4, "vgg": 5e-4}
 GOAL_RATIO = 0.9
 
@@ -135,7 +135,7 @@ def mixed_policy(choice, device_kind):
 
 
 def jit_compile(device_kind):
-    """`train.py`'s rule (zoo.experiment): XLA slows TF convolutions on CPU."""
+    """`train.py`'s rule (zoo.run.experiment): XLA slows TF convolutions on CPU."""
     if keras.backend.backend() == "tensorflow" and device_kind == "cpu":
         return False
     return "auto"
@@ -205,7 +205,7 @@ def time_keras(name, policy, args, device_kind, metrics=True):
     keras.mixed_precision.set_global_policy(policy)
     try:
         keras.utils.set_random_seed(0)
-        model = zoo.get_model(name, NUM_CLASSES, IMAGE_SHAPE, width=args.width,
+        model = zoo.models.get_model(name, NUM_CLASSES, IMAGE_SHAPE, width=args.width,
                               weight_decay=args.weight_decay
                               if args.weight_decay is not None
                               else weight_decay_for(name))
@@ -255,7 +255,7 @@ def run_table(args):
 
 
 def torch_resnet18(torch, width, num_classes):
-    """The PyTorch CIFAR ResNet-18 that `zoo.ResNet` reproduces.
+    """The PyTorch CIFAR ResNet-18 that `zoo.resnet.ResNet` reproduces.
 
     kuangliu/pytorch-cifar's: a 3x3 stride-1 conv-BN-ReLU stem (no max-pool),
     four stacks of two post-activation basic blocks (64, 128, 256, 512
@@ -434,7 +434,7 @@ def parse_args(argv=None):
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="See the module docstring for what is timed and how.")
-    parser.add_argument("--models", default=",".join(zoo.MODELS),
+    parser.add_argument("--models", default=",".join(zoo.models.MODELS),
                         help="comma-separated zoo model names (default: all)")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--width", type=float, default=1.0,
@@ -458,11 +458,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
 
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in args.models if m not in zoo.MODELS]
+    unknown = [m for m in args.models if m not in zoo.models.MODELS]
     if unknown or not args.models:
         sys.exit(f"{PROG}: error: unknown model name(s) "
                  f"{', '.join(map(repr, unknown)) or '(none given)'}; known: "
-                 f"{', '.join(zoo.MODELS)}")
+                 f"{', '.join(zoo.models.MODELS)}")
     for flag, value, least in (("--batch_size", args.batch_size, 1),
                                ("--steps", args.steps, 1),
                                ("--warmup_steps", args.warmup_steps, 1)):

@@ -26,7 +26,7 @@ def _fresh_keras_state():
 
 def tiny_config(output_dir, **overrides):
     """train.py's protocol on the digits data with a tiny ResNet, 3 epochs."""
-    from zoo import experiment
+    from zoo.run import experiment
 
     settings = dict(
         output_dir=str(output_dir),
@@ -82,7 +82,7 @@ def read_summary(run):
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory):
     """The finished `tiny_config` run: (directory, summary). Read it only."""
-    from zoo import experiment
+    from zoo.run import experiment
 
     run = tmp_path_factory.mktemp("runs") / "clean"
     keras.backend.clear_session()
@@ -96,7 +96,7 @@ def stopped_run(tmp_path_factory):
 
     Read it only: resume a copy.
     """
-    from zoo import experiment
+    from zoo.run import experiment
 
     run = tmp_path_factory.mktemp("runs") / "stopped"
     keras.backend.clear_session()
@@ -111,7 +111,7 @@ def noisy_run(tmp_path_factory):
 
     The export holds the largest decay's lowest-loss weights. Read it only.
     """
-    from zoo import experiment
+    from zoo.run import experiment
 
     run = tmp_path_factory.mktemp("runs") / "noisy"
     keras.backend.clear_session()

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from zoo import evaluation
-from zoo import experiment
+from zoo.run import experiment
 from zoo.data import DatasetError
-from zoo.run_dir import RunDirError
+from zoo.run.run_dir import RunDirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

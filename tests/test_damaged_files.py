@@ -22,9 +22,9 @@ from conftest import read_summary
 from conftest import tiny_config
 
 from zoo import evaluation
-from zoo import experiment
-from zoo import run_dir
-from zoo.run_dir import RunDirError
+from zoo.run import experiment
+from zoo.run import run_dir
+from zoo.run.run_dir import RunDirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = "epoch,lr,loss,val_loss\n"
@@ -38,6 +38,36 @@ def write(path, text, mode="w"):
     with open(path, mode) as f:
         f.write(text)
     return str(path)
+
+
+@pytest.mark.all_backends
+def test_atomic_path_removes_a_temporary_folder_and_names_a_full_disk(tmp_path):
+    from keras_ema import _files
+
+    target = tmp_path / "export"
+    # A writer that made a folder at the temporary name, then failed.
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with _files.atomic_path(str(target)) as tmp:
+            os.makedirs(os.path.join(tmp, "inner"))
+            raise RuntimeError("writer failed")
+    assert os.listdir(tmp_path) == []
+    # A full disk: the library raises OSError(ENOSPC) naming the file, the
+    # kit DiskFullError naming it; no temporary file is left.
+    path = str(tmp_path / "summary.json")
+    with pytest.raises(OSError) as info:
+        with _files.atomic_path(path) as tmp:
+            write(tmp, "{")
+            raise OSError(errno.ENOSPC, "No space left on device", tmp)
+    assert (info.value.errno, info.value.filename) == (errno.ENOSPC, path)
+    with pytest.raises(run_dir.DiskFullError,
+                       match=r"^No space left on device while writing .*summary\.json;"):
+        with run_dir.atomic_path(path) as tmp:
+            write(tmp, "{")
+            raise OSError(errno.ENOSPC, "No space left on device", tmp)
+    assert os.listdir(tmp_path) == []
+    with run_dir.atomic_path(path) as tmp:
+        write(tmp, "{}")
+    assert os.listdir(tmp_path) == ["summary.json"]
 
 
 @pytest.mark.all_backends
@@ -109,6 +139,8 @@ def test_read_json_names_the_file(tmp_path):
 
 @pytest.mark.all_backends
 def test_temporary_names_carry_the_pid(tmp_path):
+    from keras_ema import _files
+
     pid = os.getpid()
     for name, expected in [
         ("ema_0.5_best_accuracy.weights.h5", f".ema_0.5_best_accuracy.tmp{pid}.weights.h5"),
@@ -117,7 +149,7 @@ def test_temporary_names_carry_the_pid(tmp_path):
         ("history.csv", f".history.tmp{pid}.csv"),
     ]:
         path = str(tmp_path / name)
-        assert run_dir.temp_path(path) == str(tmp_path / expected)
+        assert _files.temp_path(path) == str(tmp_path / expected)
         match = run_dir.TEMP_NAME.match(expected)
         assert match and int(match.group("pid")) == pid
 
@@ -281,7 +313,7 @@ def test_each_history_damage_is_restored_from_the_backup_copy(runs, tmp_path, wh
     # The step of a resume that reads the history, for each kind of damage
     # (read_history's tests above name each); the resume after it is the
     # same for all, run end to end below.
-    from zoo.backup import AtomicBackupAndRestore
+    from zoo.run.backup import AtomicBackupAndRestore
 
     clean, stopped = runs
     run = copy_of(stopped, tmp_path)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-import zoo
+import zoo.models
 from zoo import evaluation
-from zoo import experiment
+from zoo.run import experiment
 from zoo import notes
 from zoo import report
 from zoo.data import load_dataset
@@ -41,7 +41,7 @@ def _test_logits(run, weights):
     """Test logits of a run's weights, normalized here from the raw images."""
     data = load_dataset("digits", val_fraction=0.2, seed=json.load(
         open(os.path.join(run, "summary.json")))["seed"])
-    model = zoo.get_model("resnet18", num_classes=10, input_shape=(32, 32, 3),
+    model = zoo.models.get_model("resnet18", num_classes=10, input_shape=(32, 32, 3),
                           width=0.0625)
     model.load_weights(os.path.join(run, weights))
     x = (data.x_test / 255.0 - data.mean) / data.std

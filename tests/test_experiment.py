@@ -14,10 +14,10 @@ from conftest import read_history
 from conftest import read_summary
 from conftest import tiny_config
 
-from zoo import experiment
-from zoo import run_dir
+from zoo.run import experiment
+from zoo.run import run_dir
 from zoo.data import DatasetError
-from zoo.run_dir import RunDirError
+from zoo.run.run_dir import RunDirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -172,9 +172,9 @@ def test_noisy_run_writes_the_mask_and_exports(noisy_run):
     out = served.serve(images).numpy()
     np.testing.assert_allclose(out, keras.ops.convert_to_numpy(reloaded(images)),
                                atol=1e-5)
-    import zoo
+    import zoo.models
 
-    ema = zoo.get_model("resnet18", num_classes=10, input_shape=(32, 32, 3),
+    ema = zoo.models.get_model("resnet18", num_classes=10, input_shape=(32, 32, 3),
                         width=0.0625)
     ema.load_weights(str(run / "ema_0.8_best_loss.weights.h5"))
     inner = reloaded.get_layer(ema.name)
@@ -295,10 +295,10 @@ def test_lock_and_leftovers_of_a_failed_start_do_not_block_a_new_run(tmp_path):
         experiment.train(tiny_config(run, dataset="mnist"), verbose=0)
     assert os.listdir(run) == [".lock"]
     (run / ".flags.tmp99999999.cfg").write_text("--half")
-    assert experiment._check_run_dir(tiny_config(run).resolved()) == "new"
+    assert run_dir.run_state(tiny_config(run).resolved()) == "new"
     (run / "notes.txt").write_text("mine")
     with pytest.raises(RunDirError, match="holds no flags.cfg"):
-        experiment._check_run_dir(tiny_config(run).resolved())
+        run_dir.run_state(tiny_config(run).resolved())
 
 
 def test_stale_temporary_files_are_removed(tmp_path):
@@ -379,3 +379,23 @@ def test_lock_on_a_directory_that_cannot_be_written(tmp_path):
     with pytest.raises(RunDirError, match=r"^--output_dir=\S+gone cannot be written "
                                           r"\(No such file or directory\); make it"):
         run_dir.lock_run_dir(str(tmp_path / "gone"))
+
+
+@pytest.mark.all_backends
+def test_config_checks_types_and_resolves_to_plain_numbers():
+    with pytest.raises(experiment.ConfigError,
+                       match=r"^--epochs=2\.5: must be an integer, not float$"):
+        experiment.Config(output_dir="run", epochs=2.5).resolved()
+    with pytest.raises(experiment.ConfigError,
+                       match=r"^--epochs=True: must be an integer, not bool$"):
+        experiment.Config(output_dir="run", epochs=True).resolved()
+    with pytest.raises(experiment.ConfigError,
+                       match=r"^--lr='0\.1': must be a number, not str$"):
+        experiment.Config(output_dir="run", lr="0.1").resolved()
+    config = experiment.Config(output_dir="run", seed=np.int64(3), lr=1,
+                               width=np.float32(0.5)).resolved()
+    assert (type(config.seed), type(config.lr), type(config.width)) == (int, float, float)
+    assert "--seed=3\n" in config.to_flags()
+    assert "--lr=1.0\n" in config.to_flags()
+    assert "--width=0.5\n" in config.to_flags()
+

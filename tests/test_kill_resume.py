@@ -124,7 +124,7 @@ def _assert_same_run(killed, clean):
 
 @pytest.mark.slow
 def test_second_process_on_a_run_directory_is_refused(tmp_path):
-    from zoo import run_dir
+    from zoo.run import run_dir
 
     run = tmp_path / "run"
     run.mkdir()

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-import zoo
+import zoo.models
 from keras_ema.linear_probe import feature_extractor
 from keras_ema.linear_probe import linear_probe
 
@@ -96,7 +96,7 @@ def test_probe_is_repeatable_and_accepts_batches_and_one_hot_labels():
 
 
 def test_zoo_resnet_backbone():
-    model = zoo.get_model("resnet18", num_classes=10, input_shape=(8, 8, 3),
+    model = zoo.models.get_model("resnet18", num_classes=10, input_shape=(8, 8, 3),
                           width=0.0625)
     before = weights(model)
     rng = np.random.default_rng(6)

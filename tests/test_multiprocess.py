@@ -345,30 +345,32 @@ def test_jax_unreachable_coordinator_fails_in_one_line(tmp_path):
 
 
 def test_process_roles_from_tf_config(monkeypatch):
-    from zoo import experiment
+    from zoo.run import experiment
+    from zoo.run import processes
 
     cluster = {"worker": ["h0:1", "h1:1"]}
     for task, index in (({"type": "worker", "index": 0}, 0),
                         ({"type": "worker", "index": 1}, 1)):
         monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
-        process = experiment._tf_config_process(30.0)
+        process = processes._tf_config_process(30.0)
         assert (process.index, process.count, process.peers) == (index, 2, "h0:1,h1:1")
     # A separate chief task is process 0, the workers come after it.
     monkeypatch.setenv("TF_CONFIG", json.dumps(
         {"cluster": {"chief": ["c:1"], "worker": ["w:1"]},
          "task": {"type": "worker", "index": 0}}))
-    assert experiment._tf_config_process(30.0).index == 1
+    assert processes._tf_config_process(30.0).index == 1
     monkeypatch.delenv("TF_CONFIG")
-    assert experiment._tf_config_process(30.0).count == 1
+    assert processes._tf_config_process(30.0).count == 1
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster,
                                                 "task": {"type": "worker", "index": 5}}))
     with pytest.raises(experiment.ConfigError, match="TF_CONFIG=.*not a cluster"):
-        experiment._tf_config_process(30.0)
+        processes._tf_config_process(30.0)
 
 
 @pytest.mark.all_backends
 def test_bad_process_settings_fail_in_one_line(monkeypatch, tmp_path):
-    from zoo import experiment
+    from zoo.run import experiment
+    from zoo.run import processes
 
     config = experiment.Config(output_dir=str(tmp_path / "run"), epochs=2,
                                warmup_epochs=0, distribution="none")
@@ -379,7 +381,7 @@ def test_bad_process_settings_fail_in_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("KERAS_DISTRIBUTION_JOB_ADDRESSES", "h0:1")
     with pytest.raises(experiment.ConfigError,
                        match="KERAS_DISTRIBUTION_PROCESS_ID=2: give"):
-        experiment._jax_process(30.0)
+        processes._jax_process(30.0)
     assert not os.path.exists(config.output_dir)
 
 
@@ -409,21 +411,21 @@ def test_array_loader_shards_split_every_batch():
 def test_synchronized_bn_switch():
     import keras
 
-    import zoo
+    import zoo.models
 
     if keras.backend.backend() != "tensorflow":
         with pytest.raises(ValueError, match="synchronized_bn=True"):
-            zoo.get_model("resnet18", 10, (32, 32, 3), width=0.0625,
+            zoo.models.get_model("resnet18", 10, (32, 32, 3), width=0.0625,
                           synchronized_bn=True)
         return
     for name in ("resnet18", "wrn28_10", "vgg16"):
         extra = {"batch_norm": True} if name == "vgg16" else {}
-        model = zoo.get_model(name, 10, (32, 32, 3), width=0.0625,
+        model = zoo.models.get_model(name, 10, (32, 32, 3), width=0.0625,
                               synchronized_bn=True, **extra)
         layers = [layer for layer in model._flatten_layers()
                   if isinstance(layer, keras.layers.BatchNormalization)]
         assert layers and all(layer.synchronized for layer in layers), name
-        plain = zoo.get_model(name, 10, (32, 32, 3), width=0.0625, **extra)
+        plain = zoo.models.get_model(name, 10, (32, 32, 3), width=0.0625, **extra)
         assert not any(getattr(layer, "synchronized", False)
                        for layer in plain._flatten_layers())
 
@@ -434,11 +436,11 @@ def test_synchronized_bn_variance_in_two_passes():
     import keras
     import tensorflow as tf
 
-    import zoo
+    import zoo.models
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
     with strategy.scope():
-        model = zoo.get_model("resnet18", 10, (8, 8, 3), width=0.0625,
+        model = zoo.models.get_model("resnet18", 10, (8, 8, 3), width=0.0625,
                               synchronized_bn=True)
     bn = model.get_layer("stem_bn")
     assert bn.synchronized

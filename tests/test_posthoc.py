@@ -252,8 +252,8 @@ def test_snapshot_arguments_are_checked():
 
 
 def test_snapshot_every_flag_is_checked():
-    from zoo.experiment import Config
-    from zoo.experiment import ConfigError
+    from zoo.run.config import Config
+    from zoo.run.config import ConfigError
 
     with pytest.raises(ConfigError, match="--snapshot_every=-1"):
         Config(output_dir="x", snapshot_every=-1).resolved()

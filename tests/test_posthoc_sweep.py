@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from zoo import evaluation
-from zoo import experiment
+from zoo.run import experiment
 
 
 def tiny_config(output_dir, **overrides):

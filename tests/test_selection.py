@@ -16,9 +16,9 @@ import pytest
 from conftest import Interrupt
 from conftest import tiny_config
 
-import zoo
+import zoo.models
 from zoo import evaluation
-from zoo import experiment
+from zoo.run import experiment
 from zoo import report
 from zoo.data.loader import ArrayLoader
 from zoo.data import load_dataset
@@ -70,7 +70,7 @@ def evaluate_files(folder, run, names, val_fraction, split):
     One model is built and compiled; each file is loaded into it in turn.
     """
     data = dataset(folder, val_fraction)
-    model = zoo.get_model("resnet18", num_classes=2, input_shape=data.image_shape,
+    model = zoo.models.get_model("resnet18", num_classes=2, input_shape=data.image_shape,
                           width=0.0625, weight_decay=1e-4)
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])

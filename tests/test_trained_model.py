@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from zoo import run_dir
+from zoo.run import run_dir
 from zoo.trained_model import build_model
 from zoo.trained_model import trained_model
 

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-import zoo
+import zoo.models
 from zoo import layers
 from zoo import resnet
 from zoo import vgg
@@ -103,11 +103,11 @@ def _trainable_and_buffers(model):
     ],
 )
 def test_parameter_count_matches_architecture_formula(name, overrides, expected):
-    model = zoo.get_model(name, num_classes=10, **overrides)
+    model = zoo.models.get_model(name, num_classes=10, **overrides)
     params, bn_channels = expected
     assert _trainable_and_buffers(model) == (params, 2 * bn_channels)
     if not overrides:
-        assert zoo.MODELS[name][1]["params"] == params
+        assert zoo.models.MODELS[name][1]["params"] == params
 
 
 def test_parameter_counts_of_the_reference_pytorch_models():
@@ -121,8 +121,8 @@ def test_parameter_counts_of_the_reference_pytorch_models():
 
 
 def test_parameter_count_follows_num_classes_and_not_input_size():
-    small = zoo.get_model("resnet18", 200, (32, 32, 3), width=NARROW)
-    large = zoo.get_model("resnet18", 200, (64, 64, 3), width=NARROW)
+    small = zoo.models.get_model("resnet18", 200, (32, 32, 3), width=NARROW)
+    large = zoo.models.get_model("resnet18", 200, (64, 64, 3), width=NARROW)
     filters = [8, 16, 32, 64]
     expected = _resnet_count([2, 2, 2, 2], filters, num_classes=200)[0]
     assert _trainable_and_buffers(small)[0] == expected
@@ -132,10 +132,10 @@ def test_parameter_count_follows_num_classes_and_not_input_size():
 # --- Shapes, names, stems -----------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(zoo.MODELS))
+@pytest.mark.parametrize("name", list(zoo.models.MODELS))
 @pytest.mark.parametrize("size", [32, 64])
 def test_output_shape_and_head_names(name, size):
-    model = zoo.get_model(name, 7, (size, size, 3), width=NARROW)
+    model = zoo.models.get_model(name, 7, (size, size, 3), width=NARROW)
     logits = model.predict(np.zeros((2, size, size, 3), "float32"), verbose=0)
     assert logits.shape == (2, 7)
     assert model.layers[-1].name == "classifier"
@@ -146,20 +146,20 @@ def test_output_shape_and_head_names(name, size):
 
 
 def test_resnet_stem_is_chosen_from_input_size():
-    assert zoo.get_model("resnet18", width=NARROW).resolved_stem == "cifar"
-    tiny = zoo.get_model("resnet18", 200, (64, 64, 3), width=NARROW)
+    assert zoo.models.get_model("resnet18", width=NARROW).resolved_stem == "cifar"
+    tiny = zoo.models.get_model("resnet18", 200, (64, 64, 3), width=NARROW)
     assert tiny.resolved_stem == "downsample"
     # The stacks see CIFAR-sized maps: 32 -> 16 -> 8 -> 4.
     assert tiny.get_layer("stack0_block1_out").output.shape[1:3] == (32, 32)
     assert tiny.get_layer("stack3_block1_out").output.shape[1:3] == (4, 4)
-    full = zoo.get_model(
+    full = zoo.models.get_model(
         "resnet18", 200, (64, 64, 3), width=NARROW, stem="cifar"
     )
     assert full.get_layer("stack3_block1_out").output.shape[1:3] == (8, 8)
 
 
 def test_width_scales_every_filter_count():
-    model = zoo.get_model("wrn28_10", width=0.01)
+    model = zoo.models.get_model("wrn28_10", width=0.01)
     # 16 * 0.01 rounds to 0 and is clamped to 1; 160 * 0.01 = 1.6 -> 2.
     assert model.get_layer("stem_conv").filters == 1
     assert model.get_layer("group0_block0_1_conv").filters == 2
@@ -167,8 +167,8 @@ def test_width_scales_every_filter_count():
 
 
 def test_names_are_stable_across_builds():
-    first = [layer.name for layer in zoo.get_model("resnet18", width=NARROW).layers]
-    second = [layer.name for layer in zoo.get_model("resnet18", width=NARROW).layers]
+    first = [layer.name for layer in zoo.models.get_model("resnet18", width=NARROW).layers]
+    second = [layer.name for layer in zoo.models.get_model("resnet18", width=NARROW).layers]
     assert first == second
     assert "stack1_block0_0_conv" in first  # projection shortcut
     assert "stack0_block0_0_conv" not in first  # identity shortcut
@@ -187,7 +187,7 @@ def test_names_are_stable_across_builds():
     ],
 )
 def test_one_training_step_changes_weights(name, overrides):
-    model = zoo.get_model(name, 5, width=NARROW, weight_decay=5e-4, **overrides)
+    model = zoo.models.get_model(name, 5, width=NARROW, weight_decay=5e-4, **overrides)
     model.compile(
         optimizer=keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -204,7 +204,7 @@ def test_one_training_step_changes_weights(name, overrides):
 
 def test_weight_decay_is_half_l2_on_kernels_only():
     weight_decay = 5e-4
-    model = zoo.get_model(
+    model = zoo.models.get_model(
         "resnet18", width=NARROW, weight_decay=weight_decay
     )
     kernels = [w for w in model.trainable_weights if "kernel" in w.path]
@@ -215,7 +215,7 @@ def test_weight_decay_is_half_l2_on_kernels_only():
     )
     total = float(sum(keras.ops.convert_to_numpy(loss) for loss in model.losses))
     np.testing.assert_allclose(total, expected, rtol=1e-5)
-    assert zoo.get_model("vgg16", width=NARROW).losses == []
+    assert zoo.models.get_model("vgg16", width=NARROW).losses == []
 
 
 # --- Serialization --------------------------------------------------------------
@@ -230,7 +230,7 @@ def test_weight_decay_is_half_l2_on_kernels_only():
     ],
 )
 def test_config_round_trip(name, overrides):
-    model = zoo.get_model(name, 3, width=NARROW, **overrides)
+    model = zoo.models.get_model(name, 3, width=NARROW, **overrides)
     config = model.get_config()
     clone = model.__class__.from_config(config)
     assert clone.get_config() == config
@@ -241,7 +241,7 @@ def test_config_round_trip(name, overrides):
 
 @pytest.mark.parametrize("name", ["resnet18", "wrn28_10", "vgg16"])
 def test_keras_file_reload_gives_equal_outputs(name, tmp_path):
-    model = zoo.get_model(name, 4, width=NARROW, weight_decay=1e-4)
+    model = zoo.models.get_model(name, 4, width=NARROW, weight_decay=1e-4)
     x = np.random.default_rng(1).normal(size=(3, 32, 32, 3)).astype("float32")
     # Move the BN statistics away from their initial values first.
     model(x, training=True)
@@ -314,9 +314,9 @@ def test_subsample_then_1x1_conv_equals_a_stride_2_1x1_conv(size):
 
 def _old_layout_models():
     return {
-        "resnet": zoo.ResNet(stackwise_num_blocks=[1, 1], stackwise_num_filters=[4, 8],
+        "resnet": zoo.models.ResNet(stackwise_num_blocks=[1, 1], stackwise_num_filters=[4, 8],
                              num_classes=3, input_shape=(9, 9, 3)),
-        "wrn": zoo.WideResNet(depth=10, widen_factor=1, width=0.25, num_classes=3,
+        "wrn": zoo.models.WideResNet(depth=10, widen_factor=1, width=0.25, num_classes=3,
                               input_shape=(9, 9, 3)),
     }
 
@@ -339,12 +339,12 @@ def test_checkpoints_of_the_strided_conv_shortcut_still_load(key):
 
 def _before_layers_models():
     return {
-        "vgg_bn": zoo.VGG(stackwise_num_filters=[4, 8], stackwise_num_repeats=[1, 2],
+        "vgg_bn": zoo.models.VGG(stackwise_num_filters=[4, 8], stackwise_num_repeats=[1, 2],
                           batch_norm=True, num_classes=3, input_shape=(8, 8, 3)),
-        "resnet_downsample": zoo.ResNet(
+        "resnet_downsample": zoo.models.ResNet(
             stackwise_num_blocks=[1, 1], stackwise_num_filters=[4, 8], num_classes=3,
             input_shape=(16, 16, 3), stem="downsample"),
-        "wrn_dropout": zoo.WideResNet(depth=10, widen_factor=1, width=0.25, dropout=0.2,
+        "wrn_dropout": zoo.models.WideResNet(depth=10, widen_factor=1, width=0.25, dropout=0.2,
                                       num_classes=3, input_shape=(8, 8, 3)),
     }
 
@@ -372,10 +372,10 @@ def test_every_model_trains_at_odd_batch_sizes_without_a_native_crash():
     # the process (SIGSEGV or a malloc error) at odd batch sizes; a
     # subprocess keeps such a crash from taking pytest down with it.
     code = (
-        "import numpy as np, keras, zoo\n"
+        "import numpy as np, keras, zoo.models\n"
         "rng = np.random.default_rng(0)\n"
-        "for name in zoo.MODELS:\n"
-        "    model = zoo.get_model(name, 3, width=0.125)\n"
+        "for name in zoo.models.MODELS:\n"
+        "    model = zoo.models.get_model(name, 3, width=0.125)\n"
         "    model.compile(keras.optimizers.SGD(0.01), keras.losses."
         "SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)\n"
         "    for batch in (1, 3, 29):\n"
@@ -390,7 +390,7 @@ def test_every_model_trains_at_odd_batch_sizes_without_a_native_crash():
         text=True, timeout=600,
     )
     assert result.returncode == 0, (result.returncode, result.stdout, result.stderr[-2000:])
-    assert result.stdout.count(" ok") == len(zoo.MODELS)
+    assert result.stdout.count(" ok") == len(zoo.models.MODELS)
 
 
 # --- Export ---------------------------------------------------------------------
@@ -402,14 +402,14 @@ def test_every_model_trains_at_odd_batch_sizes_without_a_native_crash():
 def test_exported_keras_file_loads_and_predicts_without_zoo(tmp_path):
     import types
 
-    from zoo import experiment
+    from zoo.run import experiment
     from zoo.schedules import WarmupCosine
 
     # What training hands to `_export`: a compiled copy of a zoo model whose
     # optimizer has the zoo's learning-rate schedule.
     rng = np.random.default_rng(0)
     x_train = rng.integers(0, 256, size=(6, 8, 8, 3)).astype("uint8")
-    ema = zoo.get_model("resnet18", 3, (8, 8, 3), width=0.0625, weight_decay=1e-4)
+    ema = zoo.models.get_model("resnet18", 3, (8, 8, 3), width=0.0625, weight_decay=1e-4)
     ema.compile(keras.optimizers.SGD(WarmupCosine(0.1, 10, 2)),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     averager = types.SimpleNamespace(ema_model=lambda decay: ema)
@@ -457,7 +457,7 @@ def restore_dtype_policy():
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_outputs_float32_logits(policy, restore_dtype_policy):
     keras.config.set_dtype_policy(policy)
-    model = zoo.get_model("resnet18", 3, width=NARROW)
+    model = zoo.models.get_model("resnet18", 3, width=NARROW)
     assert model.get_layer("stack0_block0_1_conv").compute_dtype == policy[6:]
     assert model.get_layer("stack0_block0_1_conv").kernel.dtype == "float32"
     logits = model(np.zeros((2, 32, 32, 3), "float32"))
@@ -472,21 +472,21 @@ def test_unknown_name_lists_known_models():
         ValueError,
         match="Unknown model name 'x'. Known: resnet18, resnet34, wrn28_10, vgg16",
     ):
-        zoo.get_model("x")
+        zoo.models.get_model("x")
 
 
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda: zoo.WideResNet(depth=27), "Received: depth=27"),
-        (lambda: zoo.ResNet([2, 2], [64]), r"stackwise_num_blocks=\[2, 2\]"),
-        (lambda: zoo.ResNet(stem="imagenet"), "Received: stem='imagenet'"),
-        (lambda: zoo.VGG(width=0), "Received: width=0"),
-        (lambda: zoo.ResNet(width=True), "Received: width=True"),
-        (lambda: zoo.ResNet([2, 2.5], [4, 8]), r"stackwise_num_blocks=\[2, 2.5\]"),
-        (lambda: zoo.WideResNet(dropout="0.1"), "Received: dropout=0.1"),
-        (lambda: zoo.WideResNet(depth=True), "Received: depth=True"),
-        (lambda: zoo.get_model("vgg16", weight_decay=-1), "weight_decay=-1"),
+        (lambda: zoo.models.WideResNet(depth=27), "Received: depth=27"),
+        (lambda: zoo.models.ResNet([2, 2], [64]), r"stackwise_num_blocks=\[2, 2\]"),
+        (lambda: zoo.models.ResNet(stem="imagenet"), "Received: stem='imagenet'"),
+        (lambda: zoo.models.VGG(width=0), "Received: width=0"),
+        (lambda: zoo.models.ResNet(width=True), "Received: width=True"),
+        (lambda: zoo.models.ResNet([2, 2.5], [4, 8]), r"stackwise_num_blocks=\[2, 2.5\]"),
+        (lambda: zoo.models.WideResNet(dropout="0.1"), "Received: dropout=0.1"),
+        (lambda: zoo.models.WideResNet(depth=True), "Received: depth=True"),
+        (lambda: zoo.models.get_model("vgg16", weight_decay=-1), "weight_decay=-1"),
     ],
 )
 def test_invalid_arguments_raise_value_error(build, message):
@@ -496,10 +496,10 @@ def test_invalid_arguments_raise_value_error(build, message):
 
 def test_numpy_ints_are_accepted_where_ints_are():
     # Sizes read from arrays or configs arrive as NumPy ints.
-    model = zoo.WideResNet(depth=np.int64(10), widen_factor=np.int32(1), width=0.25,
+    model = zoo.models.WideResNet(depth=np.int64(10), widen_factor=np.int32(1), width=0.25,
                            num_classes=3, input_shape=(8, 8, 3))
     assert type(model.get_config()["depth"]) is int
-    assert model.count_params() == zoo.WideResNet(
+    assert model.count_params() == zoo.models.WideResNet(
         depth=10, widen_factor=1, width=0.25, num_classes=3,
         input_shape=(8, 8, 3)).count_params()
 
@@ -516,8 +516,8 @@ def test_zoo_imports_and_builds_without_tensorflow():
         "        if name.split('.')[0] == 'tensorflow':\n"
         "            raise ImportError('tensorflow is blocked')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import zoo\n"
-        "m = zoo.get_model('resnet18', width=0.0625)\n"
+        "import zoo.models\n"
+        "m = zoo.models.get_model('resnet18', width=0.0625)\n"
         "assert 'tensorflow' not in sys.modules\n"
         "print(m.output_shape)\n"
     )

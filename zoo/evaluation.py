@@ -62,10 +62,10 @@ import numpy as np
 from keras_ema._checks import is_real
 from zoo import notes
 from zoo import report
-from zoo import run_dir
+from zoo.run import run_dir
 from zoo.data.loader import ArrayLoader
 from zoo.data import load_dataset
-from zoo.experiment import Config
+from zoo.run.config import Config
 
 MODELS = ("baseline", "ema_accuracy", "ema_loss")
 MODEL_NAMES = {

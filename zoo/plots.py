@@ -3,7 +3,7 @@
 import math
 import os
 
-from zoo import run_dir
+from zoo.run import run_dir
 
 EPOCH_LABEL = "epoch (from 0, as in history.csv)"
 

@@ -131,7 +131,7 @@ def plot_sweep(rows: list, tracked: dict, path: str,
     """Accuracy and loss against averaging length (log x), written atomically."""
     from matplotlib.figure import Figure
 
-    from zoo import run_dir
+    from zoo.run import run_dir
 
     fig = Figure(figsize=(11, 4.2))
     axes = fig.subplots(1, 2)

@@ -106,7 +106,7 @@ class ResNet(keras.Model):
     Example:
 
     ```python
-    model = zoo.ResNet(**zoo.resnet.VARIANTS["resnet18"]["config"],
+    model = zoo.models.ResNet(**zoo.resnet.VARIANTS["resnet18"]["config"],
                        num_classes=100, weight_decay=5e-4)
     model.compile(
         optimizer=keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),

@@ -32,7 +32,10 @@ import os
 
 import keras
 
-from zoo import run_dir
+from zoo.run import run_dir
+from zoo.run.config import Config
+from zoo.run.config import ConfigError
+from zoo.run.config import read_flags_text
 
 # Flags in which a final run may differ from the tuning run it takes epochs from.
 MAY_DIFFER = ("output_dir", "val_fraction", "seed", "data_dir", "distribution",
@@ -40,7 +43,7 @@ MAY_DIFFER = ("output_dir", "val_fraction", "seed", "data_dir", "distribution",
 CRITERIA = ("accuracy", "loss")
 
 
-def selection_split(config) -> str:
+def selection_split(config: Config) -> str:
     """`"validation"`, `"tuning_run"` or `"none"`: see the module docstring."""
     if config.val_fraction > 0:
         return "validation"
@@ -56,11 +59,11 @@ def chosen_by(run: str, criterion: str) -> dict:
     return {"run": run, "split": "validation", "criterion": criterion}
 
 
-def check_selection(config):
+def check_selection(config: Config) -> dict | None:
     """Checks `config`'s selection flags; returns the tuning run's choices.
 
     Args:
-        config: a resolved `zoo.experiment.Config`.
+        config: a resolved `zoo.run.config.Config`.
 
     Returns:
         `None` without `--selection_from`; otherwise
@@ -70,13 +73,10 @@ def check_selection(config):
         tuning run's validation split.
 
     Raises:
-        zoo.experiment.ConfigError: `--selection_from` is not a finished
+        zoo.run.config.ConfigError: `--selection_from` is not a finished
             tuning run of the same configuration, or `--export_from` asks
             for a chosen epoch that no split chooses.
     """
-    from zoo.experiment import Config
-    from zoo.experiment import ConfigError
-
     path = config.selection_from
 
     def fail(what):
@@ -106,7 +106,7 @@ def check_selection(config):
         fail(f"that run has --val_fraction={tune_config.val_fraction}: it has no "
              "validation split to choose on; tune with --val_fraction>0 (the "
              "_tune.cfg configs)")
-    ours = run_dir.read_flags_text(config.to_flags())
+    ours = read_flags_text(config.to_flags())
     differ = [k for k in sorted(set(flags) | set(ours))
               if k not in MAY_DIFFER and flags.get(k) != ours.get(k)]
     if differ:
@@ -167,7 +167,8 @@ class ChosenWeights(keras.callbacks.Callback):
         tuned: dict or `None`. The choices of `check_selection`.
     """
 
-    def __init__(self, run, averager, epochs, split, tuned=None):
+    def __init__(self, run: str, averager, epochs: int, split: str,
+                 tuned: dict | None = None):
         super().__init__()
         self.run = run
         self.averager = averager

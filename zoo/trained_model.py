@@ -8,7 +8,7 @@ of weights, BatchNorm statistics recomputed on the training split.
 
 import os
 
-from zoo import run_dir
+from zoo.run import run_dir
 
 
 def build_model(config, data):
@@ -18,7 +18,7 @@ def build_model(config, data):
     model is built, and restored afterwards.
 
     Args:
-        config: `zoo.experiment.Config`. Its `model`, `width`,
+        config: `zoo.run.config.Config`. Its `model`, `width`,
             `weight_decay` and `mixed_precision`.
         data: `zoo.data.Dataset`. Its `num_classes` and `image_shape`.
 
@@ -27,13 +27,13 @@ def build_model(config, data):
     """
     import keras
 
-    import zoo
+    import zoo.models
 
     previous = keras.mixed_precision.global_policy()
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy(config.mixed_precision)
     try:
-        return zoo.get_model(
+        return zoo.models.get_model(
             config.model,
             num_classes=data.num_classes,
             input_shape=data.image_shape,
@@ -54,7 +54,7 @@ def recompute_bn(model, config, data) -> bool:
 
     Args:
         model: `keras.Model`. Changed in place.
-        config: `zoo.experiment.Config`. Its `batch_size`.
+        config: `zoo.run.config.Config`. Its `batch_size`.
         data: `zoo.data.Dataset`. Its training images, `mean` and `std`.
 
     Returns:
@@ -85,7 +85,7 @@ def trained_model(
     """The model of a run with the weights of one file, BN recomputed.
 
     Args:
-        config: `zoo.experiment.Config`. The run's configuration.
+        config: `zoo.run.config.Config`. The run's configuration.
         data: `zoo.data.Dataset`. The run's dataset, as training loaded it.
         weights: str or `None`. A `.weights.h5` file to load; `None` keeps
             the model's weights. Defaults to `None`.
@@ -96,14 +96,14 @@ def trained_model(
             (`recompute_bn`), as an average of weights needs. Defaults to
             `True`.
         remedy: str. What the user can do about a file that does not load,
-            appended to `zoo.run_dir.DamagedFileError`'s message. Defaults to
+            appended to `zoo.run.run_dir.DamagedFileError`'s message. Defaults to
             `""`.
 
     Returns:
         The `keras.Model`.
 
     Raises:
-        zoo.run_dir.DamagedFileError: `weights` is missing or does not load.
+        zoo.run.run_dir.DamagedFileError: `weights` is missing or does not load.
 
     Example:
 

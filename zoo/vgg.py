@@ -73,7 +73,7 @@ class VGG(keras.Model):
     Example:
 
     ```python
-    model = zoo.VGG(num_classes=100, weight_decay=5e-4)
+    model = zoo.models.VGG(num_classes=100, weight_decay=5e-4)
     model.count_params()  # 14,765,988 for 100 classes
     ```
     """

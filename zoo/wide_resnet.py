@@ -73,7 +73,7 @@ class WideResNet(keras.Model):
     Example:
 
     ```python
-    model = zoo.WideResNet(depth=28, widen_factor=10, num_classes=100,
+    model = zoo.models.WideResNet(depth=28, widen_factor=10, num_classes=100,
                            weight_decay=5e-4)
     logits = model(np.zeros((2, 32, 32, 3), "float32"))  # (2, 100)
     ```

@@ -12,7 +12,7 @@ PHASE is one of:
 - `cleanup`: summary.json says completed, half of backup/ removed.
 
 Used by tests/test_kill_resume.py; the shipped code has no test hooks, this
-script patches functions of `zoo.experiment` before running train.py's main.
+script patches functions of `zoo.run.experiment` before running train.py's main.
 """
 
 import os
@@ -32,7 +32,7 @@ def die(*args, **kwargs):
 
 
 def patch(phase):
-    from zoo import experiment
+    from zoo.run import experiment
 
     if phase == "startup":
         experiment._fit = die

@@ -31,9 +31,13 @@ import os
 import re
 import shutil
 
+from keras_ema import _files
 from keras_ema._files import is_disk_full
-from keras_ema._files import temp_path
 from keras_ema._files import write_weights
+from zoo.run.config import RESUMABLE_CHANGES
+from zoo.run.config import Config
+from zoo.run.config import read_flags
+from zoo.run.config import read_flags_text
 
 LAYOUT_VERSION = 1
 REQUIRED_FILES = ("flags.cfg", "history.csv", "summary.json", "sgd_last.weights.h5")
@@ -82,7 +86,7 @@ def _final_path(path):
 
 
 @contextlib.contextmanager
-def disk_errors(default_path="the run directory"):
+def disk_errors(default_path: str = "the run directory"):
     """Turns a full disk (`OSError` ENOSPC or a library's wrapper) into `DiskFullError`.
 
     The file named is the one the error names (a temporary name turned back
@@ -103,29 +107,18 @@ def disk_errors(default_path="the run directory"):
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path: str):
     """Yields a temporary path beside `path`; renames it onto `path` on success.
 
-    The temporary name (`temp_path`) keeps the extension (`.weights.h5`,
-    `.keras`) that some writers insist on. On an exception the temporary
-    file is removed; a full disk raises `DiskFullError` naming `path`.
+    `keras_ema._files.atomic_path` (the temporary file or folder removed on
+    every exit) with the kit's error: a full disk raises `DiskFullError`
+    naming `path`.
     """
-    tmp = temp_path(path)
-    try:
+    with disk_errors(path), _files.atomic_path(path) as tmp:
         yield tmp
-        os.replace(tmp, path)
-    except Exception as error:
-        if is_disk_full(error):
-            raise DiskFullError(path) from None
-        raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.exists(tmp):
-            os.remove(tmp)
 
 
-def write_bytes(path, data):
+def write_bytes(path: str, data: bytes):
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -133,11 +126,11 @@ def write_bytes(path, data):
             os.fsync(f.fileno())
 
 
-def write_text(path, text):
+def write_text(path: str, text: str):
     write_bytes(path, text.encode("utf-8"))
 
 
-def save_weights(model, path):
+def save_weights(model, path: str):
     """`model.save_weights(path)`, atomically; a full disk raises `DiskFullError`.
 
     The file is built in memory first: h5py writing to a full disk crashes
@@ -147,7 +140,7 @@ def save_weights(model, path):
         write_weights(model, tmp)
 
 
-def load_weights(model, path, remedy=""):
+def load_weights(model, path: str, remedy: str = ""):
     """`model.load_weights(path)`; a file that does not load raises `DamagedFileError`."""
     try:
         model.load_weights(path)
@@ -156,7 +149,7 @@ def load_weights(model, path, remedy=""):
         raise DamagedFileError(path, reason[:200], remedy) from None
 
 
-def check_writable(path):
+def check_writable(path: str):
     """Raises RunDirError unless a file can be created in directory `path`.
 
     `os.access` is not enough: it says yes for root on some read-only
@@ -175,7 +168,7 @@ def check_writable(path):
         ) from None
 
 
-def write_json(path, data):
+def write_json(path: str, data):
     """Writes strict JSON: NaN and infinities become `null`."""
     text = json.dumps(finite_json(data), indent=2, sort_keys=True, allow_nan=False)
     write_text(path, text + "\n")
@@ -195,7 +188,7 @@ def finite_json(value):
     return value
 
 
-def read_json(path, remedy=""):
+def read_json(path: str, remedy: str = ""):
     """The JSON in `path`; raises `DamagedFileError` (with `remedy`) if it is not JSON."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -204,7 +197,7 @@ def read_json(path, remedy=""):
         raise DamagedFileError(path, f"not JSON: {error}", remedy) from None
 
 
-def write_csv(path, rows):
+def write_csv(path: str, rows: list):
     """Writes a list of dicts; the columns are the union of their keys, in order."""
     columns = []
     for row in rows:
@@ -217,7 +210,7 @@ def write_csv(path, rows):
     write_text(path, buffer.getvalue())
 
 
-def read_csv(path):
+def read_csv(path: str) -> list:
     """Rows of a CSV file as dicts of floats (empty cells are dropped).
 
     The `epoch` column is read back as an int, as it was written. A cell
@@ -240,7 +233,7 @@ def read_csv(path):
     return rows
 
 
-def read_history(path, epochs=None, remedy=""):
+def read_history(path: str, epochs: int | None = None, remedy: str = "") -> list:
     """The rows of a `history.csv`, checked whole: epochs 0, 1, ... in order.
 
     Every row must have a number in every column (a blank cell, a stray
@@ -303,33 +296,54 @@ def read_history(path, epochs=None, remedy=""):
     return rows
 
 
-def read_flags(path):
-    """`--name=value` lines of a flag file as a dict of strings."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return read_flags_text(f.read())
-    except UnicodeDecodeError as error:
-        raise DamagedFileError(
-            path, f"not text: {error}",
-            "restore it, or rerun with --output_dir=NEW to train again") from None
+def run_state(config: Config) -> str:
+    """Whether `config.output_dir` is `"new"`, to `"resume"`, or `"done"`.
+
+    Raises:
+        RunDirError: the directory holds something else: files of no run,
+            a run of another layout version, or a run with other flags.
+    """
+    run = config.output_dir
+    check_output_dir(run)
+    flags_path = os.path.join(run, "flags.cfg")
+    if not os.path.exists(flags_path):
+        # The lock and leftovers of a killed start are the kit's own files.
+        if os.path.isdir(run) and [
+            n for n in os.listdir(run)
+            if n != LOCK_FILE and not is_temp_name(n)
+        ]:
+            raise RunDirError(
+                f"--output_dir={run} exists, is not empty and holds no "
+                "flags.cfg; choose a new or empty directory."
+            )
+        return "new"
+    summary_path = os.path.join(run, "summary.json")
+    if os.path.exists(summary_path):
+        version = read_json(summary_path).get("layout_version")
+        if version != LAYOUT_VERSION:
+            raise RunDirError(
+                f"--output_dir={run} holds a run of layout version {version}; "
+                f"this version writes {LAYOUT_VERSION}: choose another "
+                "--output_dir."
+            )
+    old = read_flags(flags_path)
+    new = read_flags_text(config.to_flags())
+    differ = [k for k in sorted(set(old) | set(new))
+              if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+    if differ:
+        changes = ", ".join(f"--{k}={old.get(k)} -> {new.get(k)}" for k in differ[:3])
+        raise RunDirError(
+            f"--output_dir={run} holds a run with other flags ({changes}); "
+            f"rerun it with --flagfile={flags_path} or choose another --output_dir."
+        )
+    summary_path = os.path.join(run, "summary.json")
+    if os.path.exists(summary_path) and read_json(summary_path).get("completed"):
+        return "done"
+    return "resume"
 
 
-def read_flags_text(text):
-    """`--name=value` lines of a flag file's text as a dict of strings."""
-    flags = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("--") and "=" in line:
-            name, _, value = line[2:].partition("=")
-            flags[name] = value
-        elif line.startswith("--no") and line[4:]:
-            flags[line[4:]] = "false"
-        elif line.startswith("--"):
-            flags[line[2:]] = "true"
-    return flags
 
-
-def check_output_dir(path):
+def check_output_dir(path: str):
     """Raises RunDirError unless `path` is a directory or can become one."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise RunDirError(
@@ -403,7 +417,7 @@ class RunLock:
         self.release()
 
 
-def lock_run_dir(run) -> RunLock:
+def lock_run_dir(run: str) -> RunLock:
     """Locks the existing directory `run` for this process; see `RunLock`.
 
     Raises:
@@ -412,12 +426,12 @@ def lock_run_dir(run) -> RunLock:
     return RunLock(run).acquire()
 
 
-def is_temp_name(name) -> bool:
+def is_temp_name(name: str) -> bool:
     """Whether `name` is a temporary file name of a writer in a run directory."""
     return bool(_TEMP_NAME.search(name))
 
 
-def remove_stale_temp_files(run):
+def remove_stale_temp_files(run: str):
     """Removes the temporary files and folders other processes left in `run`.
 
     Call it holding the run's lock: then no other process writes there, and
@@ -440,7 +454,7 @@ def remove_stale_temp_files(run):
                     os.remove(path)
 
 
-def load_run(path):
+def load_run(path: str) -> dict:
     """Reads a finished run directory: `{"flags", "summary", "history", "path"}`.
 
     Raises:
@@ -493,7 +507,7 @@ def _rewrite_remedy(run):
             f"--flagfile={os.path.join(run, 'flags.cfg')} --output_dir=NEW")
 
 
-def check_resumable(run):
+def check_resumable(run: str):
     """Checks an existing run directory before a run resumes in it.
 
     Raises RunDirError (one line naming the file and what to do) if `run` or
@@ -526,5 +540,7 @@ def check_resumable(run):
         check_writable(backup)
     if damaged is not None:
         os.remove(summary)
-        print(f"{summary} was damaged ({damaged.reason}); it is rewritten from "
-              "history.csv at the next epoch end.", flush=True)
+        from zoo.run.log import print_msg
+
+        print_msg(f"{summary} was damaged ({damaged.reason}); it is rewritten "
+                  "from history.csv at the next epoch end.")

@@ -6,9 +6,16 @@ import re
 
 import keras
 
-from zoo import run_dir
+from zoo.run import run_dir
+from zoo.run.log import print_msg
 
 _WEIGHTS_NAME = re.compile(r"^epoch_(\d+)\.weights\.h5$")
+
+
+# Keras' BackupAndRestore internals this subclass relies on, read from Keras
+# 3.15.1: it overrides `_load_model` and `_save_model`, reads
+# `_training_metadata_path` and `_current_epoch`, and `fit` starts at
+# `model._initial_epoch` (set by `_resume_at` only).
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -31,7 +38,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     `epoch_<e>.weights.h5` files present. With `history_path`, a copy of the
     run's `history.csv` is kept in the backup, and the rows a resumed run
     keeps are checked and, if damaged, restored from that copy. When
-    nothing can be restored, `zoo.run_dir.RunDirError` names the damaged
+    nothing can be restored, `zoo.run.run_dir.RunDirError` names the damaged
     files and says to remove the backup.
 
     Args:
@@ -139,12 +146,11 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                     problems.append(f"{error.path} ({error.reason})")
                     continue
             if problems:
-                print(f"Resuming from epoch {epoch}, the newest backup that "
-                      f"reads back whole (epochs count from 0; the progress "
-                      f"bar shows it as {epoch + 1}); damaged: "
-                      f"{'; '.join(problems)}",
-                      flush=True)
-            self.model._initial_epoch = epoch
+                print_msg(f"Resuming from epoch {epoch}, the newest backup "
+                          f"that reads back whole (epochs count from 0; the "
+                          f"progress bar shows it as {epoch + 1}); damaged: "
+                          f"{'; '.join(problems)}")
+            _resume_at(self.model, epoch)
             return
         raise run_dir.RunDirError(
             f"Cannot resume from {self.backup_dir}: {'; '.join(problems)}; "
@@ -165,9 +171,9 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                 rows = run_dir.read_history(self._history_copy(), epochs)
             except run_dir.DamagedFileError:
                 raise damaged from None
-            print(f"{self.history_path} was damaged ({damaged.reason}); its "
-                  f"first {epochs} rows were restored from "
-                  f"{self._history_copy()}.", flush=True)
+            print_msg(f"{self.history_path} was damaged ({damaged.reason}); "
+                      f"its first {epochs} rows were restored from "
+                      f"{self._history_copy()}.")
         run_dir.write_csv(self.history_path, rows)
 
     def _save_model(self):
@@ -188,6 +194,11 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         for entry in self._files():
             if entry["weights"] not in names:
                 os.remove(os.path.join(self.backup_dir, entry["weights"]))
+
+
+def _resume_at(model, epoch):
+    """Makes `model.fit` start at `epoch` (Keras 3.15.1's private attribute)."""
+    model._initial_epoch = epoch
 
 
 def _describe(error):

@@ -1,0 +1,12 @@
+"""A training run of the experiment kit, one concept per module.
+
+- `config`: `Config`, the one schema of the settings, and the flag file.
+- `run_dir`: the run directory: layout, atomic files, locks, damage checks.
+- `backup`: `AtomicBackupAndRestore`, the kill-safe backup of training.
+- `log`: `history.csv`, `summary.json` and the printed summary.
+- `processes`: runs of several processes and devices (tf.distribute, JAX).
+- `experiment`: `train(Config(...))`, the paper's protocol.
+
+Importing `zoo.run` and `zoo.run.config` imports no Keras, so that
+`train.py --help` answers at once.
+"""

@@ -1,0 +1,481 @@
+"""The paper's training protocol as one function: `train(Config(...))`.
+
+SGD with Nesterov momentum, linear warm-up then cosine decay per step, random
+crop and flip, EMAs of the weights kept by `keras_ema.MultiEMA` (or SEMA /
+BELAY), everything written to a run directory (see `zoo.run.run_dir`) that
+a rerun of the same command resumes.
+"""
+
+import contextlib
+import dataclasses
+import math
+import os
+import shutil
+import sys
+import time
+
+import keras
+import numpy as np
+
+import keras_ema
+from zoo.data.loader import ArrayLoader
+from zoo.data.loader import EpochSetter
+from zoo.data import load_dataset
+from zoo.models import get_model
+from zoo.plots import plot_curves
+from zoo.regularization import PyTorchSGD
+from zoo.run import processes
+from zoo.run import run_dir
+from zoo.run.backup import AtomicBackupAndRestore
+from zoo.run.config import DEFAULT_CONNECT_TIMEOUT
+from zoo.run.config import Config
+from zoo.run.config import ConfigError
+from zoo.run.config import read_flags
+from zoo.run.log import RunLogger
+from zoo.run.log import format_summary
+from zoo.run.log import print_msg
+from zoo.run.log import summarize
+from zoo.schedules import WarmupCosine
+from zoo.selection import ChosenWeights
+from zoo.selection import check_selection
+from zoo.selection import selection_split
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the run stopped there.
+
+    `summary` is the run's `summary.json`, whose `"diverged"` entry holds the
+    epoch and optimizer step. Nothing was exported.
+    """
+
+    def __init__(self, message, summary):
+        super().__init__(message)
+        self.summary = summary
+
+
+class ExportError(RuntimeError):
+    """The weights to export are missing or not finite; nothing was exported."""
+
+
+def _averaging_callback(config, validation, run):
+    common = dict(
+        period=config.ema_period,
+        warmup=config.ema_warmup,
+        average_batch_norm=config.average_batch_norm,
+        validation_data=validation,
+        # Without a validation split the logged metrics are on test: keep no
+        # "best" files chosen on them (zoo.selection keeps the chosen epochs).
+        best_weights_dir=run if config.val_fraction > 0 else None,
+        backup_dir=os.path.join(run, "backup"),
+    )
+    if config.averaging == "sema":
+        return keras_ema.SwitchEMA(
+            decay=config.ema_decays[0],
+            every_epochs=config.sema_every_epochs,
+            start_epoch=config.sema_start_epoch,
+            **common,
+        )
+    if config.averaging == "belay":
+        return keras_ema.Belay(
+            decay=config.ema_decays[0], coupling=config.belay_coupling, **common
+        )
+    if config.snapshot_every:
+        common.update(snapshot_dir=os.path.join(run, "snapshots"),
+                      snapshot_every=config.snapshot_every)
+    return keras_ema.MultiEMA(decays=config.ema_decays, **common)
+
+
+def _finished_run(run, clean_up=True):
+    """Reports the finished run in `run` and returns its summary.
+
+    With `clean_up` (the run locked), finishes a clean-up a kill interrupted:
+    the backup and temporary files.
+    """
+    if clean_up:
+        run_dir.remove_stale_temp_files(run)
+        shutil.rmtree(os.path.join(run, "backup"), ignore_errors=True)
+    summary = run_dir.read_json(os.path.join(run, "summary.json"))
+    if summary.get("diverged"):
+        raise TrainingDiverged(_diverged_message(run, summary), summary)
+    print_msg(f"{run} holds a completed run; nothing to do. Its summary: "
+              f"{os.path.join(run, 'summary.json')}")
+    return summary
+
+
+def _diverged_message(run, summary):
+    where = summary["diverged"]
+    flags = read_flags(os.path.join(run, "flags.cfg"))
+    return (
+        f"the run in {run} diverged at epoch {where['epoch']} (optimizer step "
+        f"{where['step']}): the training loss became NaN or infinite, so "
+        "nothing was exported; train again in a new --output_dir with a lower "
+        f"--lr (this run has --lr={flags.get('lr')})."
+    )
+
+
+class _Diverged(Exception):
+    """Raised by `_StopOnNonFiniteLoss` out of `model.fit`."""
+
+    def __init__(self, epoch, step):
+        super().__init__(f"non-finite loss at epoch {epoch}, step {step}")
+        self.epoch = epoch
+        self.step = step
+
+
+class _StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops `fit` at the first batch whose training loss is not finite.
+
+    Unlike `keras.callbacks.TerminateOnNaN` it ends fit at once, before any
+    epoch end, so no row, best weights or backup of the diverged epoch is
+    written.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            raise _Diverged(self.epoch, step)
+
+
+def _jit_compile():
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # XLA slows convolution training on CPU; it pays off on GPUs.
+        return "auto" if tf.config.list_physical_devices("GPU") else False
+    return "auto"
+
+
+def _make_deterministic(seed):
+    keras.utils.set_random_seed(seed)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
+def _banner(text):
+    print_msg(f"\n=== {text} ===")
+
+
+def train(config: Config, verbose: int | None = None, callbacks: tuple = (),
+          connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> dict:
+    """Runs (or resumes, or reports) the training run of `config`.
+
+    Args:
+        config: a `Config`.
+        verbose: `model.fit`'s verbosity; `None` shows a progress bar on a
+            terminal and one line per epoch otherwise.
+        callbacks: more Keras callbacks, run after the run's own.
+        connect_timeout: seconds a process of a multi-process run
+            (`--distribution=multiworker` with `TF_CONFIG`, or
+            `data_parallel` with `KERAS_DISTRIBUTION_NUM_PROCESSES`) waits
+            for the others to join; past it the process prints one line
+            and exits with status 1. Defaults to `DEFAULT_CONNECT_TIMEOUT`.
+
+    Returns:
+        The run's `summary.json` as a dict.
+
+    Raises:
+        ConfigError: an invalid setting.
+        zoo.data.DatasetError: the data cannot be loaded.
+        zoo.run.run_dir.RunDirError: the output directory holds another run,
+            or another process trains in it (`zoo.run.run_dir.RunInUseError`).
+        In these cases nothing has been written.
+        TrainingDiverged: the training loss became NaN or infinite (now or
+            in the finished run found in the output directory).
+        ExportError: the weights to export are missing or not finite.
+    """
+    config = config.resolved()
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2
+    process = processes.join_processes(config, connect_timeout)
+    if process.index != 0:
+        # Writes only a temporary copy of the run directory; see worker_copy.
+        with processes.worker_copy(config.output_dir, process) as copy:
+            return _train_in(dataclasses.replace(config, output_dir=copy),
+                             verbose, callbacks, process)
+    return _train_in(config, verbose, callbacks, process)
+
+
+def _train_in(config, verbose, callbacks, process):
+    """`train` in `config.output_dir`, which this process owns."""
+    run = config.output_dir
+    # Before anything is loaded: a read-only or damaged run directory stops
+    # here with one line (damaged backups are handled by the backup callback).
+    run_dir.check_resumable(run)
+    locks = []  # the run directory's lock, once taken; held to the end
+    try:
+        state = run_dir.run_state(config)
+        if state == "done" and not os.access(run, os.W_OK):
+            return _finished_run(run, clean_up=False)  # read-only: report it
+        if os.path.isdir(run):
+            locks.append(run_dir.lock_run_dir(run))
+            # Again under the lock: another process may have written meanwhile.
+            state = run_dir.run_state(config)
+        if state == "done":
+            return _finished_run(run)
+        return _start(config, state, verbose, callbacks, locks, process)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _start(config, state, verbose, callbacks, locks, process):
+    """Loads the data, then trains holding the run directory's lock."""
+    run = config.output_dir
+    check_selection(config)  # before anything is written
+    # MultiWorkerMirroredStrategy must be made before TensorFlow starts work.
+    strategy = processes.make_strategy(config.distribution, process)
+    _banner("Data")
+    data = load_dataset(
+        config.dataset,
+        data_dir=config.data_dir or None,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        label_noise=config.label_noise or None,
+        image_size=config.image_size or None,
+    )
+    print_msg(data.summary())
+
+    if not locks:  # a new directory: created now, locked before any write
+        os.makedirs(run, exist_ok=True)
+        locks.append(run_dir.lock_run_dir(run))
+        state = run_dir.run_state(config)
+        if state == "done":
+            return _finished_run(run)
+    run_dir.remove_stale_temp_files(run)
+    if state == "new":
+        run_dir.write_text(os.path.join(run, "flags.cfg"), config.to_flags())
+    else:
+        print_msg(f"Resuming the run in {run}")
+    if data.noise_mask is not None:
+        with run_dir.atomic_path(os.path.join(run, "noise_mask.npy")) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, data.noise_mask)
+
+    _make_deterministic(config.seed)
+    previous_policy = keras.mixed_precision.global_policy()
+    previous_distribution = keras.distribution.distribution()
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy(config.mixed_precision)
+    if config.distribution == "data_parallel":
+        # With several processes each feeds its own share of every batch
+        # (`ArrayLoader(shard=...)`), already split: no auto-sharding.
+        keras.distribution.set_distribution(keras.distribution.DataParallel(
+            auto_shard_dataset=process.count == 1))
+    try:
+        with run_dir.disk_errors():  # a full disk: one line naming the file
+            return _fit(config, data, run, verbose, list(callbacks), strategy,
+                        process)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+        keras.distribution.set_distribution(previous_distribution)
+
+
+def _fit(config, data, run, verbose, extra_callbacks, strategy=None,
+         process=processes.Process()):
+    _banner("Model")
+    def scope():
+        return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+    with scope():
+        model = get_model(
+            config.model,
+            num_classes=data.num_classes,
+            input_shape=data.image_shape,
+            width=config.width,
+            weight_decay=config.weight_decay,
+            # BatchNorm statistics over the global batch, as on one device.
+            synchronized_bn=strategy is not None,
+        )
+    if process.count > 1 and strategy is not None:
+        processes.build_from_local_batch(model, strategy)
+    # On JAX each process feeds its share of every global batch.
+    shard = dict(shard=(process.index, process.count)) if (
+        config.distribution == "data_parallel" and process.count > 1) else {}
+    train_loader = ArrayLoader(
+        data.x_train, data.y_train, config.batch_size, data.mean, data.std,
+        shuffle=True, augment=True, seed=config.seed, **shard,
+    )
+    if data.x_val is not None:
+        validation = ArrayLoader(data.x_val, data.y_val, 2 * config.batch_size,
+                                 data.mean, data.std, **shard)
+    else:
+        validation = ArrayLoader(data.x_test, data.y_test, 2 * config.batch_size,
+                                 data.mean, data.std, **shard)
+    steps_per_epoch = len(train_loader)
+    total_steps = config.epochs * steps_per_epoch
+    schedule = WarmupCosine(config.lr, total_steps,
+                            config.warmup_epochs * steps_per_epoch)
+    with scope():
+        model.compile(
+            optimizer=PyTorchSGD(
+                learning_rate=schedule, momentum=config.momentum,
+                nesterov=config.nesterov,
+            ),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+            jit_compile=_jit_compile(),
+        )
+    print_msg(
+        f"{config.model} (width {config.width:g}): {model.count_params():,} "
+        f"parameters; {config.epochs} epochs x {steps_per_epoch} steps, "
+        f"batch {config.batch_size}, peak lr {config.lr:g}, weight decay "
+        f"{config.weight_decay:g}, averaging {config.averaging}"
+    )
+
+    averager = _averaging_callback(config, validation, run)
+    tuned = check_selection(config)
+    chosen = ChosenWeights(run, averager, config.epochs, selection_split(config), tuned)
+    previous = run_dir.read_json(os.path.join(run, "summary.json")) if os.path.exists(
+        os.path.join(run, "summary.json")) else {}
+    seconds_before = previous.get("train_seconds", 0.0)
+    start = time.perf_counter()
+
+    def summary_of(rows, completed):
+        return summarize(config, data.summary(), rows, completed, averager,
+                         seconds_before + time.perf_counter() - start, tuned)
+
+    logger = RunLogger(run, summary_of)
+    backup = AtomicBackupAndRestore(os.path.join(run, "backup"),
+                                    delete_checkpoint=False, ema_state=True,
+                                    history_path=os.path.join(run, "history.csv"))
+    _banner("Training")
+    try:
+        model.fit(
+            train_loader,
+            epochs=config.epochs,
+            validation_data=validation,
+            shuffle=False,
+            verbose=verbose,
+            callbacks=[_StopOnNonFiniteLoss(), EpochSetter(train_loader),
+                       chosen, averager, logger, backup] + extra_callbacks,
+        )
+    except _Diverged as diverged:
+        return _finish_diverged(config, run, logger, summary_of, diverged)
+
+    _banner("Results")
+    rows = logger.rows
+    if rows is None:
+        # Every epoch was done before: a kill cut the results phase. Redo it
+        # from disk: `fit` loaded the last backup into the model, the history
+        # and the EMAs come from their files.
+        rows = run_dir.read_csv(os.path.join(run, "history.csv"))
+        if not averager.restore_backup(model):
+            raise run_dir.RunDirError(
+                f"--output_dir={run} has every epoch trained but no EMA state "
+                f"of the last epoch in {os.path.join(run, 'backup')}; remove "
+                "the directory and train again."
+            )
+    _write_results(config, run, model, averager, data, rows, summary_of)
+    summary = summary_of(rows, True)
+    # The summary marks the run completed only once everything is written;
+    # the backup goes last (a rerun that finds it removes it).
+    run_dir.write_json(os.path.join(run, "summary.json"), summary)
+    shutil.rmtree(os.path.join(run, "backup"), ignore_errors=True)
+    print_msg(format_summary(summary))
+    print_msg(f"Run directory: {run}")
+    return summary
+
+
+def _write_results(config, run, model, averager, data, rows, summary_of):
+    """The files of a finished run: curves and export.
+
+    The last SGD and EMA weights are written by `zoo.selection.ChosenWeights`
+    at the last epoch's end, before SwitchEMA's copy.
+
+    Each is written atomically from the trained state alone, so a kill at
+    any point leaves a run that a rerun finishes the same way.
+    """
+    plot_curves(rows, os.path.join(run, "curves.png"), title=_curves_title(config))
+    if config.export:
+        _export(config, averager, data, run)
+
+
+def _curves_title(config):
+    noise = f", label noise {config.label_noise}" if config.label_noise else ""
+    return f"{config.model} x{config.width:g} on {config.dataset}{noise}"
+
+
+def _finish_diverged(config, run, logger, summary_of, diverged):
+    """Records a diverged run as finished, exports nothing, raises."""
+    rows = logger.rows
+    if rows is None:
+        rows = run_dir.read_csv(os.path.join(run, "history.csv"))
+    rows = [r for r in rows if int(r["epoch"]) < diverged.epoch]
+    run_dir.write_csv(os.path.join(run, "history.csv"), rows)
+    if rows:
+        plot_curves(rows, os.path.join(run, "curves.png"),
+                    title=_curves_title(config) + " (diverged)")
+    summary = summary_of(rows, True)
+    summary["diverged"] = {"epoch": diverged.epoch, "step": diverged.step}
+    run_dir.write_json(os.path.join(run, "summary.json"), summary)
+    shutil.rmtree(os.path.join(run, "backup"), ignore_errors=True)
+    raise TrainingDiverged(_diverged_message(run, summary), summary)
+
+
+def _export(config, averager, data, run):
+    """Exports the chosen EMA, its BN recomputed, taking images in 0..255.
+
+    `model.keras` loads with `keras.saving.load_model` alone: no zoo class.
+    """
+    from keras_ema.export import export_model
+    from zoo.trained_model import recompute_bn
+
+    decay = config.export_decay
+    model = averager.ema_model(decay)
+    if config.export_from != "final":
+        path = os.path.join(run, f"ema_{decay}_{config.export_from}.weights.h5")
+        if not os.path.exists(path):
+            criterion = config.export_from.replace("best_", "validation ")
+            raise ExportError(
+                f"--export_from={config.export_from}: no epoch of the EMA "
+                f"{decay} had a finite {criterion}, so there are no such "
+                f"weights to export; retrain with --export_from=final in a new "
+                "--output_dir."
+            )
+        model.load_weights(path)
+    bad = [v.path for v in model.weights
+           if not np.all(np.isfinite(keras.ops.convert_to_numpy(v)))]
+    if bad:
+        raise ExportError(
+            f"the EMA {decay} to export has {len(bad)} non-finite weights "
+            f"(e.g. {bad[0]}); nothing was exported. Train again with a lower "
+            "--lr in a new --output_dir."
+        )
+    recompute_bn(model, config, data)
+    # A plain functional model over the same layers: the .keras file then
+    # holds only Keras' own classes and no compile config (the optimizer's
+    # WarmupCosine), so it loads with Keras alone, without `import zoo`.
+    model = keras.Model(model.inputs, model.outputs, name=model.name)
+    # The shipped model takes raw images and normalizes them as training did.
+    images = keras.Input(data.image_shape, name="images")
+    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(images)
+    x = keras.layers.Normalization(mean=data.mean, variance=np.square(data.std),
+                                   name="normalize")(x)
+    shipped = keras.Model(images, model(x), name=f"{config.model}_ema_{decay}")
+    # Written whole under a temporary name, then put in place of `export/`.
+    with run_dir.atomic_path(os.path.join(run, "export")) as tmp:
+        export_model(shipped, tmp)
+        run_dir.write_json(os.path.join(tmp, "export.json"), {
+            "decay": decay, "weights": config.export_from,
+            "input": "float32 images (batch, height, width, channels) in 0..255, "
+                     "normalized inside the model",
+            "input_shape": [None, *map(int, data.image_shape)],
+            "input_dtype": "float32",
+            "input_range": "raw pixel values 0..255, not normalized: the "
+                           "model divides by 255 and normalizes with mean "
+                           "and std itself",
+            "output": "logits (batch, classes), not probabilities: apply "
+                      "softmax for probabilities, argmax for the class",
+            "output_shape": [None, int(shipped.outputs[0].shape[-1])],
+            "signature": "serve",
+            "mean": data.mean.tolist(), "std": data.std.tolist(),
+        })
+
+
+__all__ = ["Config", "ConfigError", "ExportError", "TrainingDiverged", "train"]

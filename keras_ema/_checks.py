@@ -124,3 +124,17 @@ def check_probability_rows(name: str, values: np.ndarray):
             f"[0, 1] (pass softmax outputs, not logits). Received values in "
             f"[{low:.4g}, {high:.4g}]"
         )
+
+
+def check_multi_ema(ema):
+    """`ema` if it is a `MultiEMA` (or a `SwitchEMA`/`Belay`), for the
+    callbacks that read its logs."""
+    from keras_ema.multi_ema import MultiEMA  # multi_ema imports this module
+
+    if not isinstance(ema, MultiEMA):
+        raise ValueError(
+            "Invalid value for argument `ema`: expected a "
+            "keras_ema.MultiEMA, SwitchEMA or Belay. Received: "
+            f"ema={ema!r}"
+        )
+    return ema

@@ -69,10 +69,16 @@ def calling_callbacks(callback):
 def print_msg(message: str):
     """Prints `message` as Keras prints its own (progress bars, summaries).
 
-    To stdout, or to `absl.logging` after
-    `keras.config.disable_interactive_logging()`. Keras 3.15.1 exports no
-    public name for it: `keras/src/utils/io_utils.py`, `print_msg`.
+    To stdout, or to `absl.logging` (INFO) after
+    `keras.config.disable_interactive_logging()`. This is Keras's
+    `io_utils.print_msg`, which Keras 3.15.1 keeps private
+    (`keras/src/utils/io_utils.py`), rebuilt on its public switch.
     """
-    from keras.src.utils import io_utils
+    import keras
 
-    io_utils.print_msg(message)
+    if keras.config.is_interactive_logging_enabled():
+        print(message, flush=True)
+    else:
+        from absl import logging
+
+        logging.info(message)

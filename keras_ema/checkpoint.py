@@ -6,6 +6,7 @@ import warnings
 
 import keras
 
+from keras_ema import _checks
 from keras_ema import _keras_private
 from keras_ema._files import atomic_path
 
@@ -68,14 +69,7 @@ class EMACheckpoint(keras.callbacks.Callback):
         verbose: int = 0,
     ):
         super().__init__()
-        from keras_ema.multi_ema import MultiEMA
-
-        if not isinstance(ema, MultiEMA):
-            raise ValueError(
-                "Invalid value for argument `ema`: expected a "
-                "keras_ema.MultiEMA, SwitchEMA or Belay. Received: "
-                f"ema={ema!r}"
-            )
+        _checks.check_multi_ema(ema)
         if not isinstance(filepath, (str, os.PathLike)) or not (
             str(filepath).endswith(".weights.h5") or str(filepath).endswith(".keras")
         ):

@@ -2,14 +2,12 @@
 
 import contextlib
 import os
-import shutil
 
 import keras
 import numpy as np
 
 from keras_ema import _keras_private
 from keras_ema._files import atomic_path
-from keras_ema._files import temp_path
 from keras_ema.batch_norm import batch_norm_statistics
 from keras_ema.batch_norm import recompute_batch_norm_statistics
 
@@ -101,16 +99,9 @@ def export_model(
         _check_finite(model, " after recomputing its BatchNorm statistics")
     os.makedirs(directory, exist_ok=True)
     saved_model = os.path.join(directory, "saved_model")
-    # A directory: written under its temporary name by hand.
-    tmp_saved_model = temp_path(saved_model)
-    try:
+    with atomic_path(saved_model) as tmp_saved_model:
         with _tensorflow_warnings_only():
             model.export(tmp_saved_model, format="tf_saved_model", verbose=False)
-        if os.path.isdir(saved_model):
-            shutil.rmtree(saved_model)
-        os.replace(tmp_saved_model, saved_model)
-    finally:
-        shutil.rmtree(tmp_saved_model, ignore_errors=True)
     keras_file = os.path.join(directory, "model.keras")
     with atomic_path(keras_file) as tmp_keras:
         model.save(tmp_keras)

@@ -4,6 +4,8 @@ import os
 
 import keras
 
+from keras_ema import _checks
+
 
 class EMATensorBoard(keras.callbacks.Callback):
     """Writes each EMA's validation metrics as its own TensorBoard run.
@@ -54,14 +56,7 @@ class EMATensorBoard(keras.callbacks.Callback):
 
     def __init__(self, ema, log_dir: str = "logs"):
         super().__init__()
-        from keras_ema.multi_ema import MultiEMA
-
-        if not isinstance(ema, MultiEMA):
-            raise ValueError(
-                "Invalid value for argument `ema`: expected a "
-                "keras_ema.MultiEMA, SwitchEMA or Belay. Received: "
-                f"ema={ema!r}"
-            )
+        _checks.check_multi_ema(ema)
         if not isinstance(log_dir, (str, os.PathLike)) or not str(log_dir):
             raise ValueError(
                 "Invalid value for argument `log_dir`: expected a directory "

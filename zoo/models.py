@@ -9,6 +9,7 @@ import functools
 
 import keras
 
+from keras_ema._keras_private import flatten_layers
 from zoo import resnet as _resnet
 from zoo import vgg as _vgg
 from zoo import wide_resnet as _wide_resnet
@@ -91,11 +92,11 @@ def get_model(
 def _synchronize_batch_norm(model):
     """Makes every BatchNormalization of `model` use `_global_moments`.
 
-    Keras private APIs, read from Keras 3.15.1: `Layer._flatten_layers` and
-    `BatchNormalization._moments` (read at call time, so the built layers
+    Keras private APIs, read from Keras 3.15.1: `Layer._flatten_layers`
+    (through `keras_ema._keras_private`) and `BatchNormalization._moments` (read at call time, so the built layers
     all-reduce their moments), `_reduction_axes` in `_global_moments`.
     """
-    for layer in model._flatten_layers(include_self=False):
+    for layer in flatten_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = True
             layer._moments = functools.partial(

@@ -7,7 +7,7 @@ import re
 import keras
 
 from zoo.run import run_dir
-from zoo.run.log import print_msg
+from keras_ema._keras_private import print_msg
 
 _WEIGHTS_NAME = re.compile(r"^epoch_(\d+)\.weights\.h5$")
 

@@ -33,7 +33,7 @@ from zoo.run.config import ConfigError
 from zoo.run.config import read_flags
 from zoo.run.log import RunLogger
 from zoo.run.log import format_summary
-from zoo.run.log import print_msg
+from keras_ema._keras_private import print_msg
 from zoo.run.log import summarize
 from zoo.schedules import WarmupCosine
 from zoo.selection import ChosenWeights

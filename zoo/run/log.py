@@ -2,32 +2,18 @@
 
 `RunLogger` writes the history and a partial summary at every epoch end,
 `summarize` builds `summary.json` from the history rows, `format_summary`
-prints its table; `print_msg` is the kit's one way to say something.
+prints its table.
 """
 
 import os
 
 import keras
 import numpy as np
-from absl import logging
 
 from zoo.run import run_dir
 from zoo.run.config import Config
 from zoo.selection import chosen_by
 from zoo.selection import selection_split
-
-
-def print_msg(message: str):
-    """Prints `message` to stdout, or logs it when interactive logging is off.
-
-    Keras' own `io_utils.print_msg` (private in Keras 3.15.1) with its public
-    switch: after `keras.config.disable_interactive_logging()` messages go
-    to absl logging, as Keras' progress bars do.
-    """
-    if keras.config.is_interactive_logging_enabled():
-        print(message, flush=True)
-    else:
-        logging.info(message)
 
 
 class RunLogger(keras.callbacks.Callback):
@@ -222,4 +208,4 @@ def format_summary(summary: dict) -> str:
 
 
 
-__all__ = ["RunLogger", "format_summary", "print_msg", "summarize"]
+__all__ = ["RunLogger", "format_summary", "summarize"]

@@ -341,7 +341,13 @@ def reliability_figure(
     histogram of predictions per bin; the legend (a figure legend, below
     both) gives the ECE with 100 equal-mass bins.
     """
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(
+            "reliability_diagram draws with matplotlib, which is not "
+            "installed: pip install matplotlib (or keras-ema[zoo])."
+        ) from None
 
     probs, labels = _check_probs_labels(probs, labels)
     num_bins = _check_num_bins(num_bins)

@@ -227,6 +227,17 @@ def test_reliability_diagram_bad_input_writes_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_reliability_diagram_without_matplotlib_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    # `None` in sys.modules makes `import matplotlib.figure` raise ImportError.
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match="pip install matplotlib") as error:
+        reliability_diagram(PROBS, LABELS, str(tmp_path / "r.png"))
+    assert "\n" not in str(error.value)
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "probs,labels,kwargs,match",
     [

@@ -66,11 +66,14 @@ def evaluate(extra):
 
 def test(extra):
     quiet = {"TF_CPP_MIN_LOG_LEVEL": "3"}
-    code = _run([PYTHON, "-m", "pytest", "-q"] + extra,
+    # Test files spread over up to 4 processes (pytest-xdist); `-n 0` in
+    # `extra` runs them in this one.
+    workers = ["-n", str(min(4, os.cpu_count() or 1)), "--dist", "loadfile"]
+    code = _run([PYTHON, "-m", "pytest", "-q"] + workers + extra,
                 KERAS_BACKEND="tensorflow", **quiet)
     print("\nThe backend-independent tests again, on JAX:", flush=True)
-    code_jax = _run([PYTHON, "-m", "pytest", "-q", "-m", "all_backends"] + extra,
-                    KERAS_BACKEND="jax", **quiet)
+    code_jax = _run([PYTHON, "-m", "pytest", "-q", "-m", "all_backends"]
+                    + workers + extra, KERAS_BACKEND="jax", **quiet)
     return code or code_jax
 
 

@@ -12,8 +12,30 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import keras  # noqa: E402
 import pytest  # noqa: E402
+
+
+def _import_keras_quietly():
+    """`import keras` with file descriptor 2 sent to /dev/null meanwhile.
+
+    TensorFlow writes its C++ start-up lines (oneDNN, CUDA probing) before it
+    reads TF_CPP_MIN_LOG_LEVEL; pytest-xdist's workers would pass them on.
+    """
+    import sys
+
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        import keras
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+    return keras
+
+
+keras = _import_keras_quietly()
 
 
 @pytest.fixture(autouse=True)

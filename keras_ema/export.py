@@ -92,7 +92,12 @@ def export_model(
 
     Returns:
         `model`.
+
+    Raises:
+        ImportError: TensorFlow is not installed (before anything is written).
+        ValueError: a weight is not finite.
     """
+    _require_tensorflow()
     _check_finite(model)
     if batch_norm_data is not None and batch_norm_statistics(model):
         recompute_batch_norm_statistics(model, batch_norm_data)
@@ -110,6 +115,18 @@ def export_model(
             f"Exported {saved_model} (SavedModel) and {keras_file}"
         )
     return model
+
+
+def _require_tensorflow():
+    """An `ImportError` saying what to install, unless TensorFlow imports."""
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "export_model writes a TensorFlow SavedModel, which needs "
+            "TensorFlow: pip install \"keras-ema[tensorflow]\" (the model "
+            "itself may be trained on JAX)."
+        ) from None
 
 
 @contextlib.contextmanager

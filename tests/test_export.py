@@ -105,3 +105,17 @@ def test_export_logs_no_tensorflow_info_lines(tmp_path, caplog):
     info = [r.getMessage()[:80] for r in caplog.records
             if r.name.startswith("tensorflow") and r.levelno < logging.WARNING]
     assert info == []
+
+
+@pytest.mark.all_backends
+def test_without_tensorflow_a_one_line_error_and_nothing_written(tmp_path, monkeypatch):
+    import sys
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    # `None` in sys.modules makes `import tensorflow` raise ImportError.
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
+    target = tmp_path / "out"
+    with pytest.raises(ImportError, match=r'pip install "keras-ema\[tensorflow\]"') as e:
+        keras_ema.export_model(model, str(target), verbose=0)
+    assert "\n" not in str(e.value)
+    assert not target.exists()

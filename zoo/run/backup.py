@@ -6,8 +6,8 @@ import re
 
 import keras
 
-from zoo.run import run_dir
 from keras_ema._keras_private import print_msg
+from zoo.run import run_dir
 
 _WEIGHTS_NAME = re.compile(r"^epoch_(\d+)\.weights\.h5$")
 

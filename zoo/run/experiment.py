@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 import keras_ema
+from keras_ema._keras_private import print_msg
 from zoo.data.loader import ArrayLoader
 from zoo.data.loader import EpochSetter
 from zoo.data import load_dataset
@@ -33,7 +34,6 @@ from zoo.run.config import ConfigError
 from zoo.run.config import read_flags
 from zoo.run.log import RunLogger
 from zoo.run.log import format_summary
-from keras_ema._keras_private import print_msg
 from zoo.run.log import summarize
 from zoo.schedules import WarmupCosine
 from zoo.selection import ChosenWeights

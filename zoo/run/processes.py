@@ -16,11 +16,11 @@ import sys
 
 import keras
 
+from keras_ema._keras_private import print_msg
 from zoo.run import run_dir
 from zoo.run.config import DEFAULT_CONNECT_TIMEOUT
 from zoo.run.config import Config
 from zoo.run.config import ConfigError
-from keras_ema._keras_private import print_msg
 
 
 @dataclasses.dataclass(frozen=True)

@@ -184,8 +184,13 @@ def load_runs(paths: "list[str]") -> list:
             loaded = run_dir.load_run(path)
         except run_dir.RunDirError as error:
             raise EvaluationError(str(error)) from None
-        runs.append(Run(path, Config.from_flags(loaded["flags"]).resolved(),
-                        loaded["summary"], loaded["flags"]))
+        try:
+            config = Config.from_flags(loaded["flags"]).resolved()
+        except ValueError as error:  # ConfigError too: it parses but is wrong
+            raise EvaluationError(str(run_dir.DamagedFileError(
+                os.path.join(path, "flags.cfg"), error,
+                "restore it from a copy, or retrain the run"))) from None
+        runs.append(Run(path, config, loaded["summary"], loaded["flags"]))
     first = runs[0]
     for run in runs[1:]:
         if run.config.dataset != first.config.dataset:
@@ -231,7 +236,7 @@ def _check_not_diverged(path):
         diverged = run_dir.read_json(summary_path).get("diverged")
     except (OSError, ValueError, AttributeError):
         return  # load_run reports an unreadable summary
-    if diverged:
+    if isinstance(diverged, dict) and diverged:  # else load_run checks it
         raise EvaluationError(
             f"{path} diverged at epoch {diverged.get('epoch')}: its training "
             "loss became NaN or infinite, so it has no result to evaluate; "

@@ -4,6 +4,7 @@
 - `run_dir`: the run directory: layout, atomic files, locks, damage checks.
 - `backup`: `AtomicBackupAndRestore`, the kill-safe backup of training.
 - `log`: `history.csv`, `summary.json` and the printed summary.
+- `summary_schema`: what a finished run's `summary.json` must hold, checked on load.
 - `processes`: runs of several processes and devices (tf.distribute, JAX).
 - `experiment`: `train(Config(...))`, the paper's protocol.
 

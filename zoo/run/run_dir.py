@@ -38,6 +38,7 @@ from zoo.run.config import RESUMABLE_CHANGES
 from zoo.run.config import Config
 from zoo.run.config import read_flags
 from zoo.run.config import read_flags_text
+from zoo.run.summary_schema import summary_problem
 
 LAYOUT_VERSION = 1
 REQUIRED_FILES = ("flags.cfg", "history.csv", "summary.json", "sgd_last.weights.h5")
@@ -480,14 +481,20 @@ def load_run(path: str) -> dict:
             f"Run directory {path} has layout version {version}, this version "
             f"reads {LAYOUT_VERSION}; rerun its training with this version."
         )
-    if not summary.get("completed"):
+    if summary.get("completed") in (False, None):
         raise RunDirError(
             f"Run directory {path} holds an unfinished run; rerun its train.py "
             "command to finish it."
         )
+    flags = read_flags(os.path.join(path, "flags.cfg"))
+    # Checked once here, so that readers may trust every key they read.
+    problem = summary_problem(summary, path, _decays_of(flags))
+    if problem:
+        raise DamagedFileError(os.path.join(path, "summary.json"), problem,
+                               _rewrite_remedy(path))
     return {
         "path": path,
-        "flags": read_flags(os.path.join(path, "flags.cfg")),
+        "flags": flags,
         "summary": summary,
         "history": read_history(
             os.path.join(path, "history.csv"),
@@ -496,6 +503,15 @@ def load_run(path: str) -> dict:
                    "--output_dir=NEW",
         ),
     }
+
+
+def _decays_of(flags):
+    """The `--ema_decays` of a flag file's dict, or `None` if they do not parse."""
+    try:
+        decays = tuple(float(d) for d in flags.get("ema_decays", "").split(",") if d)
+    except ValueError:
+        return None
+    return decays or None
 
 
 def _rewrite_remedy(run):

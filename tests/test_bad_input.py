@@ -5,6 +5,7 @@ Each case is a row of the README's troubleshooting table.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -153,6 +154,25 @@ def test_output_dir_is_a_file(tmp_path):
     with pytest.raises(RunDirError, match=r"--output_dir=.*notes\.txt is a file"):
         experiment.train(config(path), verbose=0)
     assert path.read_text() == "mine"
+
+
+def test_output_dir_below_a_file(tmp_path):
+    from zoo.run import run_dir
+
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    below = path / "runs" / "run"
+    message = (f"^--output_dir={re.escape(str(below))} cannot be created: "
+               f"{re.escape(str(path))} is a file, not a directory; choose "
+               r"another --output_dir\.$")
+    with pytest.raises(RunDirError, match=message):
+        experiment.train(config(below), verbose=0)
+    # evaluate.py checks its --output_dir with the same function before it
+    # evaluates anything.
+    with pytest.raises(RunDirError, match=r"cannot be created: .*notes\.txt is a file"):
+        run_dir.check_output_dir(str(path / "results"))
+    assert path.read_text() == "mine"
+    assert os.listdir(tmp_path) == ["notes.txt"]
 
 
 def _old_layout_run(root):

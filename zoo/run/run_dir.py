@@ -354,6 +354,11 @@ def check_output_dir(path: str):
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise RunDirError(
+            f"--output_dir={path} cannot be created: {parent} is a file, not a "
+            "directory; choose another --output_dir."
+        )
     if not os.access(parent, os.W_OK):
         raise RunDirError(
             f"--output_dir={path} cannot be created: {parent} is not writable."

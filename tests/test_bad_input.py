@@ -85,6 +85,19 @@ CASES = [
      r"for this dataset$"),
     ("negative image size", dict(image_size=-1), experiment.ConfigError,
      r"^--image_size=-1: must be in \[0, 1024\]; 0 keeps the stored size$"),
+    ("data_dir of a dataset that reads none", dict(data_dir="/nonexistent"),
+     experiment.ConfigError,
+     r"^--data_dir=/nonexistent: --dataset=digits reads no data directory \(only "
+     r"the TFDS datasets and tiny_imagenet do\); leave it empty$"),
+    ("data_dir of an image folder", dict(dataset="folder:/data", data_dir="/data"),
+     experiment.ConfigError, r"^--data_dir=/data: --dataset=folder:/data reads no "),
+    ("decays equal within rounding", dict(ema_decays=(0.9, 0.9000000000000001)),
+     experiment.ConfigError,
+     r"^--ema_decays=0\.9,0\.9000000000000001: decays 0\.9 and 0\.9000000000000001 "
+     r"differ by less than 1e-06, the precision decays are printed with: they "
+     r"are one EMA; give decays that differ in their first 6 decimals$"),
+    ("decays closer than printed, unsorted", dict(ema_decays=(0.9995, 0.998, 0.9994996)),
+     experiment.ConfigError, r"decays 0\.9994996 and 0\.9995 differ by less than 1e-06"),
     ("distribution of the other backend", dict(distribution="data_parallel"),
      experiment.ConfigError, r"^--distribution=data_parallel: needs KERAS_BACKEND=jax"),
 ]

@@ -191,3 +191,19 @@ def test_zoo_imports_without_tensorflow():
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.all_backends
+@pytest.mark.parametrize("name", ["digits", "folder:/data"])
+def test_data_dir_of_a_dataset_that_reads_none(name):
+    from zoo.data import DatasetError
+    from zoo.data import reads_data_dir
+
+    with pytest.raises(DatasetError, match=(
+            rf"^Argument `data_dir` applies to the TFDS datasets and tiny_imagenet "
+            rf"only; '{name}' reads none\. Received: data_dir='/nonexistent'\. "
+            r"Leave it unset\.$")):
+        load_dataset(name, data_dir="/nonexistent")
+    assert [n for n in ("digits", "cifar10", "CIFAR100", "cifar10n", "cifar100n",
+                        "tiny_imagenet", "folder:/data") if reads_data_dir(n)] == [
+        "cifar10", "CIFAR100", "cifar10n", "cifar100n", "tiny_imagenet"]

@@ -61,6 +61,16 @@ _SPLIT_STREAM = 0x73706C74
 
 _DIGITS_TEST_SIZE = 360
 KNOWN_DATASETS = ("digits", *TFDS_DATASETS, "tiny_imagenet", "folder:PATH")
+_TINY_IMAGENET_NAMES = ("tiny_imagenet", "tiny-imagenet", "tinyimagenet")
+
+
+def reads_data_dir(name: str) -> bool:
+    """Whether dataset `name` reads `data_dir`: the TFDS datasets and tiny_imagenet.
+
+    `digits` is bundled with scikit-learn and `folder:PATH` names its folder.
+    """
+    key = name.lower()
+    return key in TFDS_DATASETS or key in _TINY_IMAGENET_NAMES
 
 
 def load_dataset(
@@ -142,6 +152,13 @@ def load_dataset(
                 f"{name!r}. Leave it unset."
             )
 
+    if data_dir is not None and not reads_data_dir(name):
+        raise DatasetError(
+            f"Argument `data_dir` applies to the TFDS datasets and tiny_imagenet "
+            f"only; {name!r} reads none. Received: data_dir={data_dir!r}. Leave "
+            "it unset."
+        )
+
     clean_train = None  # Clean training labels when the source is noisy.
     if key == "digits":
         x, y, x_test, y_test, class_names = _load_digits()
@@ -156,7 +173,7 @@ def load_dataset(
         x, y, clean_train, x_test, y_test, class_names = load_tfds(
             key, data_dir, label_key
         )
-    elif key in ("tiny_imagenet", "tiny-imagenet", "tinyimagenet"):
+    elif key in _TINY_IMAGENET_NAMES:
         x, y, x_test, y_test, class_names = load_tiny_imagenet(
             data_dir, image_size
         )

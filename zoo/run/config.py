@@ -31,6 +31,10 @@ MAX_IMAGE_SIZE = 1024
 WRITTEN_ONLY_WHEN_SET = ("image_size", "snapshot_every", "selection_from")
 # Flags a resumed run may change: where it is written and how it is spread.
 RESUMABLE_CHANGES = ("output_dir", "distribution")
+# Decays closer than this are one EMA: MultiEMA prints them (and their
+# per-step equivalents) with 6 decimals, the curves with 6 significant digits,
+# and its update computes in float32 (steps of 6e-8 near 1).
+DECAY_RESOLUTION = 1e-6
 # Seconds a process waits for the others of a multi-process run to join.
 DEFAULT_CONNECT_TIMEOUT = 120.0
 
@@ -189,6 +193,12 @@ class Config:
                                     or self.dataset.lower() == "tiny_imagenet"):
             fail("image_size", self.image_size, "resizes folder: and tiny_imagenet "
                  "images only; leave it 0 for this dataset")
+        from zoo.data import reads_data_dir
+
+        if self.data_dir and not reads_data_dir(self.dataset):
+            fail("data_dir", self.data_dir, f"--dataset={self.dataset} reads no "
+                 "data directory (only the TFDS datasets and tiny_imagenet do); "
+                 "leave it empty")
         if self.weight_decay < 0:
             fail("weight_decay", self.weight_decay, "must be >= 0")
         if not 0 <= self.warmup_epochs < self.epochs:
@@ -203,6 +213,13 @@ class Config:
         if len(set(self.ema_decays)) != len(self.ema_decays):
             fail("ema_decays", ",".join(map(str, self.ema_decays)),
                  "decays must be distinct")
+        close = _closest_decays(self.ema_decays)
+        if close:
+            fail("ema_decays", ",".join(map(str, self.ema_decays)),
+                 f"decays {close[0]} and {close[1]} differ by less than "
+                 f"{DECAY_RESOLUTION:g}, the precision decays are printed with: "
+                 "they are one EMA; give decays that differ in their first 6 "
+                 "decimals")
         import keras
 
         backend = keras.backend.backend()
@@ -264,6 +281,15 @@ class Config:
                 value = repr(value)
             lines.append(f"--{field.name}={value}")
         return "\n".join(lines) + "\n"
+
+
+def _closest_decays(decays) -> tuple:
+    """Two of `decays` closer than `DECAY_RESOLUTION`, or `()`."""
+    ordered = sorted(decays)
+    for a, b in zip(ordered, ordered[1:]):
+        if b - a < DECAY_RESOLUTION:
+            return a, b
+    return ()
 
 
 def _check_field(field, value) -> str:

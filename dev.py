@@ -13,9 +13,15 @@ pytest) there; later runs reuse it until pyproject.toml changes.
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import venv
+
+import _cli  # the standard library only
+
+if __name__ == "__main__":  # Ctrl-C and SIGTERM: one line, non-zero status
+    _cli.handle_interrupts("dev.py")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VENV = os.path.join(ROOT, ".venv")
@@ -24,8 +30,21 @@ STAMP = os.path.join(VENV, ".keras-ema-installed")
 
 
 def _run(args, cwd=ROOT, **env):
+    """The exit status of `args`; an interrupt is passed on to it, not cut short.
+
+    The command (train.py, evaluate.py, pytest, pip) ends an interrupt in its
+    own words; dev.py then exits with 130 (143 for SIGTERM) and says nothing
+    more. `subprocess.call` would kill it a quarter of a second in.
+    """
     environment = dict(os.environ, **env)
-    return subprocess.call(args, cwd=cwd, env=environment)
+    with subprocess.Popen(args, cwd=cwd, env=environment) as process:
+        try:
+            return process.wait()
+        except KeyboardInterrupt as interrupt:
+            how = str(interrupt) if str(interrupt) in _cli.EXIT_STATUS else "SIGINT"
+            process.send_signal(getattr(signal, how))
+            process.wait()
+            sys.exit(_cli.EXIT_STATUS[how])
 
 
 def ensure_environment():

@@ -12,9 +12,16 @@ Pass the run directories of the seeds of one configuration. See
 import os
 import sys
 
-from absl import flags
-
 import _cli
+
+# First: Ctrl-C and SIGTERM end in one line from here on, also in the
+# seconds TensorFlow takes to import.
+if __name__ == "__main__":
+    _cli.handle_interrupts("evaluate.py", "results.md, results.json and the "
+                           "figures are written all or none: rerun the same "
+                           "command.")
+
+from absl import flags  # noqa: E402
 
 # zoo.evaluation.EVALUATORS' names and help lines, repeated here so that
 # --help needs no Keras (tests/test_evaluate.py checks that they agree).
@@ -80,7 +87,8 @@ def main(argv):
             probe_epochs=FLAGS.probe_epochs,
             log=lambda line: print(line, flush=True),
         )
-        with run_dir.disk_errors(output_dir):  # a full disk: one line
+        # A full disk: one line; an interrupt: after the last file.
+        with run_dir.disk_errors(output_dir), _cli.interrupts_deferred():
             path = evaluation.write_results(results, figures, output_dir)
     except (evaluation.EvaluationError, DatasetError, RunDirError) as error:
         sys.exit(f"evaluate.py: error: {error}")

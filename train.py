@@ -7,13 +7,20 @@ Rerunning the same command resumes an interrupted run; `--flagfile=RUN/flags.cfg
 replays a finished one. See README.md for the flags and the run directory.
 """
 
-import signal
+import dataclasses
 import sys
 
-from absl import flags
-
 import _cli
-from zoo.run import config as run_config
+
+# First: Ctrl-C and SIGTERM end in one line from here on, also in the
+# seconds TensorFlow takes to import.
+if __name__ == "__main__":
+    _cli.handle_interrupts("train.py", "what was trained is kept: rerun the "
+                           "same command to resume.")
+
+from absl import flags  # noqa: E402
+
+from zoo.run import config as run_config  # noqa: E402
 
 # One flag per field of `zoo.run.config.Config`, from its metadata; that
 # module imports no Keras, so `--help` and a bad flag answer at once.
@@ -34,23 +41,18 @@ def main(argv):
     from zoo.data import DatasetError
     from zoo.run.run_dir import RunDirError
 
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
         config = run_config.config_from_flags(FLAGS)
+        run = _cli.replayed_run(sys.argv[1:], config.output_dir)
+        if run != config.output_dir:
+            print(f"The run is in {run}, where its flags.cfg is, not in "
+                  f"{config.output_dir}, the --output_dir that flags.cfg "
+                  "records (the run was copied or moved).", flush=True)
+            config = dataclasses.replace(config, output_dir=run)
         experiment.train(config, connect_timeout=FLAGS.connect_timeout)
     except (run_config.ConfigError, DatasetError, RunDirError,
             experiment.TrainingDiverged, experiment.ExportError) as error:
         sys.exit(f"train.py: error: {error}")
-    except KeyboardInterrupt as interrupt:
-        how = str(interrupt) or "SIGINT"
-        print(f"train.py: stopped by {how}; what was trained is kept: rerun the "
-              "same command to resume.", file=sys.stderr, flush=True)
-        sys.exit(143 if how == "SIGTERM" else 130)
-
-
-def _interrupt(signum, frame):
-    """SIGTERM ends the run like Ctrl-C: files stay whole, the run resumable."""
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,16 @@ import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# zoo/ and _cli are the repository's, not installed: import them from this checkout.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _cli  # noqa: E402
+
+if __name__ == "__main__":  # Ctrl-C, SIGTERM: one line, also while Keras imports
+    _cli.handle_interrupts(f"benchmarks/{os.path.basename(__file__)}")
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-# zoo/ is the repository's kit, not installed: import it from this checkout.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras_ema  # noqa: E402
 import zoo.models  # noqa: E402
@@ -214,4 +219,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    _cli.main_of(main)()

@@ -26,6 +26,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import _cli  # noqa: E402
+
+if __name__ == "__main__":  # Ctrl-C, SIGTERM: one line, also while Keras imports
+    _cli.handle_interrupts(f"benchmarks/{os.path.basename(__file__)}")
+
 from keras_ema import posthoc  # noqa: E402
 
 EVERY = 50
@@ -102,4 +107,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    _cli.main_of(main)()

@@ -35,6 +35,13 @@ if PART == "sharded":
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# _cli is the repository's, not installed: import it from this checkout.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _cli  # noqa: E402
+
+if __name__ == "__main__":  # Ctrl-C, SIGTERM: one line, also while Keras imports
+    _cli.handle_interrupts(f"benchmarks/{os.path.basename(__file__)}")
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -211,4 +218,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    _cli.main_of(main)()

@@ -64,11 +64,16 @@ if any(flag in sys.argv[1:] for flag in COMPARE_FLAGS):
     os.environ.setdefault("KERAS_BACKEND", "jax")
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 
+# zoo/ and _cli are the repository's, not installed: import them from this checkout.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _cli  # noqa: E402
+
+if __name__ == "__main__":  # Ctrl-C, SIGTERM: one line, also while Keras imports
+    _cli.handle_interrupts(f"benchmarks/{os.path.basename(__file__)}")
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-# zoo/ is the repository's kit, not installed: import it from this checkout.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import zoo.models  # noqa: E402
 
 PROG = "throughput.py"
@@ -489,4 +494,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    _cli.main_of(main)()

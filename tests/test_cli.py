@@ -131,3 +131,224 @@ def test_bad_flag_is_one_line_without_keras(tmp_path, flag, message):
     assert "absl.flags" in imported
     assert not [m for m in imported if m.split(".")[0] in ("keras", "tensorflow")]
     assert not (tmp_path / "out").exists()
+
+
+# === Ctrl-C, SIGTERM and flag files: one line, never a traceback ===
+
+# Starts SCRIPT as `python SCRIPT ARGS` would, printing a marker line when it
+# looks for TensorFlow, which it then imports (seconds): a signal sent after
+# the marker arrives during the start-up.
+_MARK_TENSORFLOW_IMPORT = """
+import importlib.abc, runpy, sys
+class Mark(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow":
+            sys.meta_path.remove(self)
+            print("importing tensorflow", flush=True)
+        return None
+sys.meta_path.insert(0, Mark())
+sys.path.insert(0, sys.argv[1])
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+STOPPED = {
+    "train.py": "; what was trained is kept: rerun the same command to resume.",
+    "evaluate.py": "; results.md, results.json and the figures are written all "
+                   "or none: rerun the same command.",
+    "benchmarks/posthoc.py": ".",
+}
+ARGS = {"train.py": ["--output_dir=out", "--epochs=1"],
+        "evaluate.py": ["run", "--output_dir=out"],
+        "benchmarks/posthoc.py": ["--params=0.1"]}
+# Deadlines that only a hang reaches, however loaded the machine.
+HANG = 600
+
+
+def _start(args, cwd, wrapper=None):
+    command = [sys.executable] + (["-c", wrapper, ROOT] if wrapper else []) + args
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+def _signal_after(process, marker, signum):
+    """Sends `signum` once `process` printed a line containing `marker`."""
+    import signal
+    import threading
+
+    timer = threading.Timer(HANG, process.kill)  # a hang fails, never blocks
+    timer.start()
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if marker in line:
+                process.send_signal(signum)
+                break
+        else:
+            pytest.fail(f"never printed {marker!r}: {''.join(lines)[-2000:]}")
+        out, err = process.communicate()
+    finally:
+        timer.cancel()
+    assert process.returncode != -signal.SIGKILL, "hung after the signal"
+    return "".join(lines) + out, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", list(STOPPED))
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_signal_while_tensorflow_imports_is_one_line(tmp_path, script, name):
+    import signal
+
+    if "tensorflow" not in sys.modules and script.startswith("benchmarks"):
+        pytest.skip("the benchmark imports TensorFlow only on its backend")
+    process = _start([os.path.join(ROOT, script)] + ARGS[script], tmp_path,
+                     _MARK_TENSORFLOW_IMPORT)
+    out, err = _signal_after(process, "importing tensorflow", getattr(signal, name))
+    assert process.returncode == {"SIGINT": 130, "SIGTERM": 143}[name], err[-3000:]
+    assert err.strip().splitlines() == [f"{script}: stopped by {name}{STOPPED[script]}"]
+    assert "=== Data ===" not in out and "params" not in out  # still starting
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_signal_while_evaluating_is_one_line_and_writes_nothing(
+        tmp_path, finished_run, name):
+    import signal
+
+    run, _ = finished_run
+    # A linear probe of a million epochs: the signal surely finds it running.
+    process = _start([os.path.join(ROOT, "evaluate.py"), run, "--evals=transfer",
+                      "--transfer_dataset=digits", "--probe_epochs=1000000",
+                      f"--output_dir={tmp_path / 'results'}"], tmp_path)
+    out, err = _signal_after(process, "linear probe of", getattr(signal, name))
+    assert process.returncode == {"SIGINT": 130, "SIGTERM": 143}[name], err[-3000:]
+    assert err.strip().splitlines()[-1:] == [
+        f"evaluate.py: stopped by {name}{STOPPED['evaluate.py']}"]
+    assert "Traceback" not in err
+    assert not (tmp_path / "results").exists()
+
+
+_DEV_RUNS_A_CHILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import _cli
+_cli.handle_interrupts("dev.py")
+import dev
+child = ("import signal, sys, time\\n"
+         "def stop(signum, frame):\\n"
+         "    print('child stopped by', signum, flush=True)\\n"
+         "    sys.exit(5)\\n"
+         "signal.signal(signal.SIGTERM, stop)\\n"
+         "print('child', __import__('os').getpid(), 'ready', flush=True)\\n"
+         "time.sleep(300)\\n")
+dev._run([sys.executable, "-c", child])
+"""
+
+
+def test_dev_py_passes_an_interrupt_on_to_its_command(tmp_path):
+    import signal
+
+    process = _start([], tmp_path, _DEV_RUNS_A_CHILD)
+    out, err = _signal_after(process, "ready", signal.SIGTERM)
+    child = int(out.split()[1])
+    try:
+        os.kill(child, 0)
+        still_running = True  # dev.py died and left it behind
+        os.kill(child, signal.SIGKILL)
+    except ProcessLookupError:
+        still_running = False
+    assert (process.returncode, err) == (143, ""), err[-2000:]
+    assert f"child stopped by {int(signal.SIGTERM)}" in out
+    assert not still_running
+
+
+def test_interrupt_while_results_are_written_comes_after_the_last_file(tmp_path):
+    import signal
+
+    import _cli
+
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _cli._raise_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="^SIGTERM$"):
+            with _cli.interrupts_deferred():
+                (tmp_path / "a").write_text("a")
+                os.kill(os.getpid(), signal.SIGTERM)
+                (tmp_path / "b").write_text("b")
+        assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+        # The handler is back: the next signal raises at once.
+        with pytest.raises(KeyboardInterrupt, match="^SIGTERM$"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_flag_file_that_is_not_text_is_one_line(tmp_path, script):
+    (tmp_path / "flags.cfg").write_bytes(bytes(range(256)) * 4)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), "--flagfile=flags.cfg"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=HANG,
+        env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"{script}: error: --flagfile=flags.cfg: not a text file (invalid "
+        "start byte at byte 128); pass a file of --name=value lines, such as "
+        "configs/demo.cfg"]
+
+
+# === --flagfile=RUN/flags.cfg of a copied or moved run ===
+
+
+def _run_files(run, output_dir):
+    run.mkdir()
+    (run / "flags.cfg").write_text(f"--output_dir={output_dir}\n--epochs=3\n")
+    (run / "summary.json").write_text("{}")
+    return str(run / "flags.cfg")
+
+
+def test_flags_of_a_moved_run_name_the_directory_they_sit_in(tmp_path):
+    import _cli
+
+    original = str(tmp_path / "original")
+    flags = _run_files(tmp_path / "copy", original)
+    copy = str(tmp_path / "copy")
+    assert _cli.replayed_run([f"--flagfile={flags}"], original) == copy
+    assert _cli.replayed_run(["--flagfile", flags, "--epochs=3"], original) == copy
+    # An --output_dir after the flag file, or another flag file that sets
+    # one, decides; so does a flag file that is not a run's.
+    assert _cli.replayed_run([f"--flagfile={flags}", f"--output_dir={original}"],
+                             original) == original
+    assert _cli.replayed_run([f"--flagfile={flags}", "--output_dir=new"], "new") == "new"
+    assert _cli.replayed_run([f"--flagfile={flags}"], "elsewhere") == "elsewhere"
+    config = tmp_path / "configs"
+    config.mkdir()
+    (config / "flags.cfg").write_text(f"--output_dir={original}\n")
+    assert _cli.replayed_run([f"--flagfile={config / 'flags.cfg'}"], original) == original
+    # The run in place: its own directory.
+    flags = _run_files(tmp_path / "in_place", str(tmp_path / "in_place"))
+    assert _cli.replayed_run([f"--flagfile={flags}"], str(tmp_path / "in_place")) == str(
+        tmp_path / "in_place")
+
+
+@pytest.mark.slow
+def test_flag_file_of_a_moved_run_replays_that_run(tmp_path, finished_run):
+    import shutil
+
+    run, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    gone = tmp_path / "gone"  # where the run was trained, moved away since
+    text = (copy / "flags.cfg").read_text().replace(f"--output_dir={run}\n",
+                                                    f"--output_dir={gone}\n")
+    (copy / "flags.cfg").write_text(text)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), f"--flagfile={copy}/flags.cfg"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=HANG,
+        env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"The run is in {copy}, where its flags.cfg is, not in {gone}" in result.stdout
+    assert f"{copy} holds a completed run; nothing to do" in result.stdout
+    assert not gone.exists()

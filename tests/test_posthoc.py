@@ -11,6 +11,7 @@ import pytest
 import keras_ema
 from keras_ema import posthoc
 from ema_reference import Recorder
+from ema_reference import flip_middle_bytes
 from ema_reference import data
 from ema_reference import tiny_model
 
@@ -416,20 +417,6 @@ def test_ema_profile_is_linear_time():
 
 
 # === Damaged snapshots and snapshots of two runs ===
-
-
-def flip_middle_bytes(path, member="s0.npy"):
-    """Flips 16 bytes in the middle of one stored array of a snapshot."""
-    import zipfile
-
-    with zipfile.ZipFile(path) as z:
-        info = z.getinfo(member)
-    with open(path, "r+b") as f:
-        middle = info.header_offset + 200 + info.compress_size // 2
-        f.seek(middle)
-        chunk = f.read(16)
-        f.seek(middle)
-        f.write(bytes(b ^ 0xFF for b in chunk))
 
 
 def test_damaged_snapshots_are_named_and_left_out(tmp_path):

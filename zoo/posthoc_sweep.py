@@ -79,7 +79,7 @@ def evaluate_posthoc(ev, runs: list, figures: dict) -> dict:
         y = data.y_val if data.y_val is not None else data.y_test
         model = ev.model(run, "baseline")  # the final weights, cached
         saved = [keras.ops.convert_to_numpy(v) for v in model.weights]
-        step = snaps[-1][0]
+        step = _last_readable_step(snaps)
         rows = []
         try:
             for label, kind, target in targets(step, c.ema_period, c.ema_warmup):
@@ -135,6 +135,20 @@ def evaluate_posthoc(ev, runs: list, figures: dict) -> dict:
             reachable, tracked,
             f"{run.name}: post-hoc EMA at step {step}, {split} split, BN recomputed")
     return {"per_run": per_run}
+
+
+def _last_readable_step(snaps):
+    """The step of the last snapshot that reads (a damaged one is left out
+    with a warning by `keras_ema.posthoc`; if all are, it says so)."""
+    from keras_ema import posthoc
+
+    for step, path in reversed(snaps):
+        try:
+            posthoc.read_meta(path)
+            return step
+        except ValueError:
+            continue
+    return snaps[-1][0]
 
 
 def _plotter(rows, tracked, title):

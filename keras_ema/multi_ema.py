@@ -191,7 +191,11 @@ class MultiEMA(keras.callbacks.Callback):
             `keras.config.disable_interactive_logging()`); 0 is silent.
             Defaults to `1`.
         snapshot_dir: str or `None`. Where post-hoc EMA snapshots are
-            written (`keras_ema.posthoc`). Defaults to `None`.
+            written (`keras_ema.posthoc`): one run's only. Training refuses
+            (`ValueError`) a directory holding another run's snapshots (each
+            is stamped with a run id, kept by a resume, and the variables'
+            paths), and a resume warns about a damaged snapshot before its
+            resume point. Defaults to `None`.
         snapshot_every: int or `None`. Every `snapshot_every` optimizer
             steps all EMAs are written to `snapshot_dir` as
             `snapshot_<step>.npz` (temporary file with the pid, renamed), with

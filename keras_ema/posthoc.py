@@ -797,9 +797,9 @@ def _combine(report, plan, num_vars):
     for path, coeffs in plan:
         try:
             with np.load(path) as data:
-                eps = max(eps, _EPS.get(str(data["s0"].dtype), _EPS["float32"]))
                 for j in range(num_vars):
                     s = data[f"s{j}"]
+                    eps = max(eps, _EPS.get(str(s.dtype), _EPS["float32"]))
                     if out[j] is None:
                         out[j] = np.zeros(s.shape[1:])
                     top = max(top, float(np.abs(s).max(initial=0.0)))
@@ -934,22 +934,19 @@ def synthesize_into(
     import keras
 
     by_path = {v.path: v for v in model.weights}
-    snaps = list_snapshots(snapshot_dir)
-    paths = read_meta(snaps[-1][1]).get("paths", []) if snaps else []
-    missing = [p for p in paths if p not in by_path]
+    arrays, report = synthesize(snapshot_dir, target, step, max_error)
+    missing = [p for p in report.paths if p not in by_path]
     if missing:
         raise ValueError(
             f"The snapshots in {snapshot_dir!r} hold variables {missing[:3]} "
             f"that model {model.name} lacks. Pass the model they were taken from."
         )
-    arrays, report = synthesize(snapshot_dir, target, step, max_error)
     for path, value in zip(report.paths, arrays):
-        v = by_path.get(path)
-        if v is None or tuple(v.shape) != value.shape:
+        v = by_path[path]
+        if tuple(v.shape) != value.shape:
             raise ValueError(
                 f"Snapshot variable {path} has shape {value.shape}, the model's "
-                f"{'lacks it' if v is None else f'has {tuple(v.shape)}'}. Pass "
-                "the model the snapshots were taken from."
+                f"has {tuple(v.shape)}. Pass the model the snapshots were taken from."
             )
     for path, value in zip(report.paths, arrays):
         v = by_path[path]

@@ -111,3 +111,24 @@ def test_sweep_step_is_the_last_readable_snapshot(tmp_path):
         paths.append((step, path))
     open(paths[-1][1], "wb").close()  # zero length
     assert _last_readable_step(paths) == 6
+
+
+@pytest.mark.slow
+def test_run_killed_before_its_first_backup_restarts_its_snapshots(tmp_path):
+    import keras
+
+    class KillAtStep(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 4:
+                raise KeyboardInterrupt("simulated kill")
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        experiment.train(tiny_config(run, epochs=1, warmup_epochs=0, snapshot_every=3), verbose=0,
+                         callbacks=(KillAtStep(),))
+    assert os.listdir(run / "snapshots")  # step 3, of EMAs that no longer exist
+    experiment.train(tiny_config(run, epochs=1, warmup_epochs=0, snapshot_every=3), verbose=0)
+    names = sorted(os.listdir(run / "snapshots"))
+    assert names == [f"snapshot_{s:012d}.npz" for s in (3, 6, 9)]
+    ids = {posthoc.read_meta(str(run / "snapshots" / n))["run_id"] for n in names}
+    assert len(ids) == 1

@@ -4,6 +4,7 @@ import contextlib
 import itertools
 import math
 import os
+import uuid
 import warnings
 from collections.abc import Sequence
 
@@ -190,7 +191,11 @@ class MultiEMA(keras.callbacks.Callback):
             `keras.config.disable_interactive_logging()`); 0 is silent.
             Defaults to `1`.
         snapshot_dir: str or `None`. Where post-hoc EMA snapshots are
-            written (`keras_ema.posthoc`). Defaults to `None`.
+            written (`keras_ema.posthoc`): one run's only. Training refuses
+            (`ValueError`) a directory holding another run's snapshots (each
+            is stamped with a run id, kept by a resume, and the variables'
+            paths), and a resume warns about a damaged snapshot before its
+            resume point. Defaults to `None`.
         snapshot_every: int or `None`. Every `snapshot_every` optimizer
             steps all EMAs are written to `snapshot_dir` as
             `snapshot_<step>.npz` (temporary file with the pid, renamed), with
@@ -272,6 +277,10 @@ class MultiEMA(keras.callbacks.Callback):
         self._log_steps = []
         self._log_decays = []
         self._log_pending = []
+        # Stamped on every snapshot: snapshots of two runs are never mixed.
+        self._run_id = None
+        self._snapshot_dir_checked = False
+        self._resumed = False
         self.period = check_int("period", period)
         self.warmup = bool(warmup)
         self.average_batch_norm = bool(average_batch_norm)
@@ -497,6 +506,9 @@ class MultiEMA(keras.callbacks.Callback):
         optimizer = getattr(model, "optimizer", None)
         self._log_start = 0 if optimizer is None else _to_int(optimizer.iterations)
         self._log_steps, self._log_decays, self._log_pending = [], [], []
+        self._run_id = uuid.uuid4().hex[:16]
+        self._snapshot_dir_checked = False
+        self._resumed = False
         self._update = self._make_update(shadows, variables)
         self._attempted = 0
         self._pending = []
@@ -545,6 +557,7 @@ class MultiEMA(keras.callbacks.Callback):
             "best": {repr(d): v for d, v in self.best.items()},
             "paths": [v.path for v in self._variables],
             "update_log": self._update_log(),
+            "run_id": self._run_id,
             "shadows": [keras.ops.convert_to_numpy(s) for s in self._shadows],
         }
 
@@ -641,6 +654,9 @@ class MultiEMA(keras.callbacks.Callback):
             self._log_start = None
             self._log_steps, self._log_decays = [], []
         self._log_pending = []
+        self._run_id = state.get("run_id")
+        self._snapshot_dir_checked = False
+        self._resumed = True
 
     def backup_steps(self) -> list:
         """Optimizer steps whose state files in `backup_dir` read back whole.
@@ -743,6 +759,8 @@ class MultiEMA(keras.callbacks.Callback):
             # The optimizer moved without us (weights loaded, another fit):
             # continue counting from its step.
             self._step = step
+        if self.snapshot_dir and not self._snapshot_dir_checked:
+            self._check_snapshot_dir(step)
         # A LossScaleOptimizer skips the steps whose gradients overflow (its
         # `iterations` stays put): then ask it at every batch end, at the cost
         # of a device sync; otherwise count batches. An optimizer that
@@ -837,6 +855,24 @@ class MultiEMA(keras.callbacks.Callback):
                 self._log_steps.append(step)
                 self._log_decays.append(decays)
 
+    def _check_snapshot_dir(self, step):
+        """Before the first snapshot: the directory holds only this run's, and
+        on a resume the snapshots it keeps (up to `step`) read back whole."""
+        from keras_ema import posthoc
+
+        posthoc.check_snapshot_dir(
+            self.snapshot_dir, self._run_id, [v.path for v in self._variables]
+        )
+        if self._resumed and os.path.isdir(self.snapshot_dir):
+            for path, reason in posthoc.damaged_snapshots(self.snapshot_dir, step):
+                warnings.warn(
+                    f"MultiEMA: snapshot {path} (before the resume point, step "
+                    f"{step}) is damaged ({reason}); post-hoc EMA will leave it "
+                    "out. Restore it from a copy, or delete it.",
+                    stacklevel=2,
+                )
+        self._snapshot_dir_checked = True
+
     def _maybe_snapshot(self, previous, step):
         """Writes a post-hoc snapshot when a multiple of `snapshot_every` is crossed."""
         every = self.snapshot_every
@@ -853,6 +889,7 @@ class MultiEMA(keras.callbacks.Callback):
         from keras_ema import posthoc
 
         meta = {
+            "run_id": self._run_id,
             "decays": list(self.decays),
             "period": self.period,
             "warmup": self.warmup,

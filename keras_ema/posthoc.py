@@ -33,12 +33,15 @@ import json
 import math
 import os
 import re
+import warnings
+import zipfile
 
 import numpy as np
 
 from keras_ema._checks import as_float
 from keras_ema._checks import check_int
 from keras_ema._checks import is_int
+from keras_ema._checks import is_real
 from keras_ema._files import atomic_path
 from keras_ema.decay import check_decay
 
@@ -141,14 +144,24 @@ class EMAProfile:
         self.warmup = bool(warmup)
 
     def weights(self, step: int) -> np.ndarray:
-        """The weight on each iterate `0..step` of the average at `step`."""
+        """The weight on each iterate `0..step` of the average at `step`.
+
+        O(step): the update after step `t` reads iterate `t + 1` with weight
+        `1 - a_t`, then every later update multiplies it by its decay; the
+        products of the later decays are one reversed cumulative product.
+        """
         step = _check_step(step)
+        t = np.arange(self.period - 1, step, self.period, dtype=np.float64)
+        if self.warmup:
+            a = np.minimum(self.decay, (t + 1.0) / (t + 10.0))
+        else:
+            a = np.full(len(t), self.decay)
+        # later[k]: product of the decays of the updates after update k.
+        later = np.ones(len(a) + 1)
+        later[:-1] = np.cumprod(a[::-1])[::-1]
         p = np.zeros(step + 1)
-        p[0] = 1.0
-        for t in range(self.period - 1, step, self.period):
-            a = min(self.decay, (t + 1.0) / (t + 10.0)) if self.warmup else self.decay
-            p *= a
-            p[t + 1] += 1.0 - a
+        p[0] = later[0]
+        p[t.astype(np.int64) + 1] = (1.0 - a) * later[1:]
         return p
 
     def length(self, step: int) -> float:
@@ -291,6 +304,9 @@ def _one_blas_thread():
     return threadpool_limits(1, user_api="blas")
 
 
+# === Snapshots on disk ===
+
+
 def snapshot_path(snapshot_dir: str, step: int) -> str:
     return os.path.join(snapshot_dir, f"{SNAPSHOT_PREFIX}{int(step):012d}.npz")
 
@@ -301,16 +317,21 @@ def write_snapshot(
     """Writes one snapshot atomically (temporary file with the pid, renamed).
 
     `shadows[j]` is the `(num_emas,) + shape` array of variable `j`; `meta`
-    a JSON-able dict (decays, period, warmup, paths, the update log).
+    a JSON-able dict: `run_id` (the run that wrote it: snapshots of two runs
+    are never combined), decays, period, warmup, `paths` (the variables) and
+    `log` (the update log). The log is stored as its own array, so that
+    reading what a snapshot holds does not parse the log.
     """
     os.makedirs(snapshot_dir, exist_ok=True)
     path = snapshot_path(snapshot_dir, step)
     meta = dict(meta, step=int(step), dtype=str(dtype))
+    log = meta.pop("log")
     # The temporary name is hidden from `list_snapshots`.
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(
             f,
             meta=np.asarray(json.dumps(meta)),
+            log=np.asarray(json.dumps(log)),
             **{f"s{j}": np.asarray(s).astype(dtype)
                for j, s in enumerate(shadows)},
         )
@@ -332,146 +353,547 @@ def list_snapshots(snapshot_dir: str) -> list:
     return sorted(found)
 
 
-def read_meta(path: str) -> dict:
+class _Damaged(Exception):
+    """A snapshot that does not read back (internal: the basis drops it)."""
+
+    def __init__(self, path, error):
+        super().__init__(path)
+        self.path = path
+        self.reason = f"{type(error).__name__}: {error}"
+
+
+def _read_json(path, key):
+    # A damaged file fails in many ways: zero length (EOFError), bit flips
+    # (zipfile.BadZipFile: Bad CRC-32), truncation, garbage (OSError,
+    # ValueError, KeyError); any of them means the file is unusable.
     try:
         with np.load(path) as data:
-            return json.loads(str(data["meta"]))
-    except Exception as e:
-        raise ValueError(
-            f"Cannot read snapshot {path}: {type(e).__name__}: {e}. The file is "
-            "damaged; delete it and synthesize from the others."
-        ) from None
+            if key not in data.files:
+                return None
+            return json.loads(str(data[key]))
+    except Exception as e:  # noqa: BLE001 (see above)
+        raise _Damaged(path, e) from None
+
+
+def _damaged_message(path, reason):
+    return (f"Snapshot {path} is damaged ({reason}). Delete it (post-hoc EMA "
+            "then uses the other snapshots) or restore it from a copy.")
+
+
+def read_meta(path: str) -> dict:
+    """What a snapshot holds (run, decays, variables...), without its log."""
+    try:
+        meta = _read_json(path, "meta")
+        if not isinstance(meta, dict):
+            raise _Damaged(path, ValueError("no description"))
+    except _Damaged as e:
+        raise ValueError(_damaged_message(e.path, e.reason)) from None
+    meta.pop("log", None)  # snapshots written before the log had its own array
+    return meta
+
+
+def read_log(path: str) -> dict:
+    """The update log a snapshot stores (`start`, `steps`, `decays`)."""
+    try:
+        return _read_log(path)
+    except _Damaged as e:
+        raise ValueError(_damaged_message(e.path, e.reason)) from None
+
+
+def _read_log(path):
+    log = _read_json(path, "log")
+    if log is None:
+        log = (_read_json(path, "meta") or {}).get("log")
+    if not isinstance(log, dict):
+        raise _Damaged(path, ValueError("no update log"))
+    return log
+
+
+def damaged_snapshots(snapshot_dir: str, up_to_step: int | None = None) -> list:
+    """`[(path, reason)]` of the snapshots that do not read back whole.
+
+    Every stored array is read and its CRC-32 checked (a whole pass over the
+    snapshots at or before `up_to_step`, all of them when `None`).
+    """
+    out = []
+    for step, path in list_snapshots(snapshot_dir):
+        if up_to_step is not None and step > up_to_step:
+            break
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            if bad is not None:
+                raise zipfile.BadZipFile(f"Bad CRC-32 for file {bad!r}")
+            _read_log(path)
+            read_meta(path)
+        except _Damaged as e:
+            out.append((path, e.reason))
+        except ValueError as e:
+            out.append((path, str(e)))
+        except Exception as e:  # noqa: BLE001 (any failure: unusable)
+            out.append((path, f"{type(e).__name__}: {e}"))
+    return out
+
+
+def check_snapshot_dir(snapshot_dir: str, run_id, paths: list) -> None:
+    """Refuses a `snapshot_dir` that holds snapshots of another run.
+
+    `MultiEMA` calls it before it writes: a second run's snapshots would mix
+    with the first's (another run's profiles, or another model's variables).
+    Damaged snapshots are left to `synthesize`, which names them.
+
+    Raises:
+        ValueError: one line naming a foreign snapshot and what to do.
+    """
+    if not os.path.isdir(snapshot_dir):
+        return
+    for _, path in list_snapshots(snapshot_dir):
+        try:
+            meta = read_meta(path)
+        except ValueError:
+            continue
+        if meta.get("run_id") != run_id or list(meta.get("paths", [])) != list(paths):
+            what = ("another model's variables"
+                    if list(meta.get("paths", [])) != list(paths) else
+                    f"run {meta.get('run_id')}")
+            raise ValueError(
+                f"MultiEMA: snapshot_dir {snapshot_dir!r} holds snapshots of "
+                f"another run ({os.path.basename(path)}: {what}; this run is "
+                f"{run_id}). Give this run its own snapshot_dir, or move those "
+                "snapshots away."
+            )
+
+
+class _Snapshots:
+    """The snapshots of one run in a directory: read, checked, damaged ones out."""
+
+    def __init__(self, snapshot_dir):
+        snaps = list_snapshots(snapshot_dir)
+        if not snaps:
+            raise ValueError(
+                f"No snapshots in {snapshot_dir!r}: train with "
+                "MultiEMA(snapshot_dir=..., snapshot_every=N) first."
+            )
+        self.dir = snapshot_dir
+        self.good = []  # [(step, path, meta)]
+        self.damaged = {}  # path -> reason
+        for step, path in snaps:
+            try:
+                self.good.append((step, path, _read_json(path, "meta")))
+            except _Damaged as e:
+                self.damaged[e.path] = e.reason
+        for step, path, meta in list(self.good):
+            if not isinstance(meta, dict):
+                self.drop(path, "ValueError: no description")
+        self._require_some()
+        key = _run_key(self.good[-1][2])
+        for step, path, meta in self.good:
+            if _run_key(meta) != key:
+                raise ValueError(
+                    f"{snapshot_dir!r} mixes snapshots of two runs: "
+                    f"{os.path.basename(path)} ({_run_text(meta)}) and "
+                    f"{os.path.basename(self.good[-1][1])} "
+                    f"({_run_text(self.good[-1][2])}). Keep one run's snapshots "
+                    "per directory: move the others to their own."
+                )
+        m = self.good[-1][2]
+        self.decays = [float(d) for d in m["decays"]]
+        self.paths = list(m["paths"])
+
+    def drop(self, path, reason):
+        self.damaged[path] = reason
+        self.good = [g for g in self.good if g[1] != path]
+        self._require_some()
+
+    def _require_some(self):
+        if not self.good:
+            path, reason = sorted(self.damaged.items())[-1]
+            raise ValueError(
+                f"Every snapshot in {self.dir!r} is damaged (the last: "
+                f"{os.path.basename(path)}, {reason}). Restore them from a copy, "
+                "or retrain with --snapshot_every."
+            )
+
+    def warn_damaged(self):
+        for path, reason in sorted(self.damaged.items()):
+            warnings.warn(
+                f"post-hoc EMA: skipped snapshot {path}: it is damaged "
+                f"({reason}). Delete it to silence this warning.",
+                stacklevel=3,
+            )
+
+    def damaged_text(self):
+        if not self.damaged:
+            return ""
+        names = ", ".join(os.path.basename(p) for p in sorted(self.damaged))
+        return f"; damaged snapshots left out: {names} (restore them from a copy)"
+
+
+def _run_key(meta):
+    return (meta.get("run_id"), tuple(meta.get("paths", ())),
+            tuple(float(d) for d in meta.get("decays", ())))
+
+
+def _run_text(meta):
+    return (f"run {meta.get('run_id')}, {len(meta.get('paths', ()))} variables, "
+            f"decays {meta.get('decays')}")
+
+
+# === The solve ===
+
+
+class UnmatchedTargetError(ValueError):
+    """The snapshots match a target only above the accepted error."""
 
 
 class Report:
-    """What `synthesize` did: the target, step, coefficients and profile error.
+    """What `synthesize` did: the target, step, coefficients and error bound.
 
     Attributes:
         target: the target profile.
         step: the target optimizer step.
-        coefficients: dict `{(snapshot_step, decay): coefficient}` (nonzero ones).
+        coefficients: dict `{(snapshot_step, decay): coefficient}` (nonzero
+            ones); they sum to 1 (every synthesized average is an average).
         profile_error: `||A c - p|| / ||p||`, relative error of the
-            synthesized profile against the target's.
+            synthesized profile `A c` against the target's `p`, both on the
+            iterates the EMAs read (the target renormalized there).
+        profile_l1: `||A c - p||_1`. The weights' error from the profile
+            mismatch is at most this times the largest distance of an
+            averaged iterate from any other.
+        coefficient_norm: `sum |c|`, the factor by which the snapshots'
+            rounding is amplified.
+        rounding_bound: bound on the absolute weight error due to the
+            snapshots' rounding: `coefficient_norm * eps(snapshot dtype) *
+            max |stored value|` (`None` from `solve`, which reads no weights).
+        gap: max distance between the synthesized weights and the fastest
+            stored EMA of the last snapshot used (its stand-in for the live
+            weights; `None` from `solve`).
+        error_bound: `profile_error + rounding_bound / gap`, the weight error
+            relative to the target's distance from the live weights, the
+            rounding included (`None` from `solve`).
+        length: the target's averaging length on the iterates read (mean age
+            in steps).
+        ridge: the ridge of the least squares (0: none; see `solve`).
+        damaged: paths of damaged snapshots left out of the basis.
         paths: the averaged variables' paths.
     """
 
-    def __init__(self, target, step, coefficients, profile_error, paths):
+    def __init__(self, target, step, coefficients, profile_error, paths, **extra):
         self.target = target
         self.step = step
         self.coefficients = coefficients
         self.profile_error = profile_error
         self.paths = paths
+        self.profile_l1 = extra.get("profile_l1")
+        self.coefficient_norm = extra.get("coefficient_norm")
+        self.rounding_bound = extra.get("rounding_bound")
+        self.gap = extra.get("gap")
+        self.error_bound = extra.get("error_bound")
+        self.length = extra.get("length")
+        self.ridge = extra.get("ridge", 0.0)
+        self.damaged = extra.get("damaged", [])
 
     def __repr__(self):
+        bound = "" if self.error_bound is None else f", error_bound={self.error_bound:.3g}"
         return (
             f"Report(target={self.target!r}, step={self.step}, "
             f"snapshots={len({s for s, _ in self.coefficients})}, "
-            f"profile_error={self.profile_error:.3g})"
+            f"profile_error={self.profile_error:.3g}{bound})"
         )
 
 
-def solve(snapshot_dir: str, target, step: int | None = None) -> tuple:
-    """Least-squares coefficients of the snapshots for `target` at `step`.
+_EPS = {"float32": float(np.finfo(np.float32).eps),
+        "float16": float(np.finfo(np.float16).eps)}
 
-    Returns `(report, plan)` where `plan` is `[(path, coefficients per EMA)]`
-    of the snapshots with a nonzero coefficient.
+
+def _scale(path, num_vars):
+    """`(max |value|, max distance of an EMA from the fastest)` of one snapshot."""
+    top = spread = 0.0
+    try:
+        with np.load(path) as data:
+            for j in range(num_vars):
+                s = data[f"s{j}"].astype(np.float64)
+                top = max(top, float(np.abs(s).max(initial=0.0)))
+                spread = max(spread, float(np.abs(s - s[:1]).max(initial=0.0)))
+    except Exception as e:  # noqa: BLE001 (unusable whatever the failure)
+        raise _Damaged(path, e) from None
+    return top, spread
+
+
+def _constrained_lstsq(a, p, amplification):
+    """`c` minimizing `||a c - p||` with `sum(c) = 1`, and the ridge used.
+
+    The constraint is eliminated with a Householder reflection `H` that maps
+    the ones vector to `-sqrt(m) e_1`: `c = H y` with `y_0 = -1/sqrt(m)` and
+    `y_1..` free (an orthonormal basis of the vectors summing to 0, so no
+    conditioning is lost). The free part is solved by SVD with a ridge
+    `lam` chosen from a grid to minimize the estimated weight error
+    `profile_error(lam) + sum|c(lam)| * amplification`, where
+    `amplification` is the snapshots' rounding relative to the weights'
+    distances (`eps * max|w| / spread`): an ill-conditioned basis whose
+    coefficients would multiply the float32 rounding gets a ridge instead.
     """
-    if not callable(getattr(target, "weights", None)):
-        raise ValueError(
-            "Invalid `target`: expected EMAProfile, PowerProfile or "
-            f"UniformProfile. Received: target={target!r}"
-        )
-    snaps = list_snapshots(snapshot_dir)
-    if not snaps:
-        raise ValueError(
-            f"No snapshots in {snapshot_dir!r}: train with "
-            "MultiEMA(snapshot_dir=..., snapshot_every=N) first."
-        )
+    m = a.shape[1]
+    if m == 1:
+        return np.ones(1), 0.0
+    v = np.ones(m)
+    v[0] += math.sqrt(m)
+    vv = float(v @ v)
+    ah = a - np.outer(a @ v, v) * (2.0 / vv)
+    y0 = -1.0 / math.sqrt(m)
+    b = p - ah[:, 0] * y0
+    u, sv, vt = np.linalg.svd(ah[:, 1:], full_matrices=False)
+    beta = u.T @ b
+    norm_p = float(np.linalg.norm(p))
+    cutoff = sv[0] * max(a.shape) * np.finfo(np.float64).eps if len(sv) else 0.0
+
+    def coefficients(lam):
+        f = np.where(sv > cutoff, sv / (sv * sv + lam), 0.0) if lam == 0 else sv / (sv * sv + lam)
+        y = np.concatenate([[y0], vt.T @ (f * beta)])
+        return y - v * (2.0 * float(v @ y) / vv)
+
+    best = None
+    lams = [0.0]
+    if amplification > 0 and len(sv) and sv[0] > 0:
+        lams += [float(sv[0]) ** 2 * 10.0 ** -k for k in range(16, 0, -1)]
+    for lam in lams:
+        c = coefficients(lam)
+        err = float(np.linalg.norm(a @ c - p)) / norm_p
+        estimate = err + float(np.abs(c).sum()) * amplification
+        if best is None or estimate < best[0]:
+            best = (estimate, c, lam)
+    return best[1], best[2]
+
+
+def _solve(snaps, target, step):
+    """`(report, plan)` over the readable snapshots of `snaps` (a `_Snapshots`)."""
+    good = snaps.good
+    first, last = good[0][0], good[-1][0]
     if step is None:
-        step = snaps[-1][0]
+        step = last
     step = _check_step(step)
-    snaps = [(s, p) for s, p in snaps if s <= step]
-    if not snaps:
-        first = list_snapshots(snapshot_dir)[0][0]
+    if step > last:
+        raise ValueError(
+            f"Invalid step={step}: past the last snapshot (step {last}) in "
+            f"{snaps.dir!r}, so the iterates after step {last} are unknown. "
+            f"Choose a step in [{first}, {last}]{snaps.damaged_text()}."
+        )
+    used = [(s, path, meta) for s, path, meta in good if s <= step]
+    if not used:
         raise ValueError(
             f"Invalid step={step}: no snapshot at or before it in "
-            f"{snapshot_dir!r} (the first is at step {first})."
+            f"{snaps.dir!r}. Choose a step in [{first}, {last}] (the first "
+            f"snapshot is at step {first}){snaps.damaged_text()}."
         )
-    last_meta = read_meta(snaps[-1][1])
-    log = last_meta["log"]
-    decays = last_meta["decays"]
-    paths = last_meta["paths"]
+    # The last snapshot's log holds every update read up to it, those after
+    # the target step's last snapshot included (weight the basis cannot match).
+    log = _read_log(good[-1][1])
+    decays = snaps.decays
     iterates, profiles = log_profiles(
-        log["start"], log["steps"], log["decays"], [s for s, _ in snaps]
+        log["start"], log["steps"], log["decays"], [s for s, _, _ in used]
     )
     inside = iterates <= step
     iterates = iterates[inside]
     a = profiles[:, :, inside].reshape(-1, len(iterates)).T
-    owners = [(s, path, i, d) for s, path in snaps for i, d in enumerate(decays)]
-    full = target.weights(step)
-    p = full[iterates]
-    # The target's weight on iterates no snapshot holds cannot be matched.
-    outside = max(float(np.dot(full, full) - np.dot(p, p)), 0.0)
+    owners = [(s, path, i, d) for s, path, _ in used for i, d in enumerate(decays)]
+    # The EMAs read only these iterates (with period P: iterate 0 and the
+    # multiples of P): the target is defined on them, renormalized.
+    p = np.asarray(target.weights(step), np.float64)[iterates]
+    total = float(p.sum())
+    if not total > 0:
+        raise UnmatchedTargetError(
+            f"{target!r} at step {step} puts no weight on the iterates the "
+            f"EMAs read (iterate {int(iterates[0])} and the updates' steps). "
+            "Choose a target whose window holds an EMA update."
+        )
+    p = p / total
     # A target in the basis: that column alone (exactly that snapshot).
     diff = np.abs(a - p[:, None]).max(axis=0)
     k = int(np.argmin(diff))
-    if outside == 0.0 and diff[k] <= 1e-9 * p.max():
+    ridge = 0.0
+    if diff[k] <= 1e-9 * p.max():
         c = np.zeros(a.shape[1])
         c[k] = 1.0
     else:
+        eps = max(_EPS.get(meta.get("dtype", "float32"), _EPS["float32"])
+                  for _, _, meta in used)
+        top, spread = _scale(used[-1][1], len(snaps.paths))
+        amplification = eps * top / spread if spread > 0 else 0.0
         with _one_blas_thread():
-            c = np.linalg.lstsq(a, p, rcond=None)[0]
-    residual = float(np.sum((a @ c - p) ** 2)) + outside
-    error = math.sqrt(residual) / float(np.linalg.norm(full))
+            c, ridge = _constrained_lstsq(a, p, amplification)
+    residual = a @ c - p
+    error = float(np.linalg.norm(residual)) / float(np.linalg.norm(p))
     plan, coefficients = {}, {}
     for ck, (s, path, i, d) in zip(c, owners):
         if ck != 0.0:
             plan.setdefault(path, np.zeros(len(decays)))[i] = ck
             coefficients[(s, d)] = float(ck)
-    report = Report(target, step, coefficients, error, paths)
+    report = Report(
+        target, step, coefficients, error, snaps.paths,
+        profile_l1=float(np.abs(residual).sum()),
+        coefficient_norm=float(np.abs(c).sum()),
+        length=float(np.dot(p, step - iterates)),
+        ridge=ridge, damaged=sorted(snaps.damaged),
+    )
+    report._after = float(p[iterates > used[-1][0]].sum())
+    report._last = used[-1][1]
     return report, sorted(plan.items())
 
 
-def synthesize(snapshot_dir: str, target, step: int | None = None) -> tuple:
+def _check_target(target):
+    if not callable(getattr(target, "weights", None)):
+        raise ValueError(
+            "Invalid `target`: expected EMAProfile, PowerProfile or "
+            f"UniformProfile. Received: target={target!r}"
+        )
+
+
+def _check_max_error(max_error):
+    if max_error is not None and (not is_real(max_error) or not max_error > 0
+                                  or not math.isfinite(max_error)):
+        raise ValueError(
+            "Invalid value for argument `max_error`: expected a finite float > 0 "
+            f"or None. Received: max_error={max_error!r}"
+        )
+
+
+def solve(snapshot_dir: str, target, step: int | None = None) -> tuple:
+    """Coefficients of the snapshots for `target` at `step`.
+
+    The target is defined on the iterates the EMAs read (with period `P`:
+    iterate 0 and the multiples of `P`), its weights renormalized to sum to
+    1. The coefficients minimize the profile error under the constraint that
+    they sum to 1, so the result is an average (EDM2's least squares has no
+    such constraint: at period `P` its coefficients add up to about `1/P`).
+    When the basis is ill-conditioned (large coefficients of both signs), a
+    ridge trades profile error for smaller coefficients so the float32
+    rounding they multiply stays small (see `_constrained_lstsq`).
+
+    Damaged snapshots are left out with a warning (one per file).
+
+    Returns `(report, plan)` where `plan` is `[(path, coefficients per EMA)]`
+    of the snapshots with a nonzero coefficient.
+
+    Raises:
+        ValueError: no snapshots, a step outside the snapshots' range,
+            snapshots of two runs mixed, or every snapshot damaged.
+    """
+    _check_target(target)
+    snaps = _Snapshots(snapshot_dir)
+    while True:
+        try:
+            report, plan = _solve(snaps, target, step)
+            break
+        except _Damaged as e:
+            snaps.drop(e.path, e.reason)
+    snaps.warn_damaged()
+    return report, plan
+
+
+def _combine(report, plan, num_vars):
+    """Streams the planned snapshots into float64 sums; `(arrays, max |value|, eps)`."""
+    out = [None] * num_vars
+    top, eps = 0.0, 0.0
+    for path, coeffs in plan:
+        try:
+            with np.load(path) as data:
+                for j in range(num_vars):
+                    s = data[f"s{j}"]
+                    eps = max(eps, _EPS.get(str(s.dtype), _EPS["float32"]))
+                    if out[j] is None:
+                        out[j] = np.zeros(s.shape[1:])
+                    top = max(top, float(np.abs(s).max(initial=0.0)))
+                    # Combined in float64 (one EMA at a time): the only
+                    # rounding left is the snapshots' own.
+                    for i, ck in enumerate(coeffs):
+                        if ck != 0.0:
+                            out[j] += s[i].astype(np.float64) * float(ck)
+                    del s
+        except Exception as e:  # noqa: BLE001 (unusable whatever the failure)
+            raise _Damaged(path, e) from None
+    return out, top, eps
+
+
+def _gap(path, arrays):
+    """Max distance of `arrays` from the fastest EMA of the snapshot at `path`."""
+    gap = 0.0
+    try:
+        with np.load(path) as data:
+            for j, w in enumerate(arrays):
+                gap = max(gap, float(np.abs(w - data[f"s{j}"][0]).max(initial=0.0)))
+    except Exception as e:  # noqa: BLE001
+        raise _Damaged(path, e) from None
+    return gap
+
+
+def synthesize(
+    snapshot_dir: str, target, step: int | None = None, max_error: float | None = 0.05
+) -> tuple:
     """The weights of `target` at `step`, combined from the stored snapshots.
 
-    Solves the least-squares match of the target's profile by the profiles
-    of the snapshots at or before `step` (float64), then combines the stored
-    EMAs snapshot by snapshot and variable by variable, reading one array
-    at a time: each snapshot's EMAs in float32, the sum over
-    snapshots in float64 (peak memory: the float64 result, about two model
-    copies).
+    Solves for the coefficients (`solve`: the target on the iterates the
+    EMAs read, coefficients summing to 1), then combines the stored EMAs
+    snapshot by snapshot and variable by variable, reading one array at a
+    time, in float64 (peak memory: the float64 result, about two model
+    copies, plus one stored array). A damaged snapshot is left out with a
+    warning and the coefficients solved again without it.
+
+    The report bounds the error: `error_bound = profile_error +
+    rounding_bound / gap`, relative to the target's distance from the live
+    weights (`Report`). Above `max_error` nothing is returned.
 
     Args:
         snapshot_dir: str. The `snapshot_dir` of the `MultiEMA` that wrote
             the snapshots.
         target: `EMAProfile`, `PowerProfile` or `UniformProfile`.
-        step: int or `None`. Target optimizer step; only snapshots at or
-            before it are used. Defaults to `None` (the last snapshot's step).
+        step: int or `None`. Target optimizer step, at most the last
+            snapshot's; only snapshots at or before it are used. Defaults to
+            `None` (the last snapshot's step).
+        max_error: float or `None`. Largest `error_bound` accepted; `None`
+            accepts any (read the report). Defaults to `0.05`.
 
     Returns:
         `(arrays, report)`: float32 arrays in the order of `report.paths`,
         and a `Report`.
+
+    Raises:
+        UnmatchedTargetError: (a `ValueError`) the error bound is above
+            `max_error`; the message says what to add.
+        ValueError: see `solve`.
     """
-    report, plan = solve(snapshot_dir, target, step)
-    out = None
-    with _one_blas_thread():
-        for path, coeffs in plan:
-            with np.load(path) as data:
-                n = len(report.paths)
-                if out is None:
-                    out = [None] * n
-                for j in range(n):
-                    s = data[f"s{j}"]
-                    if s.dtype != np.float32:  # float16 snapshots: combine in float32
-                        s = s.astype(np.float32)
-                    if out[j] is None:
-                        out[j] = np.zeros(s.shape[1:])
-                    # This snapshot's EMAs combined in float32 (one BLAS pass over
-                    # the stored array), accumulated over snapshots in float64.
-                    part = np.dot(coeffs.astype(s.dtype), s.reshape(len(coeffs), -1))
-                    np.add(out[j], part.reshape(s.shape[1:]), out=out[j])
-                    del s, part
+    _check_target(target)
+    _check_max_error(max_error)
+    snaps = _Snapshots(snapshot_dir)
+    while True:
+        try:
+            report, plan = _solve(snaps, target, step)
+            with _one_blas_thread():
+                out, top, eps = _combine(report, plan, len(snaps.paths))
+            gap = _gap(report._last, out)
+            break
+        except _Damaged as e:
+            snaps.drop(e.path, e.reason)
+    snaps.warn_damaged()
+    rounding = report.coefficient_norm * eps * top
+    if gap == 0.0:  # the target is the fastest stored EMA: use the EMAs' spread
+        gap = _scale(report._last, len(snaps.paths))[1]
+    relative = rounding / gap if gap > 0 else (0.0 if rounding == 0 else math.inf)
+    report.rounding_bound = rounding
+    report.gap = gap
+    report.error_bound = report.profile_error + relative
+    if max_error is not None and not report.error_bound <= max_error:
+        todo = "track a decay closer to it or snapshot more often"
+        if report._after > 1e-3:
+            todo = (f"{100 * report._after:.0f}% of its weight is on iterates after "
+                    "the last snapshot at or before that step: choose a snapshot's step")
+        raise UnmatchedTargetError(
+            f"post-hoc EMA: {target!r} at step {report.step} is matched only "
+            f"within {report.error_bound:.2g} of its distance from the live "
+            f"weights (profile error {report.profile_error:.2g}, rounding "
+            f"{relative:.2g} with sum|c| = {report.coefficient_norm:.3g}), above "
+            f"max_error={max_error}; {todo}, or pass max_error=None to accept it"
+            f"{snaps.damaged_text()}."
+        )
     for j, o in enumerate(out):  # one float64 array freed at a time
         out[j] = o.astype(np.float32)
         del o
@@ -479,7 +901,8 @@ def synthesize(snapshot_dir: str, target, step: int | None = None) -> tuple:
 
 
 def synthesize_into(
-    model, snapshot_dir: str, target, step: int | None = None
+    model, snapshot_dir: str, target, step: int | None = None,
+    max_error: float | None = 0.05,
 ) -> Report:
     """Assigns the synthesized average of `target` into `model`.
 
@@ -487,6 +910,8 @@ def synthesize_into(
     trainable variables and, when they were averaged, the BatchNorm
     statistics) receive the synthesized values; every other variable keeps
     its live value (the library's rule for non-averaged variables).
+    Everything is checked before the first assignment: a refusal leaves the
+    model untouched.
 
     Args:
         model: the trained `keras.Model` (same architecture as the run's).
@@ -494,6 +919,8 @@ def synthesize_into(
         target: `EMAProfile`, `PowerProfile` or `UniformProfile`.
         step: int or `None`. Target optimizer step. Defaults to `None` (the
             last snapshot's step).
+        max_error: float or `None`. Largest error bound accepted (see
+            `synthesize`). Defaults to `0.05`.
 
     Returns:
         The `Report` of `synthesize`.
@@ -507,15 +934,13 @@ def synthesize_into(
     import keras
 
     by_path = {v.path: v for v in model.weights}
-    snaps = list_snapshots(snapshot_dir)
-    paths = read_meta(snaps[-1][1])["paths"] if snaps else []
-    missing = [p for p in paths if p not in by_path]
+    arrays, report = synthesize(snapshot_dir, target, step, max_error)
+    missing = [p for p in report.paths if p not in by_path]
     if missing:
         raise ValueError(
             f"The snapshots in {snapshot_dir!r} hold variables {missing[:3]} "
             f"that model {model.name} lacks. Pass the model they were taken from."
         )
-    arrays, report = synthesize(snapshot_dir, target, step)
     for path, value in zip(report.paths, arrays):
         v = by_path[path]
         if tuple(v.shape) != value.shape:
@@ -523,5 +948,7 @@ def synthesize_into(
                 f"Snapshot variable {path} has shape {value.shape}, the model's "
                 f"has {tuple(v.shape)}. Pass the model the snapshots were taken from."
             )
+    for path, value in zip(report.paths, arrays):
+        v = by_path[path]
         v.assign(keras.ops.cast(value, v.dtype))
     return report

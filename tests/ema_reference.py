@@ -1,6 +1,8 @@
 """Numpy references for the EMA tests, written independently of keras_ema,
 and the small model, data and callbacks those tests share."""
 
+import zipfile
+
 import keras
 import numpy as np
 
@@ -113,3 +115,15 @@ class StopAtEpoch(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if epoch == self.epoch:
             raise KeyboardInterrupt("simulated kill")
+
+
+def flip_middle_bytes(path, member="s0.npy"):
+    """Flips 16 bytes in the middle of one stored array of a snapshot."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(member)
+    with open(path, "r+b") as f:
+        middle = info.header_offset + 200 + info.compress_size // 2
+        f.seek(middle)
+        chunk = f.read(16)
+        f.seek(middle)
+        f.write(bytes(b ^ 0xFF for b in chunk))

@@ -8,8 +8,12 @@ run's final model (non-averaged variables keep their final values), its
 BatchNorm statistics are recomputed on the training split (with
 `bn_recompute`), and it is evaluated on the validation split (the test split
 with `--val_fraction=0`, which the results then say). The best candidate by
-validation accuracy and by validation loss is reported (among the candidates the snapshots
-match within `MAX_PROFILE_ERROR`), and
+validation accuracy and by validation loss is reported. A candidate whose
+error bound (`Report.error_bound`: profile error plus the snapshots' float32
+rounding amplified by the coefficients, relative to the candidate's distance
+from the live weights) is above `MAX_ERROR` is skipped, and the log and
+results say which and why. With `--ema_period=P` the targets are defined on
+the iterates the EMAs read (iterate 0 and the multiples of P). Then
 `posthoc_<run>.png` plots validation accuracy and loss against the averaging
 length (mean age of the averaged iterates, in optimizer steps, log axis),
 the run's tracked decays marked.
@@ -23,9 +27,9 @@ import numpy as np
 # With the warm-up min(a, (t+1)/(t+10)) an EMA's half-life at step N cannot
 # exceed about 0.08 N: longer ones give the same profile and are dropped.
 HALF_LIVES_FRACTIONS = (0.003, 0.006, 0.012, 0.025, 0.05, 0.1)
-# Candidates whose profile the snapshots match worse than this are listed but
-# neither plotted nor chosen.
-MAX_PROFILE_ERROR = 0.05
+# Candidates whose error bound is above this are skipped: listed with the
+# reason, neither evaluated, plotted nor chosen.
+MAX_ERROR = 0.05
 SIGMA_RELS = (0.03, 0.05, 0.08, 0.10, 0.15, 0.20, 0.28)
 
 
@@ -75,12 +79,19 @@ def evaluate_posthoc(ev, runs: list, figures: dict) -> dict:
         y = data.y_val if data.y_val is not None else data.y_test
         model = ev.model(run, "baseline")  # the final weights, cached
         saved = [keras.ops.convert_to_numpy(v) for v in model.weights]
-        step = snaps[-1][0]
+        step = _last_readable_step(snaps)
         rows = []
         try:
             for label, kind, target in targets(step, c.ema_period, c.ema_warmup):
                 try:
-                    report = posthoc.synthesize_into(model, snap, target, step)
+                    report = posthoc.synthesize_into(model, snap, target, step,
+                                                     max_error=MAX_ERROR)
+                except posthoc.UnmatchedTargetError as e:
+                    rows.append({"target": label, "kind": kind,
+                                 "length": target.length(step), "reachable": False,
+                                 "skipped": str(e)})
+                    ev.log(f"  {run.name}: {label}: skipped: {e}")
+                    continue
                 except ValueError as e:  # a damaged or foreign snapshot
                     raise EvaluationError(f"--evals=posthoc: {run.path}: {e}") from None
                 if ev.bn_recompute:
@@ -90,13 +101,16 @@ def evaluate_posthoc(ev, runs: list, figures: dict) -> dict:
                 accuracy, loss = accuracy_and_loss(logits, y)
                 rows.append({
                     "target": label, "kind": kind,
-                    "length": target.length(step),
+                    "length": report.length,
                     "profile_error": report.profile_error,
+                    "error_bound": report.error_bound,
                     "accuracy": 100 * accuracy, "loss": loss,
+                    "reachable": True,
                 })
                 ev.log(f"  {run.name}: {label}: {split} accuracy "
-                       f"{100 * accuracy:.2f}%, loss {loss:.4f}, profile error "
-                       f"{report.profile_error:.2e}")
+                       f"{100 * accuracy:.2f}%, loss {loss:.4f}, error bound "
+                       f"{report.error_bound:.2e} (profile error "
+                       f"{report.profile_error:.2e})")
         finally:
             for v, value in zip(model.weights, saved):
                 v.assign(value)
@@ -104,11 +118,14 @@ def evaluate_posthoc(ev, runs: list, figures: dict) -> dict:
         for d in c.ema_decays:
             tracked[str(d)] = posthoc.EMAProfile(
                 d, period=c.ema_period, warmup=c.ema_warmup).length(step)
-        for r in rows:
-            r["reachable"] = r["profile_error"] <= MAX_PROFILE_ERROR
         reachable = [r for r in rows if r["reachable"]]
-        best_acc = max(reachable, key=lambda r: (r["accuracy"], -r["loss"]))
-        best_loss = min(reachable, key=lambda r: r["loss"])
+        best_acc = max(reachable, key=lambda r: (r["accuracy"], -r["loss"]),
+                       default=None)
+        best_loss = min(reachable, key=lambda r: r["loss"], default=None)
+        if not reachable:
+            ev.log(f"  {run.name}: no candidate is matched within error bound "
+                   f"{MAX_ERROR}: snapshot more often (--snapshot_every) or track "
+                   "more decays (--ema_decays).")
         per_run[run.name] = {
             "step": step, "split": split, "candidates": rows,
             "tracked_lengths": tracked,
@@ -118,6 +135,20 @@ def evaluate_posthoc(ev, runs: list, figures: dict) -> dict:
             reachable, tracked,
             f"{run.name}: post-hoc EMA at step {step}, {split} split, BN recomputed")
     return {"per_run": per_run}
+
+
+def _last_readable_step(snaps):
+    """The step of the last snapshot that reads (a damaged one is left out
+    with a warning by `keras_ema.posthoc`; if all are, it says so)."""
+    from keras_ema import posthoc
+
+    for step, path in reversed(snaps):
+        try:
+            posthoc.read_meta(path)
+            return step
+        except ValueError:
+            continue
+    return snaps[-1][0]
 
 
 def _plotter(rows, tracked, title):

@@ -113,17 +113,29 @@ def posthoc_markdown(result: dict) -> list:
     for name, r in result["per_run"].items():
         lines += [f"{name}: step {r['step']}, metrics on the {r['split']} split, "
                   "BN statistics recomputed per candidate.", "",
-                  "| Target | Length (steps) | Profile error | Accuracy (%) | Loss |",
+                  "| Target | Length (steps) | Error bound | Accuracy (%) | Loss |",
                   "|---|---|---|---|---|"]
+        skipped = []
         for c in r["candidates"]:
-            note = "" if c["reachable"] else " (not matched: not chosen)"
-            lines.append(f"| {c['target']}{note} | {c['length']:.0f} | "
-                         f"{c['profile_error']:.1e} | {c['accuracy']:.2f} | "
-                         f"{c['loss']:.4f} |")
-        lines += ["", f"Best by accuracy: {r['best_accuracy']['target']} "
-                  f"({r['best_accuracy']['accuracy']:.2f}%); best by loss: "
-                  f"{r['best_loss']['target']} ({r['best_loss']['loss']:.4f}).",
-                  "", f"![post-hoc sweep](posthoc_{name}.png)"]
+            if c.get("skipped"):
+                skipped.append(f"- {c['target']}: {c['skipped']}")
+                lines.append(f"| {c['target']} (skipped: not matched) | "
+                             f"{c['length']:.0f} | - | - | - |")
+                continue
+            lines.append(f"| {c['target']} | {c['length']:.0f} | "
+                         f"{c.get('error_bound', c['profile_error']):.1e} | "
+                         f"{c['accuracy']:.2f} | {c['loss']:.4f} |")
+        if skipped:
+            lines += ["", "Skipped (the snapshots cannot match them within the "
+                      "error bound accepted):", *skipped]
+        if r["best_accuracy"] is None:
+            lines += ["", "No candidate is matched: snapshot more often "
+                      "(--snapshot_every) or track more decays (--ema_decays)."]
+        else:
+            lines += ["", f"Best by accuracy: {r['best_accuracy']['target']} "
+                      f"({r['best_accuracy']['accuracy']:.2f}%); best by loss: "
+                      f"{r['best_loss']['target']} ({r['best_loss']['loss']:.4f})."]
+        lines += ["", f"![post-hoc sweep](posthoc_{name}.png)"]
     return lines
 
 

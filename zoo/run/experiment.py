@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 import keras_ema
+from keras_ema import state_file
 from keras_ema._keras_private import print_msg
 from zoo.data.loader import ArrayLoader
 from zoo.data.loader import EpochSetter
@@ -328,6 +329,11 @@ def _fit(config, data, run, verbose, extra_callbacks, strategy=None,
         f"{config.weight_decay:g}, averaging {config.averaging}"
     )
 
+    if config.snapshot_every and not state_file.backup_steps(os.path.join(run, "backup")):
+        # The EMAs start afresh (a new run, or one killed before its first
+        # backup): snapshots left by an earlier attempt belong to EMAs that
+        # no longer exist, and MultiEMA would refuse them as another run's.
+        shutil.rmtree(os.path.join(run, "snapshots"), ignore_errors=True)
     averager = _averaging_callback(config, validation, run)
     tuned = check_selection(config)
     chosen = ChosenWeights(run, averager, config.epochs, selection_split(config), tuned)

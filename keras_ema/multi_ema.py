@@ -12,6 +12,7 @@ import numpy as np
 
 from keras_ema import _backend
 from keras_ema import _keras_private
+from keras_ema import _monitors
 from keras_ema import _validation_data
 from keras_ema import state_file
 from keras_ema._checks import check_int
@@ -726,6 +727,7 @@ class MultiEMA(keras.callbacks.Callback):
         self._warn_late_updates(steps, accumulation)
         self._warn_changed_variables()
         self._warn_callback_order()
+        _monitors.check_monitors(self, _keras_private.calling_callbacks(self))
         if self.validation_data is not None:
             _validation_data.check_validation_data(
                 self.model, self.validation_data, self.validation_batch_size

@@ -186,3 +186,22 @@ def test_subclassed_model_follows_the_reference_and_copies():
     copy = ema.ema_model(0.968)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(copy(x[:5])), expected,
                                rtol=1e-6, atol=1e-6)
+
+
+def test_frozen_layer_with_validation_data_keeps_the_live_weights():
+    # The frozen kernel is not averaged: each EMA evaluation leaves it as it
+    # was (on JAX, evaluate donates its buffer, which a swap must not keep).
+    x, y = data(40)
+    model = tiny_model()
+    model.get_layer("d1").trainable = False
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    frozen = keras.ops.convert_to_numpy(model.get_layer("d1").kernel)
+    ema = keras_ema.MultiEMA(DECAYS, period=2, verbose=0,
+                             validation_data=(x[:12], y[:12]))
+    history = model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[ema])
+    assert len(history.history["ema_0.968_val_loss"]) == 2
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(model.get_layer("d1").kernel), frozen)
+    model.evaluate(x, y, verbose=0)

@@ -14,6 +14,7 @@ from keras_ema import _backend
 from keras_ema import _keras_private
 from keras_ema import _monitors
 from keras_ema import _validation_data
+from keras_ema import lora
 from keras_ema import state_file
 from keras_ema._checks import check_int
 from keras_ema._files import atomic_path
@@ -547,6 +548,7 @@ class MultiEMA(keras.callbacks.Callback):
             "paths": [v.path for v in self._variables],
             "update_log": self._update_log(),
             "shadows": [keras.ops.convert_to_numpy(s) for s in self._shadows],
+            "lora_factors": lora.live_factors(self._owner),
         }
 
     def _update_log(self):
@@ -626,6 +628,7 @@ class MultiEMA(keras.callbacks.Callback):
                 f"Invalid MultiEMA state: bad step, attempted, skipped_steps "
                 f"or best entry ({e}). Pass a dict from `get_state`."
             ) from None
+        lora.unmerge_restored(self._owner, state.get("lora_factors"))
         for s, value in zip(self._shadows, values):
             s.assign(value)
         self._step = step
@@ -993,6 +996,14 @@ class MultiEMA(keras.callbacks.Callback):
         with atomic_path(path) as tmp, self.swapped_in(decay) as model:
             write_weights(model, tmp)
 
+    def save_lora_weights(self, decay: float, path: str, backbone=None) -> str:
+        """Writes the EMA of `decay` of a keras-hub backbone's LoRA adapters.
+
+        In keras-hub's own format (`backbone.load_lora_weights(path)` reads
+        it); see `keras_ema.lora.save_lora_weights`.
+        """
+        return lora.save_lora_weights(self, decay, path, backbone)
+
     def ema_model(self, decay: float) -> keras.Model:
         """An independent copy of the model holding the EMA of `decay`.
 
@@ -1001,7 +1012,7 @@ class MultiEMA(keras.callbacks.Callback):
         """
         weights = self.ema_weights(decay)
         model = self._owner
-        clone = keras.models.clone_model(model)
+        clone = lora.clone_like(model)
         clone.set_weights(weights)
         if getattr(model, "compiled", False):
             try:

@@ -17,6 +17,7 @@ from keras_ema.decay import warmup_decay
 from keras_ema.decay import warmup_end_step
 from keras_ema.multi_ema import MultiEMA
 from keras_ema.multi_ema import UntrackedDecayError
+from keras_ema import lora
 from keras_ema import posthoc
 from keras_ema.switch_ema import SwitchEMA
 from keras_ema.tensorboard import EMATensorBoard

@@ -390,9 +390,14 @@ def _eager_update(shadows, weights, pulled):
 
 
 def snapshot(variables):
-    """Copies of the current values, unaffected by later assignments."""
-    if name() == "jax":
-        return [v.value for v in variables]  # jax arrays are immutable
+    """Copies of the current values, unaffected by later assignments.
+
+    Copies on JAX too: its arrays are immutable, but Keras' compiled
+    `evaluate` donates the buffers of the model's variables (`donate_argnums`,
+    Keras 3.15.1 JAX trainer), which deletes a buffer kept by reference. A
+    variable no swap assigns (a frozen base under LoRA) would then be
+    restored from a deleted buffer.
+    """
     return [keras.ops.copy(v.value) for v in variables]
 
 

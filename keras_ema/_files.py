@@ -16,11 +16,12 @@ import shutil
 def temp_path(path: str) -> str:
     """The temporary name of `path` for this process: `.NAME.tmpPID.EXT`.
 
-    `EXT` is `.weights.h5` for weight files (Keras insists on it), else the
-    last extension.
+    `EXT` is `.weights.h5` for weight files and `.lora.h5` for LoRA files
+    (Keras and keras-hub insist on them), else the last extension.
     """
     directory, base = os.path.split(os.path.abspath(path))
-    ext = ".weights.h5" if base.endswith(".weights.h5") else os.path.splitext(base)[1]
+    ext = next((e for e in (".weights.h5", ".lora.h5") if base.endswith(e)),
+               os.path.splitext(base)[1])
     stem = base[: len(base) - len(ext)]
     return os.path.join(directory, f".{stem}.tmp{os.getpid()}{ext}")
 

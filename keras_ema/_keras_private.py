@@ -22,6 +22,19 @@ def flatten_layers(model) -> list:
     return list(model._flatten_layers(include_self=False))
 
 
+def lora_base(layer):
+    """`(base variable, merged value)` of a layer with LoRA enabled.
+
+    Keras 3.15.1 (`keras/src/layers/core/dense.py`, `einsum_dense.py`,
+    `embedding.py`) keeps the frozen base weight as `_kernel` (`_embeddings`)
+    and its public `kernel` (`embeddings`) property returns the base plus
+    the scaled LoRA product: the value `save_own_variables` writes.
+    """
+    if hasattr(layer, "_kernel"):
+        return layer._kernel, layer.kernel
+    return layer._embeddings, layer.embeddings
+
+
 def raw_iterations(optimizer):
     """The optimizer's batch counter, gradient-accumulation steps included.
 

@@ -13,7 +13,9 @@ import numpy as np
 
 from keras_ema import _backend
 from keras_ema import _keras_private
+from keras_ema import _monitors
 from keras_ema import _validation_data
+from keras_ema import lora
 from keras_ema import state_file
 from keras_ema._checks import check_int
 from keras_ema._files import atomic_path
@@ -559,6 +561,7 @@ class MultiEMA(keras.callbacks.Callback):
             "update_log": self._update_log(),
             "run_id": self._run_id,
             "shadows": [keras.ops.convert_to_numpy(s) for s in self._shadows],
+            "lora_factors": lora.live_factors(self._owner),
         }
 
     def _update_log(self):
@@ -638,6 +641,7 @@ class MultiEMA(keras.callbacks.Callback):
                 f"Invalid MultiEMA state: bad step, attempted, skipped_steps "
                 f"or best entry ({e}). Pass a dict from `get_state`."
             ) from None
+        lora.unmerge_restored(self._owner, state.get("lora_factors"))
         for s, value in zip(self._shadows, values):
             s.assign(value)
         self._step = step
@@ -742,6 +746,7 @@ class MultiEMA(keras.callbacks.Callback):
         self._warn_late_updates(steps, accumulation)
         self._warn_changed_variables()
         self._warn_callback_order()
+        _monitors.check_monitors(self, _keras_private.calling_callbacks(self))
         if self.validation_data is not None:
             _validation_data.check_validation_data(
                 self.model, self.validation_data, self.validation_batch_size
@@ -1028,6 +1033,14 @@ class MultiEMA(keras.callbacks.Callback):
         with atomic_path(path) as tmp, self.swapped_in(decay) as model:
             write_weights(model, tmp)
 
+    def save_lora_weights(self, decay: float, path: str, backbone=None) -> str:
+        """Writes the EMA of `decay` of a keras-hub backbone's LoRA adapters.
+
+        In keras-hub's own format (`backbone.load_lora_weights(path)` reads
+        it); see `keras_ema.lora.save_lora_weights`.
+        """
+        return lora.save_lora_weights(self, decay, path, backbone)
+
     def ema_model(self, decay: float) -> keras.Model:
         """An independent copy of the model holding the EMA of `decay`.
 
@@ -1036,7 +1049,7 @@ class MultiEMA(keras.callbacks.Callback):
         """
         weights = self.ema_weights(decay)
         model = self._owner
-        clone = keras.models.clone_model(model)
+        clone = lora.clone_like(model)
         clone.set_weights(weights)
         if getattr(model, "compiled", False):
             try:

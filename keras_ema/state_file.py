@@ -1,7 +1,8 @@
 """MultiEMA state files: `multi_ema_step<step>.npz`, one per saved step.
 
 A state file holds the `MultiEMA.get_state()` dict: the shadows as arrays
-`s0, s1, ...` and everything else as JSON in `meta`. It is written under a
+`s0, s1, ...`, the live LoRA factors (if any) as `lora0, lora1, ...`, and
+everything else as JSON in `meta`. It is written under a
 temporary name with the pid and renamed, so a crash leaves no partial file.
 """
 
@@ -48,6 +49,7 @@ def write_state_file(directory: str, state: dict, keep: int = 2) -> str:
     """
     state = dict(state)
     shadows = state.pop("shadows")
+    lora_factors = state.pop("lora_factors", None) or []
     os.makedirs(directory, exist_ok=True)
     path = state_path(directory, state["step"])
     with atomic_path(path) as tmp:
@@ -55,6 +57,7 @@ def write_state_file(directory: str, state: dict, keep: int = 2) -> str:
             tmp,
             meta=np.asarray(json.dumps(state)),
             **{f"s{i}": s for i, s in enumerate(shadows)},
+            **{f"lora{i}": f for i, f in enumerate(lora_factors)},
         )
     for old in state_files(directory)[:-keep]:
         os.remove(old)
@@ -72,6 +75,10 @@ def read_state_file(path: str) -> dict:
             state = json.loads(str(data["meta"]))
             n = len([k for k in data.files if k.startswith("s")])
             state["shadows"] = [np.asarray(data[f"s{i}"]) for i in range(n)]
+            n = len([k for k in data.files if k.startswith("lora")])
+            if n:
+                state["lora_factors"] = [np.asarray(data[f"lora{i}"])
+                                         for i in range(n)]
         if not isinstance(state, dict) or not all(
             k in state for k in ("decays", "step", "attempted", "best")
         ):

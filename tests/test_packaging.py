@@ -31,7 +31,9 @@ def test_core_dependencies_and_extras():
     project = _pyproject()["project"]
     assert sorted(_name(r) for r in project["dependencies"]) == ["keras", "numpy", "scipy"]
     extras = project["optional-dependencies"]
-    assert {"tensorflow", "jax", "data", "zoo", "test"} <= set(extras)
+    assert {"tensorflow", "jax", "data", "zoo", "hub", "test"} <= set(extras)
+    assert "keras-hub" in [_name(r) for r in extras["hub"]]
+    assert "hub" in extras["test"][-1]
     assert "tensorflow" in [_name(r) for r in extras["tensorflow"]]
     assert "jax" in [_name(r) for r in extras["jax"]]
     # The Keras the suite runs against satisfies the pin, which has an upper
@@ -81,7 +83,7 @@ def test_fit_on_jax_imports_no_tensorflow(tmp_path):
         print(keras.backend.backend(), "ema_0.3_val_accuracy" in history.history)
         # Up to here: keras.models.clone_model (ema.ema_model) makes Keras 3.15.1
         # itself import TensorFlow where it is installed (serialization_lib).
-        print(sorted(m for m in ("tensorflow", "tensorflow_datasets", "zoo")
+        print(sorted(m for m in ("tensorflow", "tensorflow_datasets", "zoo", "keras_hub")
                      if m in sys.modules))
     """)
     env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")

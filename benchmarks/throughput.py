@@ -3,10 +3,10 @@
 Default mode: training images per second of each zoo model (`--models`,
 default all four: resnet18, resnet34, wrn28_10, vgg16) at `--batch_size`
 (default 128), in float32 and in mixed precision, on whatever device the
-Keras backend runs on. The step is `train.py`'s: `model.fit` with SGD
-(momentum 0.9, Nesterov), sparse cross-entropy on logits, the accuracy
-metric, the paper's weight decay (1e-4 ResNet, 5e-4 WRN and VGG; as in
-`zoo.regularization`, an L2 term on the kernels) and `train.py`'s
+Keras backend runs on. The step is `train.py`'s: `model.fit` with
+`zoo.regularization.PyTorchSGD` (momentum 0.9, Nesterov, the paper's weight
+decay on the kernels: 1e-4 ResNet, 5e-4 WRN and VGG), sparse cross-entropy
+on logits, the accuracy metric and `train.py`'s
 `jit_compile` rule (XLA except for TensorFlow on CPU). The data is one
 synthetic batch (random uint8 32x32x3 images, normalized to float32, 100
 classes) held in memory and repeated, so the input pipeline costs nothing.
@@ -75,6 +75,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import zoo.models  # noqa: E402
+from zoo.regularization import PyTorchSGD  # noqa: E402
 
 PROG = "throughput.py"
 NUM_CLASSES = 100
@@ -210,13 +211,12 @@ def time_keras(name, policy, args, device_kind, metrics=True):
     keras.mixed_precision.set_global_policy(policy)
     try:
         keras.utils.set_random_seed(0)
-        model = zoo.models.get_model(name, NUM_CLASSES, IMAGE_SHAPE, width=args.width,
-                              weight_decay=args.weight_decay
-                              if args.weight_decay is not None
-                              else weight_decay_for(name))
+        model = zoo.models.get_model(name, NUM_CLASSES, IMAGE_SHAPE, width=args.width)
+        weight_decay = (args.weight_decay if args.weight_decay is not None
+                        else weight_decay_for(name))
         model.compile(
-            optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=0.9,
-                                           nesterov=True),
+            optimizer=PyTorchSGD(LEARNING_RATE, momentum=0.9, nesterov=True,
+                                 weight_decay=weight_decay),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"] if metrics else None,
             jit_compile=jit_compile(device_kind),
@@ -333,8 +333,8 @@ def time_torch(torch, args, precision):
     torch.backends.cudnn.allow_tf32 = True
     model = torch_resnet18(torch, args.width, NUM_CLASSES)
     model = model.to(device, memory_format=torch.channels_last)
-    # Coupled weight decay on conv and linear weights only, as the zoo's L2
-    # regularizer on kernels (not on BatchNorm gamma/beta or biases).
+    # Coupled weight decay on conv and linear weights only, as the zoo's
+    # PyTorchSGD (not on BatchNorm gamma/beta or biases).
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     weight_decay = args.weight_decay if args.weight_decay is not None else 1e-4

@@ -63,7 +63,12 @@ CASES = [
     ("huge width", dict(width=1e9), experiment.ConfigError,
      r"^--width=1000000000.0: must be in \(0, 16\] \(1 is the paper's width\)$"),
     ("NaN weight decay", dict(weight_decay=float("nan")), experiment.ConfigError,
-     r"^--weight_decay=nan: must be a finite number$"),
+     r"^--weight_decay=nan: must be a finite number >= 0, or paper for the paper's "
+     r"value \(1e-4 ResNet, 5e-4 WRN and VGG\)$"),
+    ("negative weight decay", dict(weight_decay=-1.0), experiment.ConfigError,
+     r"^--weight_decay=-1.0: must be a finite number >= 0, or paper"),
+    ("infinite weight decay in a flag file", dict(weight_decay="-inf"),
+     experiment.ConfigError, r"^--weight_decay=-inf: must be a finite number >= 0"),
     ("infinite learning rate", dict(lr=float("inf")), experiment.ConfigError,
      r"^--lr=inf: must be a finite number$"),
     ("NaN momentum", dict(momentum=float("nan")), experiment.ConfigError,

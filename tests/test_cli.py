@@ -89,6 +89,13 @@ def test_flag_defaults_are_config_defaults_and_parse_back():
     assert (config.output_dir, config.model, config.ema_warmup, config.ema_decays,
             config.mixed_precision, config.seed, config.width) == (
         "run", "vgg16", False, (0.5, 0.25), "mixed_bfloat16", 7, 0.5)
+    # The paper's weight decay is a word, resolved per model; 0 is a number.
+    assert config.weight_decay == "paper"
+    assert config.resolved().weight_decay == 5e-4
+    for text, value in (("0", 0.0), ("1e-4", 1e-4), ("paper", "paper")):
+        flag_values = _train_flags()
+        flag_values(["train.py", f"--weight_decay={text}"])
+        assert flag_values["weight_decay"].value == value
     # The flag file written for a run parses back to the same Config, by the
     # flags (what --flagfile=RUN/flags.cfg does) and by the reader.
     from zoo.run.config import read_flags_text
@@ -114,6 +121,12 @@ def test_config_names_what_the_library_and_the_models_define():
     ("--epochs=0", "--epochs=0: 0 is not a positive integer"),
     ("--averaging=swa", "--averaging=swa: value should be one of <ema|sema|belay>"),
     ("--lr=fast", "--lr=fast: could not convert string to float: 'fast'"),
+    # Negative used to mean the paper's value: a typo trained with another.
+    ("--weight_decay=-1", "--weight_decay=-1: must be a finite number >= 0, or "
+     "paper for the paper's value (1e-4 ResNet, 5e-4 WRN and VGG)"),
+    ("--weight_decay=-inf", "--weight_decay=-inf: must be a finite number >= 0"),
+    ("--weight_decay=nan", "--weight_decay=nan: must be a finite number >= 0"),
+    ("--weight_decay=papr", "--weight_decay=papr: must be a finite number >= 0"),
 ])
 def test_bad_flag_is_one_line_without_keras(tmp_path, flag, message):
     result = subprocess.run(

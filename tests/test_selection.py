@@ -71,7 +71,7 @@ def evaluate_files(folder, run, names, val_fraction, split):
     """
     data = dataset(folder, val_fraction)
     model = zoo.models.get_model("resnet18", num_classes=2, input_shape=data.image_shape,
-                          width=0.0625, weight_decay=1e-4)
+                          width=0.0625)
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     x, y = (data.x_test, data.y_test) if split == "test" else (data.x_val, data.y_val)

@@ -187,7 +187,7 @@ def test_names_are_stable_across_builds():
     ],
 )
 def test_one_training_step_changes_weights(name, overrides):
-    model = zoo.models.get_model(name, 5, width=NARROW, weight_decay=5e-4, **overrides)
+    model = zoo.models.get_model(name, 5, width=NARROW, **overrides)
     model.compile(
         optimizer=keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -202,20 +202,35 @@ def test_one_training_step_changes_weights(name, overrides):
     assert not np.allclose(before, after)
 
 
-def test_weight_decay_is_half_l2_on_kernels_only():
-    weight_decay = 5e-4
-    model = zoo.models.get_model(
-        "resnet18", width=NARROW, weight_decay=weight_decay
-    )
-    kernels = [w for w in model.trainable_weights if "kernel" in w.path]
-    # One penalty per conv/dense kernel; none on BN gamma/beta or biases.
-    assert len(model.losses) == len(kernels)
-    expected = weight_decay / 2 * sum(
-        float(np.sum(keras.ops.convert_to_numpy(k) ** 2)) for k in kernels
-    )
-    total = float(sum(keras.ops.convert_to_numpy(loss) for loss in model.losses))
-    np.testing.assert_allclose(total, expected, rtol=1e-5)
-    assert zoo.models.get_model("vgg16", width=NARROW).losses == []
+@pytest.mark.parametrize("name", ["resnet18", "wrn28_10", "vgg16"])
+def test_models_carry_no_regularizer(name):
+    # Weight decay is the optimizer's (zoo.regularization.PyTorchSGD): a loss
+    # term would be added to every logged loss, which must be the
+    # cross-entropy alone.
+    model = zoo.models.get_model(name, 3, width=NARROW)
+    assert model.losses == []
+    for layer in model.layers:
+        for attribute in ("kernel_regularizer", "bias_regularizer",
+                          "activity_regularizer", "gamma_regularizer",
+                          "beta_regularizer"):
+            assert getattr(layer, attribute, None) is None, (layer.name, attribute)
+
+
+def test_configs_written_with_weight_decay_still_load():
+    # Models saved when weight decay was an L2 regularizer of the model wrote
+    # it into their config; it changes nothing the model computes.
+    model = zoo.models.get_model("resnet18", 3, width=NARROW)
+    config = dict(model.get_config(), weight_decay=5e-4)
+    clone = zoo.models.ResNet.from_config(config)
+    assert clone.get_config() == model.get_config()
+    assert clone.losses == []
+    # The optimizer's now: refused, where keras.Model would drop it silently.
+    for build in (lambda: zoo.models.get_model("vgg16", weight_decay=5e-4),
+                  lambda: zoo.models.ResNet(weight_decay=5e-4),
+                  lambda: zoo.models.WideResNet(weight_decay=0.0)):
+        with pytest.raises(ValueError, match=r"PyTorchSGD\(weight_decay=\.\.\.\)\. "
+                           r"Received: weight_decay="):
+            build()
 
 
 # --- Serialization --------------------------------------------------------------
@@ -224,8 +239,8 @@ def test_weight_decay_is_half_l2_on_kernels_only():
 @pytest.mark.parametrize(
     "name, overrides",
     [
-        ("resnet18", {"weight_decay": 1e-4}),
-        ("wrn28_10", {"dropout": 0.3, "weight_decay": 5e-4}),
+        ("resnet18", {"stem": "downsample"}),
+        ("wrn28_10", {"dropout": 0.3}),
         ("vgg16", {"batch_norm": True}),
     ],
 )
@@ -241,7 +256,7 @@ def test_config_round_trip(name, overrides):
 
 @pytest.mark.parametrize("name", ["resnet18", "wrn28_10", "vgg16"])
 def test_keras_file_reload_gives_equal_outputs(name, tmp_path):
-    model = zoo.models.get_model(name, 4, width=NARROW, weight_decay=1e-4)
+    model = zoo.models.get_model(name, 4, width=NARROW)
     x = np.random.default_rng(1).normal(size=(3, 32, 32, 3)).astype("float32")
     # Move the BN statistics away from their initial values first.
     model(x, training=True)
@@ -409,7 +424,7 @@ def test_exported_keras_file_loads_and_predicts_without_zoo(tmp_path):
     # optimizer has the zoo's learning-rate schedule.
     rng = np.random.default_rng(0)
     x_train = rng.integers(0, 256, size=(6, 8, 8, 3)).astype("uint8")
-    ema = zoo.models.get_model("resnet18", 3, (8, 8, 3), width=0.0625, weight_decay=1e-4)
+    ema = zoo.models.get_model("resnet18", 3, (8, 8, 3), width=0.0625)
     ema.compile(keras.optimizers.SGD(WarmupCosine(0.1, 10, 2)),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     averager = types.SimpleNamespace(ema_model=lambda decay: ema)
@@ -486,7 +501,6 @@ def test_unknown_name_lists_known_models():
         (lambda: zoo.models.ResNet([2, 2.5], [4, 8]), r"stackwise_num_blocks=\[2, 2.5\]"),
         (lambda: zoo.models.WideResNet(dropout="0.1"), "Received: dropout=0.1"),
         (lambda: zoo.models.WideResNet(depth=True), "Received: depth=True"),
-        (lambda: zoo.models.get_model("vgg16", weight_decay=-1), "weight_decay=-1"),
     ],
 )
 def test_invalid_arguments_raise_value_error(build, message):

@@ -79,6 +79,34 @@ def validate_stacks(**stacks) -> dict:
     return stacks
 
 
+def model_arguments(config: dict) -> dict:
+    """A model's `get_config()` as constructor arguments, older files' included.
+
+    Models saved before weight decay moved into the optimizer
+    (`zoo.regularization.PyTorchSGD`) wrote a `weight_decay` key; it set an
+    L2 regularizer for training and changes nothing the model computes, so
+    it is dropped.
+    """
+    config = dict(config)
+    config.pop("weight_decay", None)
+    return config
+
+
+def check_model_kwargs(kwargs: dict):
+    """Refuses `weight_decay`, which `keras.Model` would drop without a word.
+
+    The zoo's models took it when weight decay was their L2 regularizer; it
+    is the optimizer's now, and a model silently built without it would
+    train without decay.
+    """
+    if "weight_decay" in kwargs:
+        raise ValueError(
+            "Invalid argument `weight_decay`: weight decay is the optimizer's, "
+            "not the model's; compile with zoo.regularization.PyTorchSGD("
+            f"weight_decay=...). Received: weight_decay={kwargs['weight_decay']!r}"
+        )
+
+
 def subsample(x, stride: int, name: str):
     """Keeps every `stride`-th row and column: `x[:, ::stride, ::stride]`.
 
@@ -116,7 +144,6 @@ def conv(
     *,
     strides: int = 1,
     use_bias: bool = False,
-    regularizer=None,
     name: str,
 ):
     """Applies a square conv that samples the pixels PyTorch's conv samples.
@@ -133,8 +160,6 @@ def conv(
         kernel_size: int. `1` or an odd size.
         strides: int. Defaults to `1`.
         use_bias: bool. Defaults to `False` (a BN follows).
-        regularizer: `keras.regularizers.Regularizer` or `None`. Applied to
-            the kernel. Defaults to `None`.
         name: str. The prefix of the layer names; the conv is
             `f"{name}_conv"`.
 
@@ -155,7 +180,6 @@ def conv(
         padding=padding,
         use_bias=use_bias,
         kernel_initializer=conv_kernel_initializer(),
-        kernel_regularizer=regularizer,
         name=f"{name}_conv",
     )(x)
 
@@ -181,7 +205,6 @@ def conv_bn(
     use_bias: bool = False,
     bn: bool = True,
     activation: bool = False,
-    regularizer=None,
     name: str,
 ):
     """Applies `conv`, then BN (if `bn`), then a ReLU (if `activation`).
@@ -198,8 +221,6 @@ def conv_bn(
         bn: bool. Whether a BatchNormalization follows the conv.
             Defaults to `True`.
         activation: bool. Whether a ReLU ends the unit. Defaults to `False`.
-        regularizer: `keras.regularizers.Regularizer` or `None`. Applied to
-            the conv kernel. Defaults to `None`.
         name: str. The prefix of the layer names.
 
     Returns:
@@ -211,7 +232,6 @@ def conv_bn(
         kernel_size,
         strides=strides,
         use_bias=use_bias,
-        regularizer=regularizer,
         name=name,
     )
     if bn:
@@ -224,7 +244,7 @@ def bn_relu(x, name: str):
     return relu(batch_norm(x, name), name)
 
 
-def classifier(x, num_classes: int, regularizer=None):
+def classifier(x, num_classes: int):
     """Applies the `"pool"` global average pooling and the `"classifier"` Dense.
 
     The Dense computes in float32, so the logits are float32 under a
@@ -233,7 +253,6 @@ def classifier(x, num_classes: int, regularizer=None):
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     return layers.Dense(
         num_classes,
-        kernel_regularizer=regularizer,
         dtype="float32",
         name="classifier",
     )(x)

@@ -42,8 +42,7 @@ def get_model(
             switch to their 64x64 stem from 64 pixels on. Defaults to
             `(32, 32, 3)`.
         **overrides: constructor arguments of the model class, e.g. `width`,
-            `weight_decay`, `dropout` (WRN), `batch_norm` (VGG), `stem`
-            (ResNet), `name`.
+            `dropout` (WRN), `batch_norm` (VGG), `stem` (ResNet), `name`.
         synchronized_bn: bool. Whether every `BatchNormalization` layer
             computes its batch statistics over the global batch of a
             `tf.distribute` strategy (`synchronized=True`), so that training
@@ -64,7 +63,7 @@ def get_model(
     ```python
     from zoo.models import get_model
 
-    model = get_model("resnet18", num_classes=100, weight_decay=5e-4)
+    model = get_model("resnet18", num_classes=100)
     tiny = get_model("resnet18", 200, (64, 64, 3), width=0.25)
     ```
     """

@@ -16,7 +16,6 @@ import keras
 from keras import layers
 
 from zoo import layers as blocks
-from zoo.regularization import weight_decay_regularizer
 
 VARIANTS = {
     "resnet18": {
@@ -70,12 +69,10 @@ class ResNet(keras.Model):
     Under a mixed-precision policy the classifier computes in float32, so the
     logits are float32.
 
-    Weight decay is `keras.regularizers.L2(weight_decay / 2)` on conv and dense
-    kernels, so SGD's gradient gains `weight_decay * w` as with PyTorch's
-    coupled `SGD(weight_decay=...)`. BN gamma/beta and biases are not decayed
-    (common practice: BN makes the output invariant to the scale of the
-    kernel before it, so decaying them regularizes nothing), whereas torch's
-    default decays every parameter.
+    The model carries no regularizer: weight decay is the optimizer's
+    (`zoo.regularization.PyTorchSGD(weight_decay=...)`, PyTorch's coupled
+    decay on conv and dense kernels), so the model's losses are its
+    cross-entropy alone.
 
     BatchNormalization uses `momentum=0.9` and `epsilon=1e-5`, PyTorch's
     defaults (torch's momentum 0.1 is Keras' 0.9). Conv kernels start from
@@ -99,17 +96,16 @@ class ResNet(keras.Model):
             same followed by a 3x3 stride-2 max-pool) or `"auto"` (`"cifar"`
             below 64 pixels, `"downsample"` from 64 pixels on). Defaults to
             `"auto"`.
-        weight_decay: float. Coupled SGD weight decay on conv and dense
-            kernels, as above. Defaults to `0.0`.
         name: str. The model name. Defaults to `"resnet"`.
 
     Example:
 
     ```python
     model = zoo.models.ResNet(**zoo.resnet.VARIANTS["resnet18"]["config"],
-                       num_classes=100, weight_decay=5e-4)
+                       num_classes=100)
     model.compile(
-        optimizer=keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
+        optimizer=zoo.regularization.PyTorchSGD(
+            0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     features = keras.Model(model.input, model.get_layer("pool").output)
@@ -124,10 +120,10 @@ class ResNet(keras.Model):
         input_shape=(32, 32, 3),
         width=1.0,
         stem="auto",
-        weight_decay=0.0,
         name="resnet",
         **kwargs,
     ):
+        blocks.check_model_kwargs(kwargs)
         stacks = blocks.validate_stacks(
             stackwise_num_blocks=stackwise_num_blocks,
             stackwise_num_filters=stackwise_num_filters,
@@ -141,7 +137,6 @@ class ResNet(keras.Model):
             )
         width = blocks.validate_width(width)
         input_shape = blocks.validate_input_shape(input_shape)
-        regularizer = weight_decay_regularizer(weight_decay)
         resolved_stem = stem
         if stem == "auto":
             sides = [s for s in input_shape[:2] if s is not None]
@@ -156,7 +151,6 @@ class ResNet(keras.Model):
             filters[0],
             3,
             activation=True,
-            regularizer=regularizer,
             name="stem",
         )
         if resolved_stem == "downsample":
@@ -172,10 +166,9 @@ class ResNet(keras.Model):
                     x,
                     stack_filters,
                     stride=2 if stack_index > 0 and block_index == 0 else 1,
-                    regularizer=regularizer,
                     name=f"stack{stack_index}_block{block_index}",
                 )
-        outputs = blocks.classifier(x, num_classes, regularizer)
+        outputs = blocks.classifier(x, num_classes)
         super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
 
         # === Config ===
@@ -185,7 +178,6 @@ class ResNet(keras.Model):
         self.image_shape = input_shape
         self.width = width
         self.stem = stem
-        self.weight_decay = float(weight_decay)
         self.resolved_stem = resolved_stem
 
     def get_config(self):
@@ -196,17 +188,16 @@ class ResNet(keras.Model):
             "input_shape": self.image_shape,
             "width": self.width,
             "stem": self.stem,
-            "weight_decay": self.weight_decay,
             "name": self.name,
             "trainable": self.trainable,
         }
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        return cls(**blocks.model_arguments(config))
 
 
-def apply_basic_block(x, filters, stride=1, regularizer=None, name=None):
+def apply_basic_block(x, filters, stride=1, name=None):
     """Applies a post-activation basic block: two 3x3 conv-BN, add, ReLU.
 
     The shortcut is the identity when shape is kept, else a 1x1 conv + BN
@@ -218,8 +209,6 @@ def apply_basic_block(x, filters, stride=1, regularizer=None, name=None):
         filters: int. The output channels.
         stride: int. The stride of the first conv and of the shortcut.
             Defaults to `1`.
-        regularizer: `keras.regularizers.Regularizer` or `None`. Applied to
-            the conv kernels. Defaults to `None`.
         name: str. The prefix of every layer name in the block.
 
     Returns:
@@ -233,7 +222,6 @@ def apply_basic_block(x, filters, stride=1, regularizer=None, name=None):
             filters,
             1,
             strides=stride,
-            regularizer=regularizer,
             name=f"{name}_0",
         )
     x = blocks.conv_bn(
@@ -242,9 +230,8 @@ def apply_basic_block(x, filters, stride=1, regularizer=None, name=None):
         3,
         strides=stride,
         activation=True,
-        regularizer=regularizer,
         name=f"{name}_1",
     )
-    x = blocks.conv_bn(x, filters, 3, regularizer=regularizer, name=f"{name}_2")
+    x = blocks.conv_bn(x, filters, 3, name=f"{name}_2")
     x = layers.Add(name=f"{name}_add")([shortcut, x])
     return layers.Activation("relu", name=f"{name}_out")(x)

@@ -18,8 +18,8 @@ def build_model(config, data):
     model is built, and restored afterwards.
 
     Args:
-        config: `zoo.run.config.Config`. Its `model`, `width`,
-            `weight_decay` and `mixed_precision`.
+        config: `zoo.run.config.Config`. Its `model`, `width` and
+            `mixed_precision`.
         data: `zoo.data.Dataset`. Its `num_classes` and `image_shape`.
 
     Returns:
@@ -38,7 +38,6 @@ def build_model(config, data):
             num_classes=data.num_classes,
             input_shape=data.image_shape,
             width=config.width,
-            weight_decay=config.weight_decay,
         )
     finally:
         keras.mixed_precision.set_global_policy(previous)

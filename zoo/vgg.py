@@ -12,7 +12,6 @@ import keras
 from keras import layers
 
 from zoo import layers as blocks
-from zoo.regularization import weight_decay_regularizer
 
 VARIANTS = {
     "vgg16": {
@@ -43,11 +42,12 @@ class VGG(keras.Model):
     The classifier is the `Dense` layer named `"classifier"`. Under a
     mixed-precision policy the classifier computes in float32.
 
-    Weight decay is `keras.regularizers.L2(weight_decay / 2)` on conv and dense
-    kernels, so SGD's gradient gains `weight_decay * w` as with PyTorch's
-    coupled `SGD(weight_decay=...)`. Biases and BN gamma/beta are not decayed
-    (common practice), whereas torch's default decays every parameter. With
-    `batch_norm=True` each conv (its bias kept, as in torchvision's
+    The model carries no regularizer: weight decay is the optimizer's
+    (`zoo.regularization.PyTorchSGD(weight_decay=...)`, PyTorch's coupled
+    decay on conv and dense kernels), so the model's losses are its
+    cross-entropy alone.
+
+    With `batch_norm=True` each conv (its bias kept, as in torchvision's
     `vgg16_bn`) is followed by BatchNormalization with `momentum=0.9` and
     `epsilon=1e-5` (PyTorch's defaults). Conv kernels start from He-normal
     with fan-out, as in torchvision.
@@ -66,14 +66,12 @@ class VGG(keras.Model):
             Defaults to `1.0`.
         batch_norm: bool. Whether a BatchNormalization follows every conv.
             Defaults to `False`.
-        weight_decay: float. Coupled SGD weight decay on conv and dense
-            kernels, as above. Defaults to `0.0`.
         name: str. The model name. Defaults to `"vgg"`.
 
     Example:
 
     ```python
-    model = zoo.models.VGG(num_classes=100, weight_decay=5e-4)
+    model = zoo.models.VGG(num_classes=100)
     model.count_params()  # 14,765,988 for 100 classes
     ```
     """
@@ -86,10 +84,10 @@ class VGG(keras.Model):
         input_shape=(32, 32, 3),
         width=1.0,
         batch_norm=False,
-        weight_decay=0.0,
         name="vgg",
         **kwargs,
     ):
+        blocks.check_model_kwargs(kwargs)
         stacks = blocks.validate_stacks(
             stackwise_num_filters=stackwise_num_filters,
             stackwise_num_repeats=stackwise_num_repeats,
@@ -103,7 +101,6 @@ class VGG(keras.Model):
             )
         width = blocks.validate_width(width)
         input_shape = blocks.validate_input_shape(input_shape)
-        regularizer = weight_decay_regularizer(weight_decay)
         filters = [blocks.scale_filters(f, width) for f in stackwise_num_filters]
 
         # === Functional Model ===
@@ -117,10 +114,9 @@ class VGG(keras.Model):
                 stack_filters,
                 repeats,
                 batch_norm=batch_norm,
-                regularizer=regularizer,
                 name=f"stack{stack_index}",
             )
-        outputs = blocks.classifier(x, num_classes, regularizer)
+        outputs = blocks.classifier(x, num_classes)
         super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
 
         # === Config ===
@@ -130,7 +126,6 @@ class VGG(keras.Model):
         self.image_shape = input_shape
         self.width = width
         self.batch_norm = batch_norm
-        self.weight_decay = float(weight_decay)
 
     def get_config(self):
         return {
@@ -140,18 +135,17 @@ class VGG(keras.Model):
             "input_shape": self.image_shape,
             "width": self.width,
             "batch_norm": self.batch_norm,
-            "weight_decay": self.weight_decay,
             "name": self.name,
             "trainable": self.trainable,
         }
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        return cls(**blocks.model_arguments(config))
 
 
 def apply_vgg_stack(
-    x, filters, repeats, batch_norm=False, regularizer=None, name=None
+    x, filters, repeats, batch_norm=False, name=None
 ):
     """Applies `repeats` x (conv3x3 [+ BN] + ReLU), then a 2x2 max-pool.
 
@@ -160,8 +154,6 @@ def apply_vgg_stack(
         filters: int. The output channels of every conv.
         repeats: int. The number of convs.
         batch_norm: bool. Whether BN follows each conv. Defaults to `False`.
-        regularizer: `keras.regularizers.Regularizer` or `None`. Applied to
-            the conv kernels. Defaults to `None`.
         name: str. The prefix of every layer name in the stack.
 
     Returns:
@@ -175,7 +167,6 @@ def apply_vgg_stack(
             use_bias=True,
             bn=batch_norm,
             activation=True,
-            regularizer=regularizer,
             name=f"{name}_{conv_index}",
         )
     return layers.MaxPooling2D(2, strides=2, name=f"{name}_pool")(x)

@@ -16,7 +16,6 @@ from keras import layers
 from keras_ema._checks import as_float
 from keras_ema._checks import is_int
 from zoo import layers as blocks
-from zoo.regularization import weight_decay_regularizer
 
 VARIANTS = {
     "wrn28_10": {
@@ -43,11 +42,11 @@ class WideResNet(keras.Model):
     global average pooling layer named `"pool"`. Under a mixed-precision
     policy the classifier computes in float32.
 
-    Weight decay is `keras.regularizers.L2(weight_decay / 2)` on conv and dense
-    kernels, so SGD's gradient gains `weight_decay * w` as with PyTorch's
-    coupled `SGD(weight_decay=...)`. BN gamma/beta and the classifier bias are
-    not decayed (common practice: BN makes the output invariant to the scale
-    of the kernel before it), whereas torch's default decays every parameter.
+    The model carries no regularizer: weight decay is the optimizer's
+    (`zoo.regularization.PyTorchSGD(weight_decay=...)`, PyTorch's coupled
+    decay on conv and dense kernels), so the model's losses are its
+    cross-entropy alone.
+
     BatchNormalization uses `momentum=0.9` and `epsilon=1e-5` (PyTorch's
     defaults); conv kernels start from He-normal with fan-out, as in the
     reference code.
@@ -66,15 +65,12 @@ class WideResNet(keras.Model):
         width: float. Multiplies every filter count, stem included (rounded,
             at least 1), on top of `widen_factor`; for narrow test copies.
             Defaults to `1.0`.
-        weight_decay: float. Coupled SGD weight decay on conv and dense
-            kernels, as above. Defaults to `0.0`.
         name: str. The model name. Defaults to `"wide_resnet"`.
 
     Example:
 
     ```python
-    model = zoo.models.WideResNet(depth=28, widen_factor=10, num_classes=100,
-                           weight_decay=5e-4)
+    model = zoo.models.WideResNet(depth=28, widen_factor=10, num_classes=100)
     logits = model(np.zeros((2, 32, 32, 3), "float32"))  # (2, 100)
     ```
     """
@@ -87,10 +83,10 @@ class WideResNet(keras.Model):
         num_classes=10,
         input_shape=(32, 32, 3),
         width=1.0,
-        weight_decay=0.0,
         name="wide_resnet",
         **kwargs,
     ):
+        blocks.check_model_kwargs(kwargs)
         if not is_int(depth) or depth < 10 or (depth - 4) % 6 != 0:
             raise ValueError(
                 "Invalid value for argument `depth`: it must be 6 * n + 4 "
@@ -108,7 +104,6 @@ class WideResNet(keras.Model):
             )
         width = blocks.validate_width(width)
         input_shape = blocks.validate_input_shape(input_shape)
-        regularizer = weight_decay_regularizer(weight_decay)
         blocks_per_group = (depth - 4) // 6
         stem_filters = blocks.scale_filters(16, width)
         group_filters = [
@@ -118,7 +113,7 @@ class WideResNet(keras.Model):
         # === Functional Model ===
         inputs = keras.Input(shape=input_shape, name="images")
         x = blocks.conv(
-            inputs, stem_filters, 3, regularizer=regularizer, name="stem"
+            inputs, stem_filters, 3, name="stem"
         )
         for group_index, filters in enumerate(group_filters):
             for block_index in range(blocks_per_group):
@@ -127,11 +122,10 @@ class WideResNet(keras.Model):
                     filters,
                     stride=2 if group_index > 0 and block_index == 0 else 1,
                     dropout=dropout,
-                    regularizer=regularizer,
                     name=f"group{group_index}_block{block_index}",
                 )
         x = blocks.bn_relu(x, "post")
-        outputs = blocks.classifier(x, num_classes, regularizer)
+        outputs = blocks.classifier(x, num_classes)
         super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
 
         # === Config ===
@@ -141,7 +135,6 @@ class WideResNet(keras.Model):
         self.num_classes = num_classes
         self.image_shape = input_shape
         self.width = width
-        self.weight_decay = float(weight_decay)
 
     def get_config(self):
         return {
@@ -151,18 +144,17 @@ class WideResNet(keras.Model):
             "num_classes": self.num_classes,
             "input_shape": self.image_shape,
             "width": self.width,
-            "weight_decay": self.weight_decay,
             "name": self.name,
             "trainable": self.trainable,
         }
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        return cls(**blocks.model_arguments(config))
 
 
 def apply_wide_basic_block(
-    x, filters, stride=1, dropout=0.0, regularizer=None, name=None
+    x, filters, stride=1, dropout=0.0, name=None
 ):
     """Applies a pre-activation wide basic block.
 
@@ -178,8 +170,6 @@ def apply_wide_basic_block(
             Defaults to `1`.
         dropout: float. Dropout rate before the second conv; `0.0` adds no
             layer. Defaults to `0.0`.
-        regularizer: `keras.regularizers.Regularizer` or `None`. Applied to
-            the conv kernels. Defaults to `None`.
         name: str. The prefix of every layer name in the block.
 
     Returns:
@@ -195,7 +185,6 @@ def apply_wide_basic_block(
             filters,
             1,
             strides=stride,
-            regularizer=regularizer,
             name=f"{name}_0",
         )
     y = blocks.conv(
@@ -203,11 +192,10 @@ def apply_wide_basic_block(
         filters,
         3,
         strides=stride,
-        regularizer=regularizer,
         name=f"{name}_1",
     )
     y = blocks.bn_relu(y, f"{name}_2")
     if dropout > 0.0:
         y = layers.Dropout(dropout, name=f"{name}_dropout")(y)
-    y = blocks.conv(y, filters, 3, regularizer=regularizer, name=f"{name}_2")
+    y = blocks.conv(y, filters, 3, name=f"{name}_2")
     return layers.Add(name=f"{name}_out")([shortcut, y])

@@ -10,9 +10,11 @@ kit, so that `train.py --help` answers at once.
 
 import dataclasses
 import math
+import numbers
 
-# The paper's weight decay per architecture (App. F).
+# The paper's weight decay per architecture (App. F), `--weight_decay=paper`.
 DEFAULT_WEIGHT_DECAY = {"resnet": 1e-4, "wrn": 5e-4, "vgg": 5e-4}
+PAPER = "paper"
 # `zoo.models.MODELS`, named here without importing Keras.
 MODELS = ("resnet18", "resnet34", "wrn28_10", "vgg16")
 AVERAGING = ("ema", "sema", "belay")
@@ -44,22 +46,50 @@ class ConfigError(ValueError):
 
 
 def _field(default, help, choices=None, minimum=None, maximum=None, above=None,
-           below=None, note=""):
+           below=None, note="", parse=None):
     """A `Config` field: its default and, as metadata, its flag's description.
 
     `choices` lists the valid values (absl checks them on the command line
     too); `minimum` and `maximum` are inclusive bounds (absl checks
     `minimum`), `above` and `below` exclusive ones; `note` ends the message
-    of a value out of bounds.
+    of a value out of bounds; `parse` turns the flag's text into its value
+    (absl calls it on the command line; a `ValueError` is the flag's error).
     """
     metadata = {"help": help}
     for key, value in (("choices", choices), ("minimum", minimum),
-                       ("maximum", maximum), ("above", above), ("below", below)):
+                       ("maximum", maximum), ("above", above), ("below", below),
+                       ("parse", parse)):
         if value is not None:
             metadata[key] = value
     if note:
         metadata["note"] = note
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def parse_weight_decay(value) -> "str | float":
+    """`PAPER`, or `value` as a float if it is a finite number `>= 0` (or its text).
+
+    A negative or infinite decay used to stand for the paper's: a typo or
+    an overflow then trained silently with another decay than asked.
+
+    Raises:
+        ValueError: anything else, saying what to give.
+    """
+    if value == PAPER:
+        return PAPER
+    number = None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    if number is None or not (math.isfinite(number) and number >= 0):
+        raise ValueError(
+            f"must be a finite number >= 0, or {PAPER} for the paper's value "
+            "(1e-4 ResNet, 5e-4 WRN and VGG)")
+    return number
 
 
 @dataclasses.dataclass
@@ -87,9 +117,11 @@ class Config:
     epochs: int = _field(200, "Training epochs.", minimum=1)
     batch_size: int = _field(128, "Training batch size.", minimum=1)
     lr: float = _field(0.1, "Peak learning rate (after the warm-up).", above=0)
-    weight_decay: float = _field(
-        -1.0, "SGD weight decay on kernels; negative: the paper's (1e-4 "
-        "ResNet, 5e-4 WRN and VGG).")
+    # "paper" or a float; `resolved` makes it the float.
+    weight_decay: str | float = _field(
+        PAPER, "SGD weight decay on conv and dense kernels, coupled as in "
+        "torch.optim.SGD; paper: the paper's (1e-4 ResNet, 5e-4 WRN and VGG).",
+        parse=parse_weight_decay)
     momentum: float = _field(0.9, "SGD momentum.", minimum=0, below=1)
     nesterov: bool = _field(True, "Nesterov momentum.")
     warmup_epochs: int = _field(5, "Epochs of linear learning-rate warm-up "
@@ -142,7 +174,11 @@ class Config:
         config = dataclasses.replace(
             self, ema_decays=tuple(float(d) for d in self.ema_decays)
         )
-        if config.weight_decay < 0:
+        try:
+            config.weight_decay = parse_weight_decay(config.weight_decay)
+        except ValueError as error:
+            raise ConfigError(f"--weight_decay={config.weight_decay}: {error}") from None
+        if config.weight_decay == PAPER:
             family = next(
                 (f for f in DEFAULT_WEIGHT_DECAY if config.model.startswith(f)),
                 "resnet",
@@ -199,8 +235,6 @@ class Config:
             fail("data_dir", self.data_dir, f"--dataset={self.dataset} reads no "
                  "data directory (only the TFDS datasets and tiny_imagenet do); "
                  "leave it empty")
-        if self.weight_decay < 0:
-            fail("weight_decay", self.weight_decay, "must be >= 0")
         if not 0 <= self.warmup_epochs < self.epochs:
             fail("warmup_epochs", self.warmup_epochs,
                  f"must be in [0, --epochs={self.epochs})")
@@ -350,7 +384,10 @@ def define_flags(flag_values=None):
         kwargs = dict(flag_values=flag_values)
         if name == "output_dir":
             default = None  # required: no default on the command line
-        if "choices" in meta:
+        if "parse" in meta:
+            flags.DEFINE(_flag_parser(meta["parse"]), name, default, meta["help"],
+                         **kwargs)
+        elif "choices" in meta:
             flags.DEFINE_enum(name, default, list(meta["choices"]), meta["help"],
                               **kwargs)
         elif isinstance(default, bool):
@@ -367,6 +404,17 @@ def define_flags(flag_values=None):
                    **kwargs)
         else:
             flags.DEFINE_string(name, default, meta["help"], **kwargs)
+
+
+def _flag_parser(parse):
+    """An absl `ArgumentParser` whose `parse` is `parse`."""
+    from absl import flags
+
+    class Parser(flags.ArgumentParser):
+        def parse(self, argument):
+            return parse(argument)
+
+    return Parser()
 
 
 def read_flags(path: str) -> dict:

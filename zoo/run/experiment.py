@@ -289,7 +289,6 @@ def _fit(config, data, run, verbose, extra_callbacks, strategy=None,
             num_classes=data.num_classes,
             input_shape=data.image_shape,
             width=config.width,
-            weight_decay=config.weight_decay,
             # BatchNorm statistics over the global batch, as on one device.
             synchronized_bn=strategy is not None,
         )
@@ -316,7 +315,7 @@ def _fit(config, data, run, verbose, extra_callbacks, strategy=None,
         model.compile(
             optimizer=PyTorchSGD(
                 learning_rate=schedule, momentum=config.momentum,
-                nesterov=config.nesterov,
+                nesterov=config.nesterov, weight_decay=config.weight_decay,
             ),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],

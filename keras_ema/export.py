@@ -95,9 +95,14 @@ def export_model(
 
     Raises:
         ImportError: TensorFlow is not installed (before anything is written).
-        ValueError: a weight is not finite.
+        ValueError: `directory` is a file, or a weight is not finite.
     """
     _require_tensorflow()
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(
+            f"Cannot export to {directory!r}: it is a file, not a directory. "
+            "Pass a new or existing directory."
+        )
     _check_finite(model)
     if batch_norm_data is not None and batch_norm_statistics(model):
         recompute_batch_norm_statistics(model, batch_norm_data)

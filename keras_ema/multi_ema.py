@@ -559,7 +559,8 @@ class MultiEMA(keras.callbacks.Callback):
         """Restores a state from `get_state`, for the same model and decays.
 
         Everything is checked first (keys, arguments, number, shapes and
-        finiteness of the shadows); on any mismatch a `ValueError` is raised
+        finiteness of the shadows, a step and counters not negative, the
+        update log); on any mismatch a `ValueError` is raised
         and nothing is changed.
         """
         self._require_built()
@@ -625,6 +626,14 @@ class MultiEMA(keras.callbacks.Callback):
                 f"Invalid MultiEMA state: bad step, attempted, skipped_steps "
                 f"or best entry ({e}). Pass a dict from `get_state`."
             ) from None
+        for key, value in (("step", step), ("attempted", attempted)):
+            if value < 0:
+                raise ValueError(
+                    f"Invalid MultiEMA state: {key}={value} is negative. Pass "
+                    "a dict from `get_state`."
+                )
+        log = self._check_update_log(state.get("update_log"))
+        # Everything is checked: only now is anything changed.
         for s, value in zip(self._shadows, values):
             s.assign(value)
         self._step = step
@@ -632,15 +641,49 @@ class MultiEMA(keras.callbacks.Callback):
         self.skipped_steps = skipped
         self._pending = []
         self.best = best
-        log = state.get("update_log")
         if log is not None:
-            self._log_start = int(log["start"])
-            self._log_steps = [int(t) for t in log["steps"]]
-            self._log_decays = [[float(a) for a in row] for row in log["decays"]]
+            self._log_start, self._log_steps, self._log_decays = log
         else:  # a state from before the log: snapshots cannot be exact
             self._log_start = None
             self._log_steps, self._log_decays = [], []
         self._log_pending = []
+
+    def _check_update_log(self, log):
+        """`(start, steps, decays)` of a state's `update_log`, or `None`.
+
+        Raises `ValueError` on a log that is not one from `get_state`: not a
+        dict of `start`, `steps` and `decays`, a negative step, steps and
+        rows of decays of different counts, or a row of decays not one per
+        kept decay in [0, 1].
+        """
+        if log is None:
+            return None
+
+        def bad(what):
+            return ValueError(
+                f"Invalid MultiEMA state: its update_log {what}. Pass a dict "
+                "from `get_state`."
+            )
+
+        try:
+            start = int(log["start"])
+            steps = [int(t) for t in log["steps"]]
+            decays = [[float(a) for a in row] for row in log["decays"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise bad(f"is malformed ({type(e).__name__}: {e})") from None
+        if start < 0:
+            raise bad(f"starts at step {start}, which is negative")
+        if len(steps) != len(decays):
+            raise bad(f"has {len(steps)} steps but {len(decays)} rows of decays")
+        negative = [t for t in steps if t < 0]
+        if negative:
+            raise bad(f"has negative steps {negative[:3]}")
+        m = len(self.decays)
+        for row in decays:
+            if len(row) != m or not all(0.0 <= a <= 1.0 for a in row):
+                raise bad(f"has a row of decays {row}; each row holds {m} "
+                          "decays in [0, 1]")
+        return start, steps, decays
 
     def backup_steps(self) -> list:
         """Optimizer steps whose state files in `backup_dir` read back whole.

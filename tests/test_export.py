@@ -119,3 +119,17 @@ def test_without_tensorflow_a_one_line_error_and_nothing_written(tmp_path, monke
         keras_ema.export_model(model, str(target), verbose=0)
     assert "\n" not in str(e.value)
     assert not target.exists()
+
+
+@pytest.mark.all_backends
+def test_export_to_an_existing_file_is_a_one_line_error(tmp_path):
+    pytest.importorskip("tensorflow")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    target = tmp_path / "out"
+    target.write_text("mine")
+    with pytest.raises(ValueError, match=r"^Cannot export to '.*out': it is a "
+                       r"file, not a directory\. Pass a new or existing "
+                       r"directory\.$"):
+        keras_ema.export_model(model, str(target), verbose=0)
+    assert target.read_text() == "mine"
+    assert os.listdir(tmp_path) == ["out"]

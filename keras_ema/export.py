@@ -35,7 +35,8 @@ def export_ema(
     The EMA weights go into an independent copy of the model
     (`MultiEMA.ema_model`), so the live training weights are never touched;
     then `export_model` writes it. Non-trainable variables that are not
-    averaged (see `MultiEMA`) take their live values. Non-finite weights are
+    averaged (see `MultiEMA`) take their live values. Non-finite weights, and
+    an EMA that was never updated (it would ship the initial weights), are
     refused with a `ValueError` and nothing is written.
 
     Args:
@@ -57,6 +58,14 @@ def export_ema(
     served = tf.saved_model.load("export/saved_model")
     ```
     """
+    ema._require_built()
+    if not ema.num_updates:
+        raise ValueError(
+            f"Cannot export the EMA with decay {decay}: it was never updated "
+            f"(no update in {ema.step} optimizer steps, one every "
+            f"{ema.period}), so it still equals the initial weights. Nothing "
+            "was written; train for more than `period` steps first."
+        )
     model = ema.ema_model(decay)
     export_model(model, directory, batch_norm_data=batch_norm_data,
                  verbose=verbose)

@@ -915,6 +915,7 @@ class MultiEMA(keras.callbacks.Callback):
         if self._shadows is None:
             return
         self._flush_pending()
+        self._warn_never_updated(epoch)
         if self.validation_data is not None:
             results = self.evaluate(self.validation_data)
             for decay, metrics in results.items():
@@ -925,6 +926,26 @@ class MultiEMA(keras.callbacks.Callback):
         self._after_epoch_end(epoch, logs)
         if self.backup_dir:
             self._save_backup()
+
+    def _warn_never_updated(self, epoch):
+        """Warns at an epoch end when no update has been applied yet.
+
+        The EMAs then still equal the weights training started from: their
+        metrics are the initial model's, whatever the decay.
+        """
+        if self.num_updates:
+            return
+        name = type(self).__name__
+        skipped = (f" ({len(self.skipped_steps)} skipped on non-finite "
+                   "weights)" if self.skipped_steps else "")
+        warnings.warn(
+            f"{name}: epoch {epoch} ended after {self._step} optimizer steps "
+            f"with no EMA update yet{skipped} (one every {self.period} steps): "
+            "the EMAs still equal the initial weights, and their metrics are "
+            "the initial model's. Use a period of at most the steps per "
+            "epoch, or train longer.",
+            stacklevel=2,
+        )
 
     def _after_epoch_end(self, epoch, logs):
         """Runs after the epoch's EMA evaluation and before the state backup."""

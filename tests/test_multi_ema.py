@@ -716,3 +716,21 @@ def test_state_file_round_trip_keeps_the_two_newest(tmp_path):
     assert state_file.backup_steps(str(tmp_path)) == [7]
     with pytest.raises(ValueError, match=r"step000000000012.npz is damaged"):
         state_file.read_state_file(str(newest))
+
+
+def test_an_epoch_that_ends_before_the_first_update_warns():
+    # 10 steps per epoch, one update every 15: epoch 0 ends with the EMAs still
+    # the initial weights (their metrics the initial model's); epoch 1 updates.
+    model = tiny_model()
+    x, y = data()
+    ema = MultiEMA((0.9,), period=15, verbose=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[ema])
+    found = [str(w.message) for w in caught if "no EMA update" in str(w.message)]
+    assert found == [
+        "MultiEMA: epoch 0 ended after 10 optimizer steps with no EMA update yet "
+        "(one every 15 steps): the EMAs still equal the initial weights, and "
+        "their metrics are the initial model's. Use a period of at most the "
+        "steps per epoch, or train longer."]
+    assert ema.num_updates == 1

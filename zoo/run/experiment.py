@@ -240,6 +240,7 @@ def _start(config, state, verbose, callbacks, locks, process):
         image_size=config.image_size or None,
     )
     print_msg(data.summary())
+    _check_period(config, data)
 
     if not locks:  # a new directory: created now, locked before any write
         os.makedirs(run, exist_ok=True)
@@ -274,6 +275,24 @@ def _start(config, state, verbose, callbacks, locks, process):
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
         keras.distribution.set_distribution(previous_distribution)
+
+
+def _check_period(config, data):
+    """Refuses an EMA period longer than the run: its EMAs would never update.
+
+    They would stay the initial model, evaluated, chosen and exported as if
+    they were averages. Checked before anything is written.
+    """
+    steps_per_epoch = -(-len(data.x_train) // config.batch_size)
+    total = config.epochs * steps_per_epoch
+    if config.ema_period > total:
+        raise ConfigError(
+            f"--ema_period={config.ema_period} is longer than the run "
+            f"({config.epochs} epoch{'s' if config.epochs > 1 else ''} x "
+            f"{steps_per_epoch} steps = {total} "
+            "optimizer steps), so the EMAs would never be updated; use "
+            f"--ema_period<={total} or more --epochs."
+        )
 
 
 def _fit(config, data, run, verbose, extra_callbacks, strategy=None,
@@ -427,6 +446,13 @@ def _export(config, averager, data, run):
     from zoo.trained_model import recompute_bn
 
     decay = config.export_decay
+    if not averager.num_updates:
+        raise ExportError(
+            f"the EMA {decay} was never updated (--ema_period="
+            f"{config.ema_period}), so it holds the initial weights; nothing "
+            "was exported. Train again with a smaller --ema_period in a new "
+            "--output_dir."
+        )
     model = averager.ema_model(decay)
     if config.export_from != "final":
         path = os.path.join(run, f"ema_{decay}_{config.export_from}.weights.h5")

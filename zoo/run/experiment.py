@@ -244,9 +244,8 @@ def _start(config, state, verbose, callbacks, locks, process):
     )
     print_msg(data.summary())
     _check_period(config, data)
-    fingerprint = data.fingerprint()
     if state == "resume":
-        _check_same_data(run, fingerprint)
+        _check_same_data(run, data.fingerprint())
 
     if not locks:  # a new directory: created now, locked before any write
         os.makedirs(run, exist_ok=True)

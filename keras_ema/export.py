@@ -35,7 +35,8 @@ def export_ema(
     The EMA weights go into an independent copy of the model
     (`MultiEMA.ema_model`), so the live training weights are never touched;
     then `export_model` writes it. Non-trainable variables that are not
-    averaged (see `MultiEMA`) take their live values. Non-finite weights are
+    averaged (see `MultiEMA`) take their live values. Non-finite weights, and
+    an EMA that was never updated (it would ship the initial weights), are
     refused with a `ValueError` and nothing is written.
 
     Args:
@@ -57,6 +58,14 @@ def export_ema(
     served = tf.saved_model.load("export/saved_model")
     ```
     """
+    ema._require_built()
+    if not ema.num_updates:
+        raise ValueError(
+            f"Cannot export the EMA with decay {decay}: it was never updated "
+            f"(no update in {ema.step} optimizer steps, one every "
+            f"{ema.period}), so it still equals the initial weights. Nothing "
+            "was written; train for more than `period` steps first."
+        )
     model = ema.ema_model(decay)
     export_model(model, directory, batch_norm_data=batch_norm_data,
                  verbose=verbose)
@@ -95,9 +104,14 @@ def export_model(
 
     Raises:
         ImportError: TensorFlow is not installed (before anything is written).
-        ValueError: a weight is not finite.
+        ValueError: `directory` is a file, or a weight is not finite.
     """
     _require_tensorflow()
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(
+            f"Cannot export to {directory!r}: it is a file, not a directory. "
+            "Pass a new or existing directory."
+        )
     _check_finite(model)
     if batch_norm_data is not None and batch_norm_statistics(model):
         recompute_batch_norm_statistics(model, batch_norm_data)

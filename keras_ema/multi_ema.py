@@ -575,7 +575,8 @@ class MultiEMA(keras.callbacks.Callback):
         """Restores a state from `get_state`, for the same model and decays.
 
         Everything is checked first (keys, arguments, number, shapes and
-        finiteness of the shadows); on any mismatch a `ValueError` is raised
+        finiteness of the shadows, a step and counters not negative, the
+        update log); on any mismatch a `ValueError` is raised
         and nothing is changed.
         """
         self._require_built()
@@ -641,6 +642,14 @@ class MultiEMA(keras.callbacks.Callback):
                 f"Invalid MultiEMA state: bad step, attempted, skipped_steps "
                 f"or best entry ({e}). Pass a dict from `get_state`."
             ) from None
+        for key, value in (("step", step), ("attempted", attempted)):
+            if value < 0:
+                raise ValueError(
+                    f"Invalid MultiEMA state: {key}={value} is negative. Pass "
+                    "a dict from `get_state`."
+                )
+        log = self._check_update_log(state.get("update_log"))
+        # Everything is checked: only now is anything changed.
         lora.unmerge_restored(self._owner, state.get("lora_factors"))
         for s, value in zip(self._shadows, values):
             s.assign(value)
@@ -649,11 +658,8 @@ class MultiEMA(keras.callbacks.Callback):
         self.skipped_steps = skipped
         self._pending = []
         self.best = best
-        log = state.get("update_log")
         if log is not None:
-            self._log_start = int(log["start"])
-            self._log_steps = [int(t) for t in log["steps"]]
-            self._log_decays = [[float(a) for a in row] for row in log["decays"]]
+            self._log_start, self._log_steps, self._log_decays = log
         else:  # a state from before the log: snapshots cannot be exact
             self._log_start = None
             self._log_steps, self._log_decays = [], []
@@ -661,6 +667,43 @@ class MultiEMA(keras.callbacks.Callback):
         self._run_id = state.get("run_id")
         self._snapshot_dir_checked = False
         self._resumed = True
+
+    def _check_update_log(self, log):
+        """`(start, steps, decays)` of a state's `update_log`, or `None`.
+
+        Raises `ValueError` on a log that is not one from `get_state`: not a
+        dict of `start`, `steps` and `decays`, a negative step, steps and
+        rows of decays of different counts, or a row of decays not one per
+        kept decay in [0, 1].
+        """
+        if log is None:
+            return None
+
+        def bad(what):
+            return ValueError(
+                f"Invalid MultiEMA state: its update_log {what}. Pass a dict "
+                "from `get_state`."
+            )
+
+        try:
+            start = int(log["start"])
+            steps = [int(t) for t in log["steps"]]
+            decays = [[float(a) for a in row] for row in log["decays"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise bad(f"is malformed ({type(e).__name__}: {e})") from None
+        if start < 0:
+            raise bad(f"starts at step {start}, which is negative")
+        if len(steps) != len(decays):
+            raise bad(f"has {len(steps)} steps but {len(decays)} rows of decays")
+        negative = [t for t in steps if t < 0]
+        if negative:
+            raise bad(f"has negative steps {negative[:3]}")
+        m = len(self.decays)
+        for row in decays:
+            if len(row) != m or not all(0.0 <= a <= 1.0 for a in row):
+                raise bad(f"has a row of decays {row}; each row holds {m} "
+                          "decays in [0, 1]")
+        return start, steps, decays
 
     def backup_steps(self) -> list:
         """Optimizer steps whose state files in `backup_dir` read back whole.
@@ -914,6 +957,7 @@ class MultiEMA(keras.callbacks.Callback):
         if self._shadows is None:
             return
         self._flush_pending()
+        self._warn_never_updated(epoch)
         if self.validation_data is not None:
             results = self.evaluate(self.validation_data)
             for decay, metrics in results.items():
@@ -924,6 +968,26 @@ class MultiEMA(keras.callbacks.Callback):
         self._after_epoch_end(epoch, logs)
         if self.backup_dir:
             self._save_backup()
+
+    def _warn_never_updated(self, epoch):
+        """Warns at an epoch end when no update has been applied yet.
+
+        The EMAs then still equal the weights training started from: their
+        metrics are the initial model's, whatever the decay.
+        """
+        if self.num_updates:
+            return
+        name = type(self).__name__
+        skipped = (f" ({len(self.skipped_steps)} skipped on non-finite "
+                   "weights)" if self.skipped_steps else "")
+        warnings.warn(
+            f"{name}: epoch {epoch} ended after {self._step} optimizer steps "
+            f"with no EMA update yet{skipped} (one every {self.period} steps): "
+            "the EMAs still equal the initial weights, and their metrics are "
+            "the initial model's. Use a period of at most the steps per "
+            "epoch, or train longer.",
+            stacklevel=2,
+        )
 
     def _after_epoch_end(self, epoch, logs):
         """Runs after the epoch's EMA evaluation and before the state backup."""

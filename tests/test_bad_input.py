@@ -103,6 +103,10 @@ CASES = [
      r"are one EMA; give decays that differ in their first 6 decimals$"),
     ("decays closer than printed, unsorted", dict(ema_decays=(0.9995, 0.998, 0.9994996)),
      experiment.ConfigError, r"decays 0\.9994996 and 0\.9995 differ by less than 1e-06"),
+    ("EMA period longer than the run", dict(ema_period=1000), experiment.ConfigError,
+     r"^--ema_period=1000 is longer than the run \(1 epoch x 9 steps = 9 optimizer "
+     r"steps\), so the EMAs would never be updated; use --ema_period<=9 or more "
+     r"--epochs\.$"),
     ("distribution of the other backend", dict(distribution="data_parallel"),
      experiment.ConfigError, r"^--distribution=data_parallel: needs KERAS_BACKEND=jax"),
 ]
@@ -120,6 +124,18 @@ def test_train_settings(tmp_path, what, overrides, error, pattern):
         experiment.train(config(run, **overrides), verbose=0)
     assert "\n" not in str(info.value)
     assert not run.exists()
+
+
+def test_ema_period_up_to_the_run_length_is_accepted():
+    from types import SimpleNamespace
+
+    # 130 examples in batches of 64: 3 steps per epoch, 6 in 2 epochs.
+    data = SimpleNamespace(x_train=np.zeros((130, 1)))
+    experiment._check_period(config("unused", epochs=2, batch_size=64, ema_period=6), data)
+    with pytest.raises(experiment.ConfigError, match=r"^--ema_period=7 is longer than "
+                       r"the run \(2 epochs x 3 steps = 6 optimizer steps\)"):
+        experiment._check_period(config("unused", epochs=2, batch_size=64, ema_period=7),
+                                 data)
 
 
 @pytest.mark.parametrize("what", ["missing", "empty", "one class", "corrupt file"])

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import uuid
 
+import keras
 import numpy as np
 import pytest
 from conftest import read_history
@@ -549,3 +550,64 @@ def test_full_disk_is_one_line_and_a_rerun_with_space_recovers(runs, tmp_path):
         summary = read_summary(run)
         assert summary["completed"] is True
         assert read_history(run) == read_history(clean)
+
+
+def _weights_arrays(path):
+    import h5py
+
+    arrays = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda k, v: arrays.__setitem__(k, v[()])
+                     if isinstance(v, h5py.Dataset) else None)
+    return arrays
+
+
+def test_damaged_weights_of_an_earlier_epoch_are_named(runs, tmp_path):
+    # A chosen epoch's file damaged while the run was stopped: before the run
+    # is marked completed and its backup removed (they come after this check
+    # in experiment._fit), the file is named in one line. Before, the run was
+    # completed with the damaged file kept.
+    from zoo.data import load_dataset
+
+    clean, _ = runs
+    run = copy_of(clean, tmp_path)
+    summary = read_summary(run)
+    record = summary["ema"]["0.5"]["best_loss"]
+    record["epoch"] = 0  # a chosen epoch that no backup keeps
+    garble(os.path.join(run, record["weights"]))
+    config = tiny_config(run).resolved()
+    data = load_dataset("digits", val_fraction=config.val_fraction, seed=config.seed)
+    with pytest.raises(run_dir.DamagedFileError, match=(
+            r"^.*/ema_0\.5_best_loss\.weights\.h5 is damaged \(.*\); it holds "
+            r"epoch 0, which the backup no longer keeps: restore the file from a "
+            r"copy and rerun the same command, or retrain with "
+            r"--flagfile=.*flags\.cfg --output_dir=NEW$")) as info:
+        experiment._check_named_files(config, data, run, summary, None, None)
+    assert "\n" not in str(info.value)
+
+
+class _StopAfterTraining(keras.callbacks.Callback):
+    """Raises after the last epoch, as a kill in the results phase would."""
+
+    def on_train_end(self, logs=None):
+        raise KeyboardInterrupt("after training")
+
+
+def test_damaged_weights_of_the_last_epoch_are_rewritten(runs, tmp_path, capsys):
+    clean, stopped = runs
+    run = copy_of(stopped, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.train(tiny_config(run), verbose=0, callbacks=[_StopAfterTraining()])
+    names = ["ema_0.8_last.weights.h5", "sgd_last.weights.h5"]
+    for name in names:
+        garble(os.path.join(run, name))
+    capsys.readouterr()
+    summary = experiment.train(tiny_config(run), verbose=0)
+    assert_same_results(run, clean, summary)
+    out = capsys.readouterr().out
+    for name in names:
+        assert f"{name} was damaged; rewritten from the last epoch's state." in out
+        got, want = (_weights_arrays(os.path.join(r, name)) for r in (run, clean))
+        assert sorted(got) == sorted(want)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}:{key}")

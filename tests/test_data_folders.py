@@ -191,3 +191,34 @@ def test_tiny_imagenet_errors(tmp_path):
     (root / "val" / "val_annotations.txt").unlink()
     with pytest.raises(DatasetError, match="val_annotations.txt is missing"):
         load_dataset("tiny_imagenet", data_dir=str(root))
+
+
+def test_folder_thirty_two_bit_gray_tiff_is_refused(tmp_path):
+    # Pillow reads 32-bit integer grayscale as mode "I", like 16-bit data; scaled
+    # by 255 / 65535, values 0..255 became all zeros. Such a file has no white
+    # level, so it is refused in one line naming it.
+    from PIL import Image
+
+    root = _make_folder(tmp_path / "f", size=(2, 3))
+    path = root / "train" / "cat" / "0.tif"
+    (root / "train" / "cat" / "0.png").unlink()
+    Image.fromarray(np.array([[0, 100, 200], [50, 150, 255]], np.int32)).save(path)
+    assert Image.open(path).mode == "I"
+    with pytest.raises(DatasetError, match=r"^Image .*0\.tif is 32-bit integer "
+                       r"grayscale \(Pillow mode I\), whose white level is unknown; "
+                       r"save it as 8-bit \(mode L\) or 16-bit grayscale\.$"):
+        load_dataset(f"folder:{root}")
+
+
+def test_folder_sixteen_bit_tiff_is_scaled_to_eight_bits(tmp_path):
+    from PIL import Image
+
+    root = _make_folder(tmp_path / "f", size=(2, 3))
+    (root / "train" / "cat" / "0.png").unlink()
+    wide = np.array([[0, 257, 32768], [40000, 65278, 65535]], np.uint16)
+    Image.fromarray(wide).save(root / "train" / "cat" / "0.tif")
+    data = load_dataset(f"folder:{root}", val_fraction=0)
+    expected = np.array([[0, 1, 128], [156, 254, 255]], np.uint8)
+    image = data.x_train[0]  # cat/0.tif sorts first
+    for channel in range(3):
+        np.testing.assert_array_equal(image[..., channel], expected)

@@ -315,3 +315,64 @@ def test_the_report_orders_its_sections_whatever_the_evals_order():
                         "## Calibration (Table 5)"]
     assert "| Baseline (SGD last) | 95.00 | 3.00 | - |" in text
     assert "| Baseline (SGD last) | 1.50 | 0.0100 |" in text
+
+
+def _image_folder(root):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(("dark", "light")):
+        for split, count in (("train", 20), ("test", 8)):
+            os.makedirs(root / split / name)
+            for i in range(count):
+                pixels = rng.normal(90 + 70 * k, 40, size=(8, 8, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+                    root / split / name / f"{i}.png")
+    return root
+
+
+def test_a_run_whose_data_changed_is_refused(tmp_path):
+    # A folder: run records its data's counts and checksum; a resume or an
+    # evaluation on changed data is refused in one line (before: evaluate.py
+    # silently gave the tables of the other data).
+    from conftest import Interrupt
+    from PIL import Image
+    from zoo.data import DatasetError
+
+    folder = _image_folder(tmp_path / "images")
+    run = tmp_path / "run"
+    cfg = tiny_config(run, dataset=f"folder:{folder}", batch_size=8, epochs=2,
+                      warmup_epochs=0, ema_period=1)
+    image = folder / "test" / "dark" / "0.png"
+    original = image.read_bytes()
+
+    def change():  # one pixel of one test image
+        pixels = np.array(Image.open(image))
+        pixels[0, 0, 0] ^= 1
+        Image.fromarray(pixels).save(image)
+
+    with pytest.raises(KeyboardInterrupt):
+        experiment.train(cfg, verbose=0, callbacks=[Interrupt(1)])
+    change()
+    with pytest.raises(DatasetError, match=r"^the data of the run in .*run changed "
+                       r"since it was trained \(same counts, other content: checksum "
+                       r"[0-9a-f]{8} -> [0-9a-f]{8}\); restore the data, or train "
+                       r"again in a new --output_dir\.$"):
+        experiment.train(cfg, verbose=0)
+    image.write_bytes(original)
+    summary = experiment.train(cfg, verbose=0)
+    assert summary["data_fingerprint"]["train"] == 32  # 20% of 40 held out
+    assert summary["data_fingerprint"]["test"] == 16
+    runs = evaluation.load_runs([str(run)])
+    evaluation.evaluate(runs, ["generalization"], log=lambda s: None)  # same data
+    change()
+    with pytest.raises(evaluation.EvaluationError, match=(
+            r"^.*run was trained on other data than folder:.*images holds now "
+            r"\(same counts, other content: checksum .*\); evaluate it on the data "
+            r"it was trained on, or train it again\.$")):
+        evaluation.evaluate(evaluation.load_runs([str(run)]), ["generalization"],
+                            log=lambda s: None)
+    os.remove(folder / "train" / "light" / "0.png")
+    with pytest.raises(evaluation.EvaluationError, match=r"\((train|val) \d+ -> \d+"):
+        evaluation.evaluate(evaluation.load_runs([str(run)]), ["generalization"],
+                            log=lambda s: None)

@@ -119,3 +119,38 @@ def test_without_tensorflow_a_one_line_error_and_nothing_written(tmp_path, monke
         keras_ema.export_model(model, str(target), verbose=0)
     assert "\n" not in str(e.value)
     assert not target.exists()
+
+
+@pytest.mark.all_backends
+def test_export_to_an_existing_file_is_a_one_line_error(tmp_path):
+    pytest.importorskip("tensorflow")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    target = tmp_path / "out"
+    target.write_text("mine")
+    with pytest.raises(ValueError, match=r"^Cannot export to '.*out': it is a "
+                       r"file, not a directory\. Pass a new or existing "
+                       r"directory\.$"):
+        keras_ema.export_model(model, str(target), verbose=0)
+    assert target.read_text() == "mine"
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_an_ema_never_updated_is_not_exported(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2)])
+    model.compile(keras.optimizers.SGD(0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ema = keras_ema.MultiEMA(decays=(0.9,), period=10**30, verbose=0)
+    with pytest.warns(UserWarning, match=r"epoch 1 ended after 4 optimizer steps "
+                      r"with no EMA update yet \(one every 10+ steps\): the EMAs "
+                      r"still equal the initial weights"):
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[ema])
+    assert ema.num_updates == 0
+    target = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"^Cannot export the EMA with decay 0\.9: "
+                       r"it was never updated \(no update in 4 optimizer steps") as e:
+        export_ema(ema, 0.9, str(target), verbose=0)
+    assert "\n" not in str(e.value)
+    assert not target.exists()

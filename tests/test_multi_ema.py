@@ -435,6 +435,17 @@ def test_set_state_is_all_or_nothing():
          "shadow 7 .* NaN"),
         (lambda s: s.pop("best"), r"missing keys \['best'\]"),
         (lambda s: s.__setitem__("step", "ten"), "bad step"),
+        (lambda s: s.__setitem__("step", -5), "step=-5 is negative"),
+        (lambda s: s.__setitem__("attempted", -1), "attempted=-1 is negative"),
+        (lambda s: s["update_log"].pop("steps"), "update_log is malformed"),
+        (lambda s: s["update_log"].__setitem__("start", "zero"),
+         "update_log is malformed"),
+        (lambda s: s["update_log"]["steps"].pop(), "steps but .* rows of decays"),
+        (lambda s: s["update_log"]["decays"][0].pop(), "row of decays"),
+        (lambda s: s["update_log"]["steps"].__setitem__(0, -3), "negative steps"),
+        (lambda s: s["update_log"]["decays"][0].__setitem__(0, float("nan")),
+         "row of decays"),
+        (lambda s: s.__setitem__("update_log", "log"), "update_log is malformed"),
     ]:
         state = ema.get_state()
         state["shadows"] = [np.array(s) for s in state["shadows"]]
@@ -442,10 +453,13 @@ def test_set_state_is_all_or_nothing():
         for s in state["shadows"][:-1]:
             s += 1.0
         corrupt(state)
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(ValueError, match=match) as info:
             ema.set_state(state)
+        assert "\n" not in str(info.value)
         after = ema.get_state()
         assert after["step"] == before["step"]
+        assert after["attempted"] == before["attempted"]
+        assert after["update_log"] == before["update_log"]
         for a, b in zip(before["shadows"], after["shadows"]):
             np.testing.assert_array_equal(a, b)
 
@@ -702,3 +716,21 @@ def test_state_file_round_trip_keeps_the_two_newest(tmp_path):
     assert state_file.backup_steps(str(tmp_path)) == [7]
     with pytest.raises(ValueError, match=r"step000000000012.npz is damaged"):
         state_file.read_state_file(str(newest))
+
+
+def test_an_epoch_that_ends_before_the_first_update_warns():
+    # 10 steps per epoch, one update every 15: epoch 0 ends with the EMAs still
+    # the initial weights (their metrics the initial model's); epoch 1 updates.
+    model = tiny_model()
+    x, y = data()
+    ema = MultiEMA((0.9,), period=15, verbose=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[ema])
+    found = [str(w.message) for w in caught if "no EMA update" in str(w.message)]
+    assert found == [
+        "MultiEMA: epoch 0 ended after 10 optimizer steps with no EMA update yet "
+        "(one every 15 steps): the EMAs still equal the initial weights, and "
+        "their metrics are the initial model's. Use a period of at most the "
+        "steps per epoch, or train longer."]
+    assert ema.num_updates == 1

@@ -143,11 +143,28 @@ def test_full_run_keeps_the_epochs_the_tuning_run_chose(folder, tune, full):
 
 
 def test_resumed_full_run_saves_the_same_files(folder, tune, full, tmp_path):
+    # The tuning run changes its choices between the kill and the resume: the
+    # final run keeps those it started with (its copy, selection.json).
+    tuned = tmp_path / "tuned"
+    shutil.copytree(tune[1], tuned)
     run = tmp_path / "resumed"
-    cfg = config(folder, run, val_fraction=0.0, selection_from=tune[1])
+    cfg = config(folder, run, val_fraction=0.0, selection_from=str(tuned))
     with pytest.raises(KeyboardInterrupt):
         experiment.train(cfg, verbose=0, callbacks=[Interrupt(2)])
-    experiment.train(cfg, verbose=0)
+    summary = read_json(tuned / "summary.json")
+    summary["ema"]["0.5"]["best_loss"]["epoch"] = 0  # was 1, already saved
+    summary["ema"]["0.8"]["best_accuracy"]["epoch"] = 2  # was 1
+    (tuned / "summary.json").write_text(json.dumps(summary))
+    resumed = experiment.train(cfg, verbose=0)
+    for decay in ("0.5", "0.8"):
+        for criterion in ("accuracy", "loss"):
+            key = f"best_{criterion}"
+            got, want = resumed["ema"][decay][key], full[1]["ema"][decay][key]
+            assert got.pop("chosen_by")["run"] == str(tuned)
+            want = {k: v for k, v in want.items() if k != "chosen_by"}
+            assert got == want
+            assert got["epoch"] == CHOSEN[decay][criterion]
+    assert read_json(run / "selection.json")["ema"]["0.5"]["best_loss"]["epoch"] == 1
     import h5py
 
     for name in sorted(f for f in os.listdir(full[0]) if f.endswith(".weights.h5")):

@@ -65,6 +65,7 @@ from zoo import report
 from zoo.run import run_dir
 from zoo.data.loader import ArrayLoader
 from zoo.data import load_dataset
+from zoo.data.dataset import fingerprint_change
 from zoo.run.config import Config
 
 MODELS = ("baseline", "ema_accuracy", "ema_loss")
@@ -362,18 +363,31 @@ class Evaluator:
         self._logits = {}
 
     def data(self, run: Run):
-        """The run's dataset, as training loaded it (split, noise, statistics)."""
+        """The run's dataset, as training loaded it (split, noise, statistics).
+
+        Raises `EvaluationError` when it differs from the data the run
+        recorded at training (`Dataset.fingerprint`).
+        """
         c = run.config
         key = (c.dataset, c.data_dir, c.val_fraction, c.seed, c.label_noise,
                c.image_size)
         if key not in self._data:
-            self._data[key] = load_dataset(
+            data = load_dataset(
                 c.dataset, data_dir=c.data_dir or None,
                 val_fraction=c.val_fraction, seed=c.seed,
                 label_noise=c.label_noise or None,
                 image_size=c.image_size or None,
             )
-        return self._data[key]
+            self._data[key] = (data, data.fingerprint())
+        data, fingerprint = self._data[key]
+        change = fingerprint_change(run.summary.get("data_fingerprint"), fingerprint)
+        if change:
+            raise EvaluationError(
+                f"{run.path} was trained on other data than {c.dataset} holds "
+                f"now ({change}); evaluate it on the data it was trained on, "
+                "or train it again."
+            )
+        return data
 
     def models(self, wanted) -> tuple:
         """`wanted` models, or without chosen epochs their last-epoch stand-ins."""

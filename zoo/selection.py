@@ -11,7 +11,9 @@ is not tuned again on the test set". A run's `summary.json` says in
   validation accuracy and at its lowest validation loss.
 - `"tuning_run"` (`--val_fraction=0 --selection_from=TUNE_RUN`): the run keeps
   the SGD and EMA weights at the epochs that TUNE_RUN's validation split chose,
-  under the same file names, and records where each epoch came from.
+  under the same file names, and records where each epoch came from. The
+  choices are copied into the run (`selection.json`) when it starts, and a
+  resumed run reads only that copy.
 - `"none"` (`--val_fraction=0` alone): the run logs test metrics per epoch for
   its curves but chooses nothing; only its last epoch is kept and evaluated.
 
@@ -41,6 +43,8 @@ from zoo.run.config import read_flags_text
 MAY_DIFFER = ("output_dir", "val_fraction", "seed", "data_dir", "distribution",
               "export", "export_decay", "export_from", "selection_from")
 CRITERIA = ("accuracy", "loss")
+# A final run's copy of the tuning run's choices, made when it starts.
+CHOICES_FILE = "selection.json"
 
 
 def selection_split(config: Config) -> str:
@@ -133,6 +137,45 @@ def check_selection(config: Config) -> dict | None:
             chosen[f"best_{criterion}"] = _record(record, config, fail)
         choices["ema"][str(decay)] = chosen
     return choices
+
+
+def run_choices(config: Config, run: str) -> dict | None:
+    """The choices the run in `run` uses: its own copy once it has one.
+
+    A final run copies the tuning run's choices into `RUN/selection.json`
+    when it starts (`save_choices`) and from then on reads only that copy:
+    a tuning run changed, moved or removed between a kill and the resume
+    cannot change the epochs a half-trained run keeps. Without a copy (a
+    new run) the tuning run is read and checked (`check_selection`).
+
+    Raises:
+        zoo.run.config.ConfigError: see `check_selection`.
+        zoo.run.run_dir.DamagedFileError: the copy does not read back.
+    """
+    copy = os.path.join(run, CHOICES_FILE)
+    if not config.selection_from or not os.path.exists(copy):
+        return check_selection(config)
+    remedy = (f"remove it to take the choices from --selection_from="
+              f"{config.selection_from} again")
+    choices = run_dir.read_json(copy, remedy)
+    try:
+        for decay in config.ema_decays:
+            for criterion in CRITERIA:
+                int(choices["ema"][str(decay)][f"best_{criterion}"]["epoch"])
+        for record in choices["sgd"].values():
+            int(record["epoch"])
+        str(choices["run"])
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise run_dir.DamagedFileError(
+            copy, f"no choice {error} for this run's flags", remedy) from None
+    return choices
+
+
+def save_choices(run: str, choices: dict | None):
+    """Writes `choices` to `RUN/selection.json` unless it is there already."""
+    copy = os.path.join(run, CHOICES_FILE)
+    if choices is not None and not os.path.exists(copy):
+        run_dir.write_json(copy, choices)
 
 
 def _record(record, config, fail):

@@ -1,8 +1,9 @@
 """Image folders (`folder:PATH`) and Tiny-ImageNet in its original layout.
 
 Images are decoded with Pillow into one uint8 `(N, H, W, 3)` array: they
-become 8-bit RGB, 16-bit grayscale scaled by 255 / 65535 (not clipped), and
-all must share the first image's size unless `image_size` resizes them. Every
+become 8-bit RGB, 16-bit grayscale scaled by 255 / 65535 (not clipped;
+32-bit integer grayscale is refused), and all must share the first image's
+size unless `image_size` resizes them. Every
 bad file or folder is named in a one-line `DatasetError`.
 """
 
@@ -25,13 +26,33 @@ def _list_images(folder):
 _WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def _to_rgb(img, Image):
+def _bits_per_sample(img):
+    """Bits per pixel a mode-"I" image was stored with: 16 or 32 (or more)."""
+    if img.format == "PNG":
+        return 16  # PNG grayscale has at most 16 bits
+    tags = getattr(img, "tag_v2", None)
+    bits = tags.get(258) if tags is not None else None  # TIFF BitsPerSample
+    if isinstance(bits, (tuple, list)):
+        bits = bits[0] if bits else None
+    return int(bits) if bits else 32
+
+
+def _to_rgb(img, Image, path):
     """An 8-bit RGB copy of a Pillow image.
 
     Pillow's `convert("RGB")` clips 16-bit grayscale to 255, which turns most
-    pixels white; such images are scaled by 255 / 65535 instead.
+    pixels white; such images are scaled by 255 / 65535 instead. Pillow
+    reads 32-bit integer grayscale as mode "I" too, but such a file has no
+    white level to scale by (its values may span 0..255, 0..65535 or
+    anything else), so it is refused rather than guessed.
     """
     if img.mode in _WIDE_GRAY_MODES:
+        if img.mode == "I" and _bits_per_sample(img) > 16:
+            raise DatasetError(
+                f"Image {path} is 32-bit integer grayscale (Pillow mode I), "
+                "whose white level is unknown; save it as 8-bit (mode L) or "
+                "16-bit grayscale."
+            )
         wide = np.asarray(img).astype(np.float64)
         eight = np.clip(np.round(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
         img = Image.fromarray(eight, "L")
@@ -50,10 +71,12 @@ def _read_images(paths, image_size):
     for i, path in enumerate(paths):
         try:
             with Image.open(path) as img:
-                img = _to_rgb(img, Image)
+                img = _to_rgb(img, Image, path)
                 if image_size is not None and img.size != image_size[::-1]:
                     img = img.resize(image_size[::-1], Image.BILINEAR)
                 array = np.asarray(img, dtype=np.uint8)
+        except DatasetError:
+            raise
         except Image.DecompressionBombError as err:
             raise DatasetError(
                 f"Image {path} is too large to decode safely ({err}). Remove "

@@ -22,7 +22,9 @@ from keras_ema import state_file
 from keras_ema._keras_private import print_msg
 from zoo.data.loader import ArrayLoader
 from zoo.data.loader import EpochSetter
+from zoo.data import DatasetError
 from zoo.data import load_dataset
+from zoo.data.dataset import fingerprint_change
 from zoo.models import get_model
 from zoo.plots import plot_curves
 from zoo.regularization import PyTorchSGD
@@ -38,7 +40,8 @@ from zoo.run.log import format_summary
 from zoo.run.log import summarize
 from zoo.schedules import WarmupCosine
 from zoo.selection import ChosenWeights
-from zoo.selection import check_selection
+from zoo.selection import run_choices
+from zoo.selection import save_choices
 from zoo.selection import selection_split
 
 
@@ -228,7 +231,7 @@ def _train_in(config, verbose, callbacks, process):
 def _start(config, state, verbose, callbacks, locks, process):
     """Loads the data, then trains holding the run directory's lock."""
     run = config.output_dir
-    check_selection(config)  # before anything is written
+    tuned = run_choices(config, run)  # before anything is written
     # MultiWorkerMirroredStrategy must be made before TensorFlow starts work.
     strategy = processes.make_strategy(config.distribution, process)
     _banner("Data")
@@ -241,6 +244,9 @@ def _start(config, state, verbose, callbacks, locks, process):
         image_size=config.image_size or None,
     )
     print_msg(data.summary())
+    _check_period(config, data)
+    if state == "resume":
+        _check_same_data(run, data.fingerprint())
 
     if not locks:  # a new directory: created now, locked before any write
         os.makedirs(run, exist_ok=True)
@@ -253,6 +259,8 @@ def _start(config, state, verbose, callbacks, locks, process):
         run_dir.write_text(os.path.join(run, "flags.cfg"), config.to_flags())
     else:
         print_msg(f"Resuming the run in {run}")
+    # The tuning run's choices, copied: a resume reads only the copy.
+    save_choices(run, tuned)
     if data.noise_mask is not None:
         with run_dir.atomic_path(os.path.join(run, "noise_mask.npy")) as tmp:
             with open(tmp, "wb") as f:
@@ -275,6 +283,38 @@ def _start(config, state, verbose, callbacks, locks, process):
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
         keras.distribution.set_distribution(previous_distribution)
+
+
+def _check_same_data(run, fingerprint):
+    """Refuses to resume a run on data other than it was trained on so far."""
+    path = os.path.join(run, "summary.json")
+    if not os.path.exists(path):
+        return
+    change = fingerprint_change(run_dir.read_json(path).get("data_fingerprint"),
+                                fingerprint)
+    if change:
+        raise DatasetError(
+            f"the data of the run in {run} changed since it was trained "
+            f"({change}); restore the data, or train again in a new --output_dir."
+        )
+
+
+def _check_period(config, data):
+    """Refuses an EMA period longer than the run: its EMAs would never update.
+
+    They would stay the initial model, evaluated, chosen and exported as if
+    they were averages. Checked before anything is written.
+    """
+    steps_per_epoch = -(-len(data.x_train) // config.batch_size)
+    total = config.epochs * steps_per_epoch
+    if config.ema_period > total:
+        raise ConfigError(
+            f"--ema_period={config.ema_period} is longer than the run "
+            f"({config.epochs} epoch{'s' if config.epochs > 1 else ''} x "
+            f"{steps_per_epoch} steps = {total} "
+            "optimizer steps), so the EMAs would never be updated; use "
+            f"--ema_period<={total} or more --epochs."
+        )
 
 
 def _fit(config, data, run, verbose, extra_callbacks, strategy=None,
@@ -334,16 +374,18 @@ def _fit(config, data, run, verbose, extra_callbacks, strategy=None,
         # no longer exist, and MultiEMA would refuse them as another run's.
         shutil.rmtree(os.path.join(run, "snapshots"), ignore_errors=True)
     averager = _averaging_callback(config, validation, run)
-    tuned = check_selection(config)
+    tuned = run_choices(config, run)  # the run's own copy
     chosen = ChosenWeights(run, averager, config.epochs, selection_split(config), tuned)
     previous = run_dir.read_json(os.path.join(run, "summary.json")) if os.path.exists(
         os.path.join(run, "summary.json")) else {}
     seconds_before = previous.get("train_seconds", 0.0)
+    fingerprint = data.fingerprint()
     start = time.perf_counter()
 
     def summary_of(rows, completed):
         return summarize(config, data.summary(), rows, completed, averager,
-                         seconds_before + time.perf_counter() - start, tuned)
+                         seconds_before + time.perf_counter() - start, tuned,
+                         fingerprint)
 
     logger = RunLogger(run, summary_of)
     backup = AtomicBackupAndRestore(os.path.join(run, "backup"),
@@ -376,6 +418,9 @@ def _fit(config, data, run, verbose, extra_callbacks, strategy=None,
                 f"of the last epoch in {os.path.join(run, 'backup')}; remove "
                 "the directory and train again."
             )
+    # Every weights file the finished run names must load before its backup
+    # goes: a damaged one is rewritten if it holds the last epoch, else named.
+    _check_named_files(config, data, run, summary_of(rows, True), model, averager)
     _write_results(config, run, model, averager, data, rows, summary_of)
     summary = summary_of(rows, True)
     # The summary marks the run completed only once everything is written;
@@ -385,6 +430,40 @@ def _fit(config, data, run, verbose, extra_callbacks, strategy=None,
     print_msg(format_summary(summary))
     print_msg(f"Run directory: {run}")
     return summary
+
+
+def _check_named_files(config, data, run, summary, model, averager):
+    """Loads every weights file `summary` names; rewrites or names a bad one.
+
+    A file of the last epoch is rewritten from the trained state (the EMAs,
+    and the model except after SwitchEMA's copy); a file of an earlier
+    epoch, which no backup keeps, raises `DamagedFileError` naming it.
+    """
+    from zoo.trained_model import build_model
+
+    checker = build_model(config, data)
+    last = config.epochs - 1
+    flags = os.path.join(run, "flags.cfg")
+    records = [(None, r) for r in summary["sgd"].values()] + [
+        (float(d), r) for d, entry in summary["ema"].items() for r in entry.values()]
+    for decay, record in records:
+        path = os.path.join(run, record["weights"])
+        remedy = (f"it holds epoch {record['epoch']}, which the backup no "
+                  "longer keeps: restore the file from a copy and rerun the "
+                  f"same command, or retrain with --flagfile={flags} "
+                  "--output_dir=NEW")
+        try:
+            run_dir.load_weights(checker, path, remedy)
+            continue
+        except run_dir.DamagedFileError:
+            if record["epoch"] != last or (decay is None and config.averaging == "sema"):
+                raise
+        print_msg(f"{path} was damaged; rewritten from the last epoch's state.")
+        if decay is None:
+            run_dir.save_weights(model, path)
+        else:
+            averager.save_weights(decay, path)
+        run_dir.load_weights(checker, path, remedy)
 
 
 def _write_results(config, run, model, averager, data, rows, summary_of):
@@ -432,6 +511,13 @@ def _export(config, averager, data, run):
     from zoo.trained_model import recompute_bn
 
     decay = config.export_decay
+    if not averager.num_updates:
+        raise ExportError(
+            f"the EMA {decay} was never updated (--ema_period="
+            f"{config.ema_period}), so it holds the initial weights; nothing "
+            "was exported. Train again with a smaller --ema_period in a new "
+            "--output_dir."
+        )
     model = averager.ema_model(decay)
     if config.export_from != "final":
         path = os.path.join(run, f"ema_{decay}_{config.export_from}.weights.h5")

@@ -71,12 +71,14 @@ def _at(rows, epoch, columns):
 
 
 def summarize(config: Config, data_summary: dict, rows: list, completed: bool,
-              averager, seconds: float, tuned: dict | None = None) -> dict:
+              averager, seconds: float, tuned: dict | None = None,
+              data_fingerprint: dict | None = None) -> dict:
     """The `summary.json` of a run from its history rows.
 
     `tuned` holds the choices of the `--selection_from` run
     (`zoo.selection.check_selection`); see `zoo.selection` for the three
-    values of `selection_split`.
+    values of `selection_split`. `data_fingerprint` is the data's
+    `zoo.data.dataset.Dataset.fingerprint`, which evaluation compares.
     """
     split = selection_split(config)
     summary = {
@@ -88,6 +90,7 @@ def summarize(config: Config, data_summary: dict, rows: list, completed: bool,
         "epochs_done": len(rows),
         "dataset": config.dataset,
         "data": data_summary,
+        "data_fingerprint": data_fingerprint,
         "model": config.model,
         "width": config.width,
         "seed": config.seed,

@@ -10,7 +10,8 @@ A run directory holds:
   training ended.
 - `sgd_last.weights.h5`, `ema_<decay>_best_accuracy.weights.h5`,
   `ema_<decay>_best_loss.weights.h5`: weights to evaluate.
-- `noise_mask.npy` with label noise; `curves.png`; `backup/` while training;
+- `noise_mask.npy` with label noise; `selection.json` with `--selection_from`
+  (the tuning run's choices, copied at the start); `curves.png`; `backup/` while training;
   `export/` with `--export`.
 - `.lock`: locked by the process that trains the run (see `lock_run_dir`).
 

@@ -193,6 +193,8 @@ def train(config: Config, verbose: int | None = None, callbacks: tuple = (),
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     process = processes.join_processes(config, connect_timeout)
+    if config.distribution == "data_parallel":
+        processes.check_same_flags(config, process)
     if process.index != 0:
         # Writes only a temporary copy of the run directory; see worker_copy.
         with processes.worker_copy(config.output_dir, process) as copy:
@@ -230,6 +232,8 @@ def _start(config, state, verbose, callbacks, locks, process):
     check_selection(config)  # before anything is written
     # MultiWorkerMirroredStrategy must be made before TensorFlow starts work.
     strategy = processes.make_strategy(config.distribution, process)
+    if config.distribution == "multiworker":
+        processes.check_same_flags(config, process, strategy)
     _banner("Data")
     data = load_dataset(
         config.dataset,

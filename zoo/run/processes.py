@@ -176,6 +176,51 @@ def make_strategy(distribution: str, process: Process | None = None):
     return strategy
 
 
+def check_same_flags(config: Config, process: Process, strategy=None):
+    """Refuses a run whose processes were started with different flags.
+
+    Every process hashes each line of its resolved flags (`Config.to_flags`,
+    but `--output_dir`: the processes other than 0 write a temporary copy)
+    and the processes gather these digests: a flag whose digests differ is
+    named in one `ConfigError`, raised by every process before anything is
+    written. Otherwise each would train with its own flags while sharing the
+    gradients, and process 0 would record a run that did not happen.
+    Collectives: `strategy.gather` (TensorFlow, the joined strategy) or
+    `multihost_utils.process_allgather` (JAX).
+    """
+    if process.count == 1:
+        return
+    import hashlib
+
+    import numpy as np
+
+    lines = [line for line in config.to_flags().splitlines()
+             if not line.startswith("--output_dir=")]
+    # 31 bits per flag: exact in int32 (JAX) and float64 (TensorFlow).
+    digests = np.array([int.from_bytes(hashlib.sha256(line.encode()).digest()[:4],
+                                       "big") >> 1 for line in lines], np.int64)
+    if strategy is not None:
+        import tensorflow as tf
+
+        gathered = strategy.gather(strategy.run(
+            lambda: tf.constant(digests[None].astype(np.float64))), axis=0)
+        table = np.asarray(gathered).astype(np.int64)
+    else:
+        from jax.experimental import multihost_utils
+
+        table = np.asarray(multihost_utils.process_allgather(
+            digests.astype(np.int32))).astype(np.int64)
+    table = table.reshape(process.count, len(lines))
+    differ = [line for line, column in zip(lines, table.T) if len(set(column)) > 1]
+    if differ:
+        names = ", ".join(line.partition("=")[0] for line in differ)
+        raise ConfigError(
+            f"the {process.count} processes of this run were started with "
+            f"different {names} (process {process.index} has "
+            f"{' '.join(differ)}); start every process with the same flags, "
+            "then run the same commands again")
+
+
 # The temporary directories of `worker_copy`, removed by `_deadline` too.
 _WORKER_TEMP_DIRS = []
 
@@ -281,5 +326,5 @@ def _reduce_scalars_across_workers():
     trainer.reduce_per_replica = reduce_per_replica
 
 
-__all__ = ["Process", "build_from_local_batch", "join_processes",
+__all__ = ["Process", "build_from_local_batch", "check_same_flags", "join_processes",
            "make_strategy", "worker_copy"]

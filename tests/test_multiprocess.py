@@ -410,6 +410,43 @@ def test_jax_unreachable_coordinator_fails_in_one_line(tmp_path):
     assert not os.path.exists(run)
 
 
+# === Processes that disagree ===
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_processes_with_different_flags_refuse_in_one_line(tmp_path, backend):
+    if backend == "jax":
+        pytest.importorskip("jax")
+    run = str(tmp_path / "run")
+    flags = [f for f in (FLAGS if backend == "tensorflow" else JAX_FLAGS)
+             if not f.startswith(("--lr=", "--seed="))]
+    if backend == "tensorflow":
+        ports = _free_ports(2)
+        envs = [_env(tmp_path, _tf_config(ports, i)) for i in range(2)]
+    else:
+        coordinator = f"127.0.0.1:{_free_ports(1)[0]}"
+        envs = [_jax_env(tmp_path, coordinator, i) for i in range(2)]
+    processes = []
+    try:
+        for env, extra in zip(envs, (["--lr=0.01", "--seed=7"], ["--lr=0.02", "--seed=8"])):
+            processes.append(subprocess.Popen(
+                [sys.executable, TRAIN, *flags, *extra, "--dataset=digits",
+                 f"--output_dir={run}"], env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    finally:
+        results = communicate(processes)
+    for index, (code, out, err) in enumerate(results):
+        assert code == 1, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        lines = [line for line in err.splitlines() if "error:" in line]
+        assert len(lines) == 1, err[-3000:]
+        assert "different --lr, --seed" in lines[0], lines[0]
+        assert f"process {index} has --lr=0.0{index + 1} --seed={7 + index}" in lines[0]
+    assert not os.path.exists(run)  # nothing written
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("workertemp_")]
+
+
 # === In-process pieces ===
 
 

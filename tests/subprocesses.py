@@ -66,14 +66,19 @@ def communicate(processes, stall=STALL, limit=LIMIT):
     return results
 
 
-def run(args, stall=STALL, **kwargs):
-    """`subprocess.run(args, capture_output=True, text=True, **kwargs)`, hang-bounded.
+def run(args, stall=STALL, capture_output=True, text=True, check=False, **kwargs):
+    """`subprocess.run(args, ...)` with a deadline only a hang can miss.
 
-    Returns a `subprocess.CompletedProcess`.
+    Returns a `subprocess.CompletedProcess`; `check=True` raises
+    `subprocess.CalledProcessError` on a non-zero status.
     """
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               stdin=subprocess.DEVNULL, text=True, **kwargs)
+    pipe = subprocess.PIPE if capture_output else None
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    process = subprocess.Popen(args, stdout=kwargs.pop("stdout", pipe),
+                               stderr=kwargs.pop("stderr", pipe), text=text, **kwargs)
     ((code, out, err),) = communicate([process], stall)
+    if check and code:
+        raise subprocess.CalledProcessError(code, args, out, err)
     return subprocess.CompletedProcess(args, code, out, err)
 
 

@@ -7,6 +7,7 @@ Rerunning the same command resumes an interrupted run; `--flagfile=RUN/flags.cfg
 replays a finished one. See README.md for the flags and the run directory.
 """
 
+import os
 import signal
 import sys
 
@@ -32,6 +33,7 @@ def main(argv):
     with _cli.quiet_start_up():
         from zoo.run import experiment
     from zoo.data import DatasetError
+    from zoo.run.processes import PeerStopped
     from zoo.run.run_dir import RunDirError
 
     signal.signal(signal.SIGTERM, _interrupt)
@@ -41,6 +43,11 @@ def main(argv):
     except (run_config.ConfigError, DatasetError, RunDirError,
             experiment.TrainingDiverged, experiment.ExportError) as error:
         sys.exit(f"train.py: error: {error}")
+    except PeerStopped as error:
+        print(f"train.py: error: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Not sys.exit: the backend's exit handlers would wait for the peer.
+        os._exit(1)
     except KeyboardInterrupt as interrupt:
         how = str(interrupt) or "SIGINT"
         print(f"train.py: stopped by {how}; what was trained is kept: rerun the "

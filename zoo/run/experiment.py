@@ -188,6 +188,8 @@ def train(config: Config, verbose: int | None = None, callbacks: tuple = (),
         TrainingDiverged: the training loss became NaN or infinite (now or
             in the finished run found in the output directory).
         ExportError: the weights to export are missing or not finite.
+        zoo.run.processes.PeerStopped: another process of a multi-process
+            run stopped responding (TensorFlow); what was trained is kept.
     """
     config = config.resolved()
     if verbose is None:
@@ -195,12 +197,13 @@ def train(config: Config, verbose: int | None = None, callbacks: tuple = (),
     process = processes.join_processes(config, connect_timeout)
     if config.distribution == "data_parallel":
         processes.check_same_flags(config, process)
-    if process.index != 0:
-        # Writes only a temporary copy of the run directory; see worker_copy.
-        with processes.worker_copy(config.output_dir, process) as copy:
-            return _train_in(dataclasses.replace(config, output_dir=copy),
-                             verbose, callbacks, process)
-    return _train_in(config, verbose, callbacks, process)
+    with processes.peer_errors(process):
+        if process.index != 0:
+            # Writes only a temporary copy of the run directory; see worker_copy.
+            with processes.worker_copy(config.output_dir, process) as copy:
+                return _train_in(dataclasses.replace(config, output_dir=copy),
+                                 verbose, callbacks, process)
+        return _train_in(config, verbose, callbacks, process)
 
 
 def _train_in(config, verbose, callbacks, process):

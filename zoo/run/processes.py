@@ -240,7 +240,9 @@ def worker_copy(run: str, process: Process):
     print_msg(f"Process {process.index} of {process.count}: process 0 writes "
               f"{run}; this one writes to a temporary directory removed at "
               "the end.")
-    tmp = tempfile.mkdtemp(prefix=f"workertemp_{process.index}_")
+    remove_stale_worker_dirs()
+    # The pid in the name tells a later start whether its owner still runs.
+    tmp = tempfile.mkdtemp(prefix=f"workertemp_{process.index}_{os.getpid()}_")
     _WORKER_TEMP_DIRS.append(tmp)
     try:
         copy = os.path.join(tmp, "run")
@@ -249,6 +251,76 @@ def worker_copy(run: str, process: Process):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         _WORKER_TEMP_DIRS.remove(tmp)
+
+
+def remove_stale_worker_dirs():
+    """Removes the `worker_copy` directories of processes that no longer run.
+
+    A process killed, or ended by the backend when a peer stopped, cannot
+    remove its own temporary directory; the next start on the host does.
+    """
+    import re
+    import tempfile
+
+    root = tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        match = re.fullmatch(r"workertemp_\d+_(\d+)_\w+", name)
+        if match and not _running(int(match.group(1))):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+class PeerStopped(RuntimeError):
+    """Another process of a multi-process run stopped responding."""
+
+
+@contextlib.contextmanager
+def peer_errors(process: Process):
+    """Turns the backend's error for a peer that stopped into `PeerStopped`.
+
+    TensorFlow raises `UnavailableError` (or `DeadlineExceededError`,
+    `AbortedError`, `CancelledError`) from its collectives, with a traceback
+    of about 60 lines; the message names the process instead.
+    """
+    try:
+        yield
+    except Exception as error:
+        kind = type(error).__name__
+        if process.count > 1 and kind in (
+                "UnavailableError", "DeadlineExceededError", "AbortedError",
+                "CancelledError") and type(error).__module__.startswith("tensorflow"):
+            raise PeerStopped(stopped_message(process, str(error))) from None
+        raise
+
+
+def stopped_message(process: Process, detail: str = "") -> str:
+    """The line for a run whose peer stopped, naming it when known."""
+    import re
+
+    others = [i for i in range(process.count) if i != process.index]
+    tasks = {int(t) for t in re.findall(r"task:(\d+)", detail)} - {process.index}
+    if len(others) == 1:
+        who = f"process {others[0]} of {process.count}"
+    elif len(tasks) == 1:
+        who = f"process {tasks.pop()} of {process.count}"
+    else:
+        who = f"another of the {process.count} processes"
+    every = "both" if process.count == 2 else f"all {process.count}"
+    return (f"{who} stopped responding; rerun {every} with the same command "
+            "(the run resumes from its last finished epoch)")
 
 
 def _copy_resumable(run, copy):
@@ -326,5 +398,5 @@ def _reduce_scalars_across_workers():
     trainer.reduce_per_replica = reduce_per_replica
 
 
-__all__ = ["Process", "build_from_local_batch", "check_same_flags", "join_processes",
+__all__ = ["PeerStopped", "Process", "build_from_local_batch", "check_same_flags", "join_processes",
            "make_strategy", "worker_copy"]

@@ -8,6 +8,7 @@ replays a finished one. See README.md for the flags and the run directory.
 """
 
 import dataclasses
+import os
 import sys
 
 import _cli
@@ -39,6 +40,7 @@ def main(argv):
     with _cli.quiet_start_up():
         from zoo.run import experiment
     from zoo.data import DatasetError
+    from zoo.run.processes import PeerStopped
     from zoo.run.run_dir import RunDirError
 
     try:
@@ -53,6 +55,11 @@ def main(argv):
     except (run_config.ConfigError, DatasetError, RunDirError,
             experiment.TrainingDiverged, experiment.ExportError) as error:
         sys.exit(f"train.py: error: {error}")
+    except PeerStopped as error:
+        print(f"train.py: error: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Not sys.exit: the backend's exit handlers would wait for the peer.
+        os._exit(1)
 
 
 if __name__ == "__main__":

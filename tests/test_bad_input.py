@@ -6,11 +6,11 @@ Each case is a row of the README's troubleshooting table.
 import json
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+import subprocesses
 
 from zoo import evaluation
 from zoo.run import experiment
@@ -237,10 +237,10 @@ def test_evaluate_without_runs():
 @pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--lr=inf", "--seed=4294967296", "--weight_decay=nan"])
 def test_out_of_range_flag_prints_one_line_and_writes_nothing(tmp_path, flag):
-    result = subprocess.run(
+    result = subprocesses.run(
         [sys.executable, os.path.join(ROOT, "train.py"), "--output_dir=out",
          "--epochs=1", "--warmup_epochs=0", flag],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, capture_output=True, text=True,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(f"train.py: error: {flag}: ")
@@ -250,9 +250,9 @@ def test_out_of_range_flag_prints_one_line_and_writes_nothing(tmp_path, flag):
 
 @pytest.mark.slow
 def test_non_numeric_flag_exits_nonzero(tmp_path):
-    result = subprocess.run(
+    result = subprocesses.run(
         [sys.executable, os.path.join(ROOT, "train.py"), "--output_dir=out", "--lr=fast"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, capture_output=True, text=True,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert result.returncode != 0
     assert "--lr=fast" in result.stderr

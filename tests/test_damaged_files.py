@@ -18,6 +18,7 @@ import uuid
 import keras
 import numpy as np
 import pytest
+import subprocesses
 from conftest import read_history
 from conftest import read_summary
 from conftest import tiny_config
@@ -458,7 +459,7 @@ def test_cli_damaged_files_are_one_line_without_traceback(runs, tmp_path):
                                   stderr=subprocess.PIPE, text=True, env=env)
                  for command in commands]
     try:
-        train_err, evaluate_err = (p.communicate(timeout=600)[1] for p in processes)
+        train_err, evaluate_err = (err for _, _, err in subprocesses.communicate(processes))
     finally:
         for process in processes:
             process.kill()
@@ -529,8 +530,7 @@ def test_full_disk_is_one_line_and_a_rerun_with_space_recovers(runs, tmp_path):
         flags = write(tmp_path / "flags.cfg", tiny_config(run).resolved().to_flags())
         command = [sys.executable, os.path.join(ROOT, "train.py"), f"--flagfile={flags}"]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-        result = subprocess.run(command, capture_output=True, text=True,
-                                timeout=600, env=env)
+        result = subprocesses.run(command, capture_output=True, text=True, env=env)
         assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
         last = result.stderr.strip().splitlines()[-1]
@@ -543,8 +543,7 @@ def test_full_disk_is_one_line_and_a_rerun_with_space_recovers(runs, tmp_path):
         assert not leftovers
 
         subprocess.run(["mount", "-o", "remount,size=64m", mount], check=True)
-        result = subprocess.run(command, capture_output=True, text=True,
-                                timeout=600, env=env)
+        result = subprocesses.run(command, capture_output=True, text=True, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "Resuming" in result.stdout
         summary = read_summary(run)

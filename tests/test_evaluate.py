@@ -4,12 +4,12 @@ import itertools
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
+import subprocesses
 from conftest import tiny_config
 
 import zoo.models
@@ -32,9 +32,8 @@ def runs(finished_run, tmp_path_factory):
 
 def _cli(args, cwd=ROOT):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py")] + args,
-                          cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocesses.run([sys.executable, os.path.join(ROOT, "evaluate.py")] + args,
+                          cwd=cwd, env=env, capture_output=True, text=True)
 
 
 def _test_logits(run, weights):
@@ -236,10 +235,10 @@ def test_one_run_with_the_default_evals_skips_churn_quietly(runs, tmp_path):
     out = tmp_path / "results"
     env = dict(os.environ)
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the CLI's own default applies
-    result = subprocess.run(
+    result = subprocesses.run(
         [sys.executable, os.path.join(ROOT, "evaluate.py"), runs[0],
          f"--output_dir={out}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Skipping churn (the default --evals)" in result.stdout
     res = json.load(open(out / "results.json"))
@@ -254,8 +253,8 @@ def test_evaluate_py_lists_the_registered_evaluations():
     # needs no Keras; they must agree, in the registry's order.
     code = ("import json, sys\nsys.argv = ['evaluate.py']\nimport evaluate\n"
             "print(json.dumps(list(evaluate.EVALS.items())))\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120,
+    result = subprocesses.run([sys.executable, "-c", code], cwd=ROOT,
+                            capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=ROOT))
     assert result.returncode == 0, result.stderr[-2000:]
     listed = [tuple(item) for item in json.loads(result.stdout)]

@@ -4,12 +4,12 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
+import subprocesses
 from conftest import read_history
 from conftest import read_summary
 from conftest import tiny_config
@@ -234,9 +234,9 @@ def test_noisy_run_writes_the_mask_and_exports(noisy_run):
 
 def _cli(args, cwd):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
+    return subprocesses.run(
         [sys.executable, os.path.join(ROOT, "train.py")] + args,
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd, env=env, capture_output=True, text=True,
     )
 
 

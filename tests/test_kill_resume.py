@@ -11,6 +11,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import subprocesses
 from conftest import read_h5
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +68,7 @@ def test_sigterm_then_sigkill_at_every_phase_then_rerun(tmp_path):
                                  stdout=subprocess.DEVNULL, stderr=log, text=True)
     try:
         _kill_at_every_phase_then_rerun(killed)
-        reference.wait(timeout=600)
+        subprocesses.communicate([reference])
     finally:
         reference.kill()
         reference.wait()
@@ -82,12 +83,11 @@ def _kill_at_every_phase_then_rerun(killed):
     # SIGTERM once an epoch is done: one line, no traceback, resumable.
     process = subprocess.Popen(_life_command(killed), env=_env(), text=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
     while (not os.path.exists(os.path.join(killed, "summary.json"))
-           and time.time() < deadline):
+           and process.poll() is None):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
+    ((_, _, stderr),) = subprocesses.communicate([process])
     assert process.returncode == 143, stderr[-2000:]
     assert "Traceback" not in stderr
     assert stderr.splitlines()[-1] == (
@@ -95,15 +95,15 @@ def _kill_at_every_phase_then_rerun(killed):
         "command to resume.")
 
     for phase in ("startup", "mid_epoch", "results", "export", "cleanup"):
-        result = subprocess.run(_life_command(killed, phase), env=_env(),
-                                capture_output=True, text=True, timeout=600)
+        result = subprocesses.run(_life_command(killed, phase), env=_env(),
+                                capture_output=True, text=True)
         assert result.returncode == -signal.SIGKILL, (phase, result.stderr[-2000:])
         completed = os.path.exists(os.path.join(killed, "summary.json")) and (
             _summary(killed)["completed"])
         assert completed is (phase == "cleanup"), phase
 
-    result = subprocess.run(_life_command(killed), env=_env(), capture_output=True,
-                            text=True, timeout=600)
+    result = subprocesses.run(_life_command(killed), env=_env(), capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "holds a completed run" in result.stdout
 
@@ -129,8 +129,8 @@ def test_second_process_on_a_run_directory_is_refused(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     with run_dir.RunLock(str(run)):
-        result = subprocess.run(_life_command(run), env=_env(),
-                                capture_output=True, text=True, timeout=300)
+        result = subprocesses.run(_life_command(run), env=_env(),
+                                capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == (
         f"train.py: error: --output_dir={run} is in use by process "

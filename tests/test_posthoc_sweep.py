@@ -1,10 +1,10 @@
 """evaluate.py --evals=posthoc on a tiny digits run trained with --snapshot_every."""
 
 import os
-import subprocess
 import sys
 
 import pytest
+import subprocesses
 
 from keras_ema import posthoc
 from ema_reference import flip_middle_bytes
@@ -91,8 +91,8 @@ def test_plot_sweep_leaves_the_backend_and_pyplot_alone(tmp_path):
         "assert plt.get_fignums() == [], plt.get_fignums()\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", code], cwd=root,
-                            capture_output=True, text=True, timeout=120,
+    result = subprocesses.run([sys.executable, "-c", code], cwd=root,
+                            capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=root))
     assert result.returncode == 0, result.stderr[-2000:]
     with open(tmp_path / "p.png", "rb") as f:

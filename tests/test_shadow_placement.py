@@ -2,12 +2,12 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
+import subprocesses
 
 import keras_ema
 from keras_ema import MultiEMA
@@ -82,8 +82,8 @@ def test_sharded_shadows_under_model_parallel():
     if keras.backend.backend() != "jax":
         pytest.skip("keras.distribution.ModelParallel shards on JAX only")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run([sys.executable, SCRIPT], env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocesses.run([sys.executable, SCRIPT], env=env,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     # Each kernel's stack of EMAs is split like the kernel (4 ways, the
@@ -114,9 +114,8 @@ def test_host_shadows_on_two_devices_match_one(mode):
     env.pop("KERAS_BACKEND", None)
     env.pop("TF_CONFIG", None)
     script = os.path.join(os.path.dirname(SCRIPT), "distributed_fit.py")
-    result = subprocess.run([sys.executable, script, mode, "ema", "cpu"],
-                            env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocesses.run([sys.executable, script, mode, "ema", "cpu"],
+                            env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["updates"] == [4, 4], out

@@ -7,12 +7,12 @@ are counted separately.
 """
 
 import os
-import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
+import subprocesses
 
 import zoo.models
 from zoo import layers
@@ -400,9 +400,9 @@ def test_every_model_trains_at_odd_batch_sizes_without_a_native_crash():
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, KERAS_BACKEND="tensorflow", PYTHONPATH=root)
-    result = subprocess.run(
+    result = subprocesses.run(
         [sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
-        text=True, timeout=600,
+        text=True,
     )
     assert result.returncode == 0, (result.returncode, result.stdout, result.stderr[-2000:])
     assert result.stdout.count(" ok") == len(zoo.models.MODELS)
@@ -448,11 +448,11 @@ def test_exported_keras_file_loads_and_predicts_without_zoo(tmp_path):
         "np.save(sys.argv[3], model.predict(np.load(sys.argv[2]), verbose=0))\n"
         "assert not [m for m in sys.modules if m.split('.')[0] == 'zoo'], 'zoo imported'\n"
     )
-    result = subprocess.run(
+    result = subprocesses.run(
         [sys.executable, "-c", code, str(tmp_path / "export" / "model.keras"),
          str(tmp_path / "images.npy"), str(tmp_path / "out.npy")],
         cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=""), capture_output=True,
-        text=True, timeout=300,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected,
@@ -537,13 +537,12 @@ def test_zoo_imports_and_builds_without_tensorflow():
     )
     env = dict(os.environ, KERAS_BACKEND="jax")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run(
+    result = subprocesses.run(
         [sys.executable, "-c", code],
         env=env,
         cwd=root,
         capture_output=True,
         text=True,
-        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(None, 10)" in result.stdout

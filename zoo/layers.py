@@ -247,12 +247,12 @@ def bn_relu(x, name: str):
 def classifier(x, num_classes: int):
     """Applies the `"pool"` global average pooling and the `"classifier"` Dense.
 
-    The Dense computes in float32, so the logits are float32 under a
-    mixed-precision policy too.
+    The Dense computes in the policy's variable dtype, so the logits are
+    float32 under a mixed-precision policy too (and float64 under float64).
     """
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     return layers.Dense(
         num_classes,
-        dtype="float32",
+        dtype=keras.mixed_precision.global_policy().variable_dtype,
         name="classifier",
     )(x)

@@ -192,17 +192,22 @@ def train(config: Config, verbose: int | None = None, callbacks: tuple = (),
         TrainingDiverged: the training loss became NaN or infinite (now or
             in the finished run found in the output directory).
         ExportError: the weights to export are missing or not finite.
+        zoo.run.processes.PeerStopped: another process of a multi-process
+            run stopped responding (TensorFlow); what was trained is kept.
     """
     config = config.resolved()
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     process = processes.join_processes(config, connect_timeout)
-    if process.index != 0:
-        # Writes only a temporary copy of the run directory; see worker_copy.
-        with processes.worker_copy(config.output_dir, process) as copy:
-            return _train_in(dataclasses.replace(config, output_dir=copy),
-                             verbose, callbacks, process)
-    return _train_in(config, verbose, callbacks, process)
+    if config.distribution == "data_parallel":
+        processes.check_same_flags(config, process)
+    with processes.peer_errors(process):
+        if process.index != 0:
+            # Writes only a temporary copy of the run directory; see worker_copy.
+            with processes.worker_copy(config.output_dir, process) as copy:
+                return _train_in(dataclasses.replace(config, output_dir=copy),
+                                 verbose, callbacks, process)
+        return _train_in(config, verbose, callbacks, process)
 
 
 def _train_in(config, verbose, callbacks, process):
@@ -234,6 +239,8 @@ def _start(config, state, verbose, callbacks, locks, process):
     tuned = run_choices(config, run)  # before anything is written
     # MultiWorkerMirroredStrategy must be made before TensorFlow starts work.
     strategy = processes.make_strategy(config.distribution, process)
+    if config.distribution == "multiworker":
+        processes.check_same_flags(config, process, strategy)
     _banner("Data")
     data = load_dataset(
         config.dataset,

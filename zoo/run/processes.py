@@ -176,6 +176,51 @@ def make_strategy(distribution: str, process: Process | None = None):
     return strategy
 
 
+def check_same_flags(config: Config, process: Process, strategy=None):
+    """Refuses a run whose processes were started with different flags.
+
+    Every process hashes each line of its resolved flags (`Config.to_flags`,
+    but `--output_dir`: the processes other than 0 write a temporary copy)
+    and the processes gather these digests: a flag whose digests differ is
+    named in one `ConfigError`, raised by every process before anything is
+    written. Otherwise each would train with its own flags while sharing the
+    gradients, and process 0 would record a run that did not happen.
+    Collectives: `strategy.gather` (TensorFlow, the joined strategy) or
+    `multihost_utils.process_allgather` (JAX).
+    """
+    if process.count == 1:
+        return
+    import hashlib
+
+    import numpy as np
+
+    lines = [line for line in config.to_flags().splitlines()
+             if not line.startswith("--output_dir=")]
+    # 31 bits per flag: exact in int32 (JAX) and float64 (TensorFlow).
+    digests = np.array([int.from_bytes(hashlib.sha256(line.encode()).digest()[:4],
+                                       "big") >> 1 for line in lines], np.int64)
+    if strategy is not None:
+        import tensorflow as tf
+
+        gathered = strategy.gather(strategy.run(
+            lambda: tf.constant(digests[None].astype(np.float64))), axis=0)
+        table = np.asarray(gathered).astype(np.int64)
+    else:
+        from jax.experimental import multihost_utils
+
+        table = np.asarray(multihost_utils.process_allgather(
+            digests.astype(np.int32))).astype(np.int64)
+    table = table.reshape(process.count, len(lines))
+    differ = [line for line, column in zip(lines, table.T) if len(set(column)) > 1]
+    if differ:
+        names = ", ".join(line.partition("=")[0] for line in differ)
+        raise ConfigError(
+            f"the {process.count} processes of this run were started with "
+            f"different {names} (process {process.index} has "
+            f"{' '.join(differ)}); start every process with the same flags, "
+            "then run the same commands again")
+
+
 # The temporary directories of `worker_copy`, removed by `_deadline` too.
 _WORKER_TEMP_DIRS = []
 
@@ -195,7 +240,9 @@ def worker_copy(run: str, process: Process):
     print_msg(f"Process {process.index} of {process.count}: process 0 writes "
               f"{run}; this one writes to a temporary directory removed at "
               "the end.")
-    tmp = tempfile.mkdtemp(prefix=f"workertemp_{process.index}_")
+    remove_stale_worker_dirs()
+    # The pid in the name tells a later start whether its owner still runs.
+    tmp = tempfile.mkdtemp(prefix=f"workertemp_{process.index}_{os.getpid()}_")
     _WORKER_TEMP_DIRS.append(tmp)
     try:
         copy = os.path.join(tmp, "run")
@@ -204,6 +251,76 @@ def worker_copy(run: str, process: Process):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         _WORKER_TEMP_DIRS.remove(tmp)
+
+
+def remove_stale_worker_dirs():
+    """Removes the `worker_copy` directories of processes that no longer run.
+
+    A process killed, or ended by the backend when a peer stopped, cannot
+    remove its own temporary directory; the next start on the host does.
+    """
+    import re
+    import tempfile
+
+    root = tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        match = re.fullmatch(r"workertemp_\d+_(\d+)_\w+", name)
+        if match and not _running(int(match.group(1))):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+class PeerStopped(RuntimeError):
+    """Another process of a multi-process run stopped responding."""
+
+
+@contextlib.contextmanager
+def peer_errors(process: Process):
+    """Turns the backend's error for a peer that stopped into `PeerStopped`.
+
+    TensorFlow raises `UnavailableError` (or `DeadlineExceededError`,
+    `AbortedError`, `CancelledError`) from its collectives, with a traceback
+    of about 60 lines; the message names the process instead.
+    """
+    try:
+        yield
+    except Exception as error:
+        kind = type(error).__name__
+        if process.count > 1 and kind in (
+                "UnavailableError", "DeadlineExceededError", "AbortedError",
+                "CancelledError") and type(error).__module__.startswith("tensorflow"):
+            raise PeerStopped(stopped_message(process, str(error))) from None
+        raise
+
+
+def stopped_message(process: Process, detail: str = "") -> str:
+    """The line for a run whose peer stopped, naming it when known."""
+    import re
+
+    others = [i for i in range(process.count) if i != process.index]
+    tasks = {int(t) for t in re.findall(r"task:(\d+)", detail)} - {process.index}
+    if len(others) == 1:
+        who = f"process {others[0]} of {process.count}"
+    elif len(tasks) == 1:
+        who = f"process {tasks.pop()} of {process.count}"
+    else:
+        who = f"another of the {process.count} processes"
+    every = "both" if process.count == 2 else f"all {process.count}"
+    return (f"{who} stopped responding; rerun {every} with the same command "
+            "(the run resumes from its last finished epoch)")
 
 
 def _copy_resumable(run, copy):
@@ -281,5 +398,5 @@ def _reduce_scalars_across_workers():
     trainer.reduce_per_replica = reduce_per_replica
 
 
-__all__ = ["Process", "build_from_local_batch", "join_processes",
+__all__ = ["PeerStopped", "Process", "build_from_local_batch", "check_same_flags", "join_processes",
            "make_strategy", "worker_copy"]

@@ -19,7 +19,8 @@ Phases (each time is exclusive: a phase inside another counts once):
 - backup writes: the model's backup (weights and optimizer), the EMA state,
   the history copy;
 - best-file writes: files of the best epochs (EMA and SGD) and, at the last
-  epoch, the last weights;
+  epoch, the last weights (a file made as a hard link to another counts as
+  a file of 0 bytes);
 - history/summary: history.csv and summary.json;
 - plots: curves.png, written once after training (its own row).
 
@@ -28,8 +29,8 @@ Phases (each time is exclusive: a phase inside another counts once):
     python benchmarks/epoch_overhead.py --synthetic=cifar100 --model=resnet18 \\
         --steps=20          # CIFAR-100-shaped random data, 20 steps an epoch
 
-Any train.py flag may be given; `--output_dir` defaults to a scratch
-directory that is removed at the end. Timings on a shared machine vary: read
+Any train.py flag may be given (`--flagfile` too); the run goes to a scratch
+directory removed at the end, whatever `--output_dir` says. Timings on a shared machine vary: read
 the ratios, measured side by side.
 """
 
@@ -105,9 +106,9 @@ class Profile:
 
         setattr(owner, attribute, timed)
 
-    def count(self, path):
+    def count(self, path, written=True):
         name = self._stack[-1][0] if self._stack else "other"
-        size = _size(path)
+        size = _size(path) if written else 0
         self.bytes[name] = self.bytes.get(name, 0) + size
         self.files[name] = self.files.get(name, 0) + 1
 
@@ -142,14 +143,17 @@ def _instrument(profile):
     # Every file of a run is written under a temporary name and renamed (or,
     # for a second name of the same bytes, linked) into place.
     replace, link = os.replace, os.link
+    linked = set()  # temporary names made as hard links: no bytes written
 
     def counted_replace(src, dst, *args, **kwargs):
         replace(src, dst, *args, **kwargs)
         if not os.path.basename(os.fspath(dst)).startswith("."):
-            profile.count(dst)
+            profile.count(dst, written=os.fspath(src) not in linked)
+        linked.discard(os.fspath(src))
 
     def counted_link(src, dst, *args, **kwargs):
-        link(src, dst, *args, **kwargs)  # a new name, no bytes written
+        link(src, dst, *args, **kwargs)
+        linked.add(os.fspath(dst))
 
     os.replace, os.link = counted_replace, counted_link
     return lambda: setattr(os, "replace", replace) or setattr(os, "link", link)
@@ -281,13 +285,10 @@ def main(argv):
 
     from zoo.run import experiment
 
-    scratch = None
-    if not FLAGS.output_dir:
-        scratch = tempfile.mkdtemp(prefix="epoch_overhead_")
-        FLAGS.output_dir = os.path.join(scratch, "run")
-    elif os.path.exists(FLAGS.output_dir):
-        sys.exit(f"epoch_overhead.py: --output_dir={FLAGS.output_dir} exists; "
-                 "give a new directory (the run is measured from scratch).")
+    # A new run in a scratch directory, whatever --output_dir says (a flag
+    # file's own output_dir included): the run is measured from scratch.
+    scratch = tempfile.mkdtemp(prefix="epoch_overhead_")
+    FLAGS.output_dir = os.path.join(scratch, "run")
     try:
         config = run_config.config_from_flags(FLAGS).resolved()
     except run_config.ConfigError as error:
@@ -323,8 +324,7 @@ def main(argv):
         data = loaded["data"]
         plain = _plain_fit_seconds(config, data, FLAGS.measure_epochs)
     finally:
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     print(f"\n{config.model} x{config.width:g} on {data.name} "
           f"{'x'.join(map(str, data.image_shape))}, {len(data.x_train)} "
           f"training images, batch {config.batch_size}, decays "

@@ -166,7 +166,7 @@ def test_a_failed_ema_write_leaves_no_file(tmp_path, monkeypatch):
     model.fit(np.ones((4, 3)), np.ones((4, 2)), epochs=1, verbose=0, callbacks=[ema])
     before = sorted(os.listdir(tmp_path))
 
-    def full_disk(model, path):
+    def full_disk(model, path, include_optimizer=True):
         with open(path, "wb") as f:
             f.write(b"half a file")
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -130,14 +130,15 @@ def write_text(path: str, text: str):
     write_bytes(path, text.encode("utf-8"))
 
 
-def save_weights(model, path: str):
+def save_weights(model, path: str, include_optimizer: bool = True):
     """`model.save_weights(path)`, atomically; a full disk raises `DiskFullError`.
 
     The file is built in memory first: h5py writing to a full disk crashes
-    the process.
+    the process. `include_optimizer=False` leaves out the optimizer's
+    variables (see `keras_ema._files.write_weights`).
     """
     with atomic_path(path) as tmp:
-        write_weights(model, tmp)
+        write_weights(model, tmp, include_optimizer)
 
 
 def load_weights(model, path: str, remedy: str = ""):

@@ -549,3 +549,31 @@ def test_full_disk_is_one_line_and_a_rerun_with_space_recovers(runs, tmp_path):
         summary = read_summary(run)
         assert summary["completed"] is True
         assert read_history(run) == read_history(clean)
+
+
+def test_a_weights_only_file_loads_quietly_into_a_trained_model(tmp_path):
+    import warnings
+
+    import h5py
+    import keras
+
+    def trained():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+        model.fit(np.ones((4, 3)), np.ones((4, 2)), epochs=1, verbose=0)
+        return model
+
+    source, target = trained(), trained()
+    path = str(tmp_path / "w.weights.h5")
+    run_dir.save_weights(source, path, include_optimizer=False)
+    with h5py.File(path, "r") as f:
+        assert "optimizer" not in f
+    momentum = [keras.ops.convert_to_numpy(v) for v in target.optimizer.variables]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_dir.load_weights(target, path)
+    for a, b in zip(source.weights, target.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a),
+                                      keras.ops.convert_to_numpy(b))
+    for value, v in zip(momentum, target.optimizer.variables):
+        np.testing.assert_array_equal(value, keras.ops.convert_to_numpy(v))

@@ -95,8 +95,12 @@ def _remove(path: str):
         os.remove(path)
 
 
-def _h5_weights_bytes(model):
+def _h5_weights_bytes(model, include_optimizer=True):
     """The bytes `model.save_weights` writes to a `.weights.h5` file, or `None`.
+
+    Without `include_optimizer`, the file leaves out the optimizer's
+    variables (its `optimizer` group), as `save_weights` of the same model
+    uncompiled would write it.
 
     The one use of Keras' private `saving_lib` (read from Keras 3.15.1:
     `H5IOStore(io.BytesIO(), mode="w")` and `_save_state(...)`, as
@@ -110,15 +114,18 @@ def _h5_weights_bytes(model):
     except (ImportError, AttributeError, TypeError):  # another Keras layout
         return None
     buffer = store.path_or_io
+    # Saveables already "visited" are skipped, and their children with them.
+    optimizer = getattr(model, "optimizer", None)
+    skip = {id(optimizer)} if optimizer is not None and not include_optimizer else set()
     try:
         saving_lib._save_state(model, weights_store=store, assets_store=None,
-                               inner_path="", visited_saveables=set())
+                               inner_path="", visited_saveables=skip)
     finally:
         store.close()
     return buffer.getbuffer()
 
 
-def write_weights(model, path: str):
+def write_weights(model, path: str, include_optimizer: bool = True):
     """`model.save_weights(path)`, built in memory and then written to `path`.
 
     On a full disk, h5py writing straight to the file raises from its
@@ -126,8 +133,13 @@ def write_weights(model, path: str):
     memory, the weights reach the disk through one plain write that fails
     with an ordinary `OSError`. Falls back to `model.save_weights` where
     Keras' internals differ (see `_h5_weights_bytes`).
+
+    `include_optimizer=False` writes the model's weights only, without the
+    optimizer's variables (momentum: as many bytes again for SGD); the file
+    loads with `model.load_weights` all the same, which then leaves the
+    optimizer as it is. The fallback always includes them.
     """
-    data = _h5_weights_bytes(model)
+    data = _h5_weights_bytes(model, include_optimizer)
     if data is None:
         model.save_weights(path, overwrite=True)
         return

@@ -79,6 +79,15 @@ class BestRecords(dict):
         )
 
 
+def _file_identity(path):
+    """What tells whether `path` is still the file it was: inode, size, time."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
 def _to_int(value):
     return int(keras.ops.convert_to_numpy(value))
 
@@ -307,6 +316,7 @@ class MultiEMA(keras.callbacks.Callback):
         self._epoch_start_batch = 0
         self._accumulation = 1
         self._count_batches = True
+        self._written = {}  # (decay, step): (path, its os.stat) last written
 
     @property
     def best(self) -> BestRecords:
@@ -532,6 +542,7 @@ class MultiEMA(keras.callbacks.Callback):
         self._update = None
         self.best = {}
         self.skipped_steps = []
+        self._written = {}
 
     @property
     def num_updates(self) -> int:
@@ -658,6 +669,7 @@ class MultiEMA(keras.callbacks.Callback):
         self.skipped_steps = skipped
         self._pending = []
         self.best = best
+        self._written = {}
         if log is not None:
             self._log_start, self._log_steps, self._log_decays = log
         else:  # a state from before the log: snapshots cannot be exact
@@ -966,6 +978,7 @@ class MultiEMA(keras.callbacks.Callback):
                         logs[f"ema_{decay}_val_{key}"] = value
                 self._update_best(decay, epoch, metrics)
         self._after_epoch_end(epoch, logs)
+        self._written = {}  # SwitchEMA's copy may have changed the weights
         if self.backup_dir:
             self._save_backup()
 
@@ -1084,8 +1097,13 @@ class MultiEMA(keras.callbacks.Callback):
     def save_weights(self, decay: float, path: str):
         """Writes the model weights with the EMA of `decay` to `path` (.weights.h5).
 
-        The file is written under a temporary name and renamed, so a crash
-        never leaves a truncated file at `path`.
+        The file holds the model's weights only, not the optimizer's state
+        (the live optimizer's momentum means nothing beside an EMA): load it
+        with `model.load_weights`. The file is written under a temporary name
+        and renamed, so a crash never leaves a truncated file at `path`. The
+        same EMA at the same optimizer step saved again under another name
+        (two criteria that chose the same epoch) becomes a hard link to the
+        first file, written once.
         """
         if not path.endswith(".weights.h5"):
             raise ValueError(
@@ -1094,8 +1112,23 @@ class MultiEMA(keras.callbacks.Callback):
         directory = os.path.dirname(path)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        with atomic_path(path) as tmp, self.swapped_in(decay) as model:
-            write_weights(model, tmp)
+        key = (self.decays[self._index(decay)], self._step)
+        with atomic_path(path) as tmp:
+            if not self._link_written(key, tmp):
+                with self.swapped_in(decay) as model:
+                    write_weights(model, tmp, include_optimizer=False)
+        self._written[key] = (path, _file_identity(path))
+
+    def _link_written(self, key, tmp):
+        """Links `tmp` to the file last written for `key` if it is still there."""
+        path, identity = self._written.get(key, (None, None))
+        if path is None or _file_identity(path) != identity:
+            return False
+        try:
+            os.link(path, tmp)
+        except OSError:  # no hard links on this file system: write it
+            return False
+        return True
 
     def save_lora_weights(self, decay: float, path: str, backbone=None) -> str:
         """Writes the EMA of `decay` of a keras-hub backbone's LoRA adapters.

@@ -168,7 +168,7 @@ def test_a_failed_ema_write_leaves_no_file(tmp_path, monkeypatch):
     model.fit(np.ones((4, 3)), np.ones((4, 2)), epochs=1, verbose=0, callbacks=[ema])
     before = sorted(os.listdir(tmp_path))
 
-    def full_disk(model, path):
+    def full_disk(model, path, include_optimizer=True):
         with open(path, "wb") as f:
             f.write(b"half a file")
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -610,3 +610,31 @@ def test_damaged_weights_of_the_last_epoch_are_rewritten(runs, tmp_path, capsys)
         assert sorted(got) == sorted(want)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}:{key}")
+
+
+def test_a_weights_only_file_loads_quietly_into_a_trained_model(tmp_path):
+    import warnings
+
+    import h5py
+    import keras
+
+    def trained():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+        model.fit(np.ones((4, 3)), np.ones((4, 2)), epochs=1, verbose=0)
+        return model
+
+    source, target = trained(), trained()
+    path = str(tmp_path / "w.weights.h5")
+    run_dir.save_weights(source, path, include_optimizer=False)
+    with h5py.File(path, "r") as f:
+        assert "optimizer" not in f
+    momentum = [keras.ops.convert_to_numpy(v) for v in target.optimizer.variables]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_dir.load_weights(target, path)
+    for a, b in zip(source.weights, target.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a),
+                                      keras.ops.convert_to_numpy(b))
+    for value, v in zip(momentum, target.optimizer.variables):
+        np.testing.assert_array_equal(value, keras.ops.convert_to_numpy(v))

@@ -121,6 +121,69 @@ def test_best_weights_are_saved(tmp_path):
             np.testing.assert_array_equal(a, b)
 
 
+class _EMAWeightsPerEpoch(keras.callbacks.Callback):
+    def __init__(self, ema):
+        super().__init__()
+        self.ema, self.weights = ema, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights.append({d: self.ema.ema_weights(d) for d in self.ema.decays})
+
+
+def test_best_files_hold_weights_only_each_written_once(tmp_path, monkeypatch):
+    import os
+
+    import h5py
+
+    from keras_ema import multi_ema
+
+    writes = []
+    write = multi_ema.write_weights
+
+    def counted(model, path, **kwargs):
+        writes.append(path)
+        write(model, path, **kwargs)
+
+    monkeypatch.setattr(multi_ema, "write_weights", counted)
+    model = tiny_model()
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    x, y = data()
+    ema = MultiEMA(DECAYS, period=1, validation_data=(x, y),
+                   best_weights_dir=str(tmp_path), verbose=0)
+    per_epoch = _EMAWeightsPerEpoch(ema)
+    history = model.fit(x, y, batch_size=4, epochs=4, verbose=0,
+                        callbacks=[ema, per_epoch]).history
+    # Improvements recomputed from the logs: one serialization per (decay,
+    # epoch) that improved either criterion, however many criteria did.
+    improved = set()
+    for decay in DECAYS:
+        for key, sign in (("accuracy", 1), ("loss", -1)):
+            values = history[f"ema_{decay}_val_{key}"]
+            for epoch, value in enumerate(values):
+                if all(sign * value > sign * v for v in values[:epoch]):
+                    improved.add((decay, epoch))
+    assert len(writes) == len(improved)
+    assert len(improved) < 4 * len(DECAYS)  # some epoch improved both
+    for decay in DECAYS:
+        paths = {c: str(tmp_path / f"ema_{decay}_best_{c}.weights.h5")
+                 for c in ("accuracy", "loss")}
+        for criterion, path in paths.items():
+            with h5py.File(path, "r") as f:
+                assert "optimizer" not in f and "layers" in f
+            other = tiny_model()
+            other.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+            other.load_weights(path)
+            want = per_epoch.weights[ema.best[decay][criterion]["epoch"]][decay]
+            for a, b in zip(other.get_weights(), want):
+                np.testing.assert_array_equal(a, b)
+        same = (ema.best[decay]["accuracy"]["epoch"]
+                == ema.best[decay]["loss"]["epoch"])
+        inodes = {os.stat(p).st_ino for p in paths.values()}
+        assert len(inodes) == (1 if same else 2)
+
+
 def test_swap_restores_bit_for_bit_also_on_exception():
     model = tiny_model()
     x, y = data()

@@ -224,7 +224,10 @@ class ChosenWeights(keras.callbacks.Callback):
         return os.path.join(self.run, name)
 
     def _save_sgd(self, name):
-        run_dir.save_weights(self.model, self._path(name))
+        # The last SGD weights keep the optimizer's state (training could go
+        # on from them); a chosen epoch's weights are for evaluation only.
+        run_dir.save_weights(self.model, self._path(name),
+                             include_optimizer=name == "sgd_last.weights.h5")
 
     def _save_ema(self, decay, name):
         self.averager.save_weights(decay, self._path(name))  # atomic itself

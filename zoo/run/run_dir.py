@@ -31,6 +31,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 
 from keras_ema import _files
 from keras_ema._files import is_disk_full
@@ -132,20 +133,28 @@ def write_text(path: str, text: str):
     write_bytes(path, text.encode("utf-8"))
 
 
-def save_weights(model, path: str):
+def save_weights(model, path: str, include_optimizer: bool = True):
     """`model.save_weights(path)`, atomically; a full disk raises `DiskFullError`.
 
     The file is built in memory first: h5py writing to a full disk crashes
-    the process.
+    the process. `include_optimizer=False` leaves out the optimizer's
+    variables (see `keras_ema._files.write_weights`).
     """
     with atomic_path(path) as tmp:
-        write_weights(model, tmp)
+        write_weights(model, tmp, include_optimizer)
 
 
 def load_weights(model, path: str, remedy: str = ""):
-    """`model.load_weights(path)`; a file that does not load raises `DamagedFileError`."""
+    """`model.load_weights(path)`; a file that does not load raises `DamagedFileError`.
+
+    A weights-only file (EMA and best files) leaves the optimizer as it is,
+    without Keras' warning that it skips the optimizer's variables.
+    """
     try:
-        model.load_weights(path)
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="Skipping variable loading for optimizer")
+            model.load_weights(path)
     except Exception as error:  # h5py and Keras raise many kinds
         reason = " ".join(f"{type(error).__name__}: {error}".split())
         raise DamagedFileError(path, reason[:200], remedy) from None

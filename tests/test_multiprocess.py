@@ -212,7 +212,7 @@ def test_killed_worker_resumes_to_the_same_result(two_worker_run, tmp_path):
 # to 1e-9 after 1 and after 5 steps.
 STEP_WEIGHTS = os.path.join(ROOT, "tests", "scripts", "step_weights.py")
 FLOAT64_FLAGS = ["--model=resnet18", "--width=0.125", "--epochs=1", "--batch_size=128",
-                 "--lr=0.1", "--warmup_epochs=0", "--ema_decays=0.5", "--seed=7",
+                 "--lr=0.1", "--warmup_epochs=0", "--ema_decays=0.5", "--ema_period=1", "--seed=7",
                  "--val_fraction=0"]
 
 

@@ -427,7 +427,7 @@ def test_exported_keras_file_loads_and_predicts_without_zoo(tmp_path):
     ema = zoo.models.get_model("resnet18", 3, (8, 8, 3), width=0.0625)
     ema.compile(keras.optimizers.SGD(WarmupCosine(0.1, 10, 2)),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    averager = types.SimpleNamespace(ema_model=lambda decay: ema)
+    averager = types.SimpleNamespace(ema_model=lambda decay: ema, num_updates=1)
     mean, std = np.array([0.4, 0.5, 0.6]), np.array([0.2, 0.25, 0.3])
     data = types.SimpleNamespace(x_train=x_train, mean=mean, std=std,
                                  image_shape=(8, 8, 3))

@@ -95,3 +95,15 @@ def print_msg(message: str):
         from absl import logging
 
         logging.info(message)
+
+
+def sync_training_state(callback):
+    """Puts `fit`'s training state back into the model's variables (JAX).
+
+    During a JAX epoch `fit` holds the variables' values in arrays of its
+    own; reading a callback's `model` makes Keras 3.15.1 call the model's
+    `jax_state_sync()` first (`keras/src/callbacks/callback.py`,
+    `Callback.model`), so that the variables hold the current weights. On
+    the other backends this reads `model` and nothing else. Returns the model.
+    """
+    return callback.model

@@ -1,6 +1,5 @@
 """EMACheckpoint: saves an EMA's weights when its validation metric improves."""
 
-import math
 import os
 import warnings
 
@@ -9,6 +8,7 @@ import keras
 from keras_ema import _checks
 from keras_ema import _keras_private
 from keras_ema._files import atomic_path
+from keras_ema.best import BestTracker
 
 
 class EMACheckpoint(keras.callbacks.Callback):
@@ -99,20 +99,13 @@ class EMACheckpoint(keras.callbacks.Callback):
                 "metric name, e.g. 'val_accuracy' or 'val_loss' (the decay "
                 f"goes in `decay`). Received: monitor={monitor!r}"
             )
-        if mode not in ("auto", "min", "max"):
-            raise ValueError(
-                "Invalid value for argument `mode`: expected 'auto', 'min' or "
-                f"'max'. Received: mode={mode!r}"
-            )
         self.ema = ema
         self.filepath = os.fspath(filepath)
         self.decay = float(decay)
         self.monitor = monitor if monitor.startswith("val_") else f"val_{monitor}"
         self.mode = mode
         self.verbose = verbose
-        self.best = None
-        self.best_epoch = None
-        self._sign = None
+        self._tracker = BestTracker(self.monitor, mode)
         self._missing_warned = False
 
     @property
@@ -120,23 +113,15 @@ class EMACheckpoint(keras.callbacks.Callback):
         """The logs key watched: `ema_<decay>_<monitor>`."""
         return f"ema_{self.decay}_{self.monitor}"
 
-    def _direction(self):
-        """+1 to maximize the metric, -1 to minimize it."""
-        if self.mode != "auto":
-            return 1.0 if self.mode == "max" else -1.0
-        name = self.monitor.removeprefix("val_")
-        if name == "loss" or name.endswith("_loss"):
-            return -1.0
-        for metric in _compiled_metrics(self.model):
-            direction = getattr(metric, "_direction", None)
-            if metric.name == name and direction in ("up", "down"):
-                return 1.0 if direction == "up" else -1.0
-        if "acc" in name:
-            return 1.0
-        raise ValueError(
-            f"EMACheckpoint cannot tell whether {self.monitor} should be "
-            "maximized or minimized; pass mode='max' or mode='min'."
-        )
+    @property
+    def best(self) -> float | None:
+        """The best value of `key` so far (`None` before the first)."""
+        return self._tracker.value
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The epoch of `best`, counted from 0."""
+        return self._tracker.epoch
 
     def on_train_begin(self, logs=None):
         if self.ema.validation_data is None:
@@ -145,7 +130,7 @@ class EMACheckpoint(keras.callbacks.Callback):
                 f"without it no {self.key} is logged. Received a "
                 f"{type(self.ema).__name__} with validation_data=None."
             )
-        self._sign = self._direction()
+        self._tracker.resolve(self.model, type(self).__name__)
         self._missing_warned = False
 
     def on_epoch_end(self, epoch, logs=None):
@@ -162,9 +147,7 @@ class EMACheckpoint(keras.callbacks.Callback):
                 )
             return
         value = float(value)
-        if not math.isfinite(value):
-            return
-        if self.best is not None and self._sign * value <= self._sign * self.best:
+        if not self._tracker.improves(value):
             return
         self._save()
         if self.verbose:
@@ -174,8 +157,7 @@ class EMACheckpoint(keras.callbacks.Callback):
                 f"improved{previous} to {value:.5f}; saved the EMA to "
                 f"{self.filepath}"
             )
-        self.best = value
-        self.best_epoch = int(epoch)
+        self._tracker.update(value, epoch)
 
     def _save(self):
         directory = os.path.dirname(self.filepath)
@@ -187,15 +169,3 @@ class EMACheckpoint(keras.callbacks.Callback):
         model = self.ema.ema_model(self.decay)
         with atomic_path(self.filepath) as tmp:
             model.save(tmp)
-
-
-def _compiled_metrics(model):
-    """The metric objects `model` was compiled with (Keras 3 containers opened)."""
-    out = []
-    for metric in getattr(model, "metrics", None) or []:
-        inner = getattr(metric, "metrics", None)
-        if isinstance(inner, (list, tuple)):
-            out.extend(inner)
-        else:
-            out.append(metric)
-    return out

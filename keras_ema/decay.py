@@ -67,3 +67,21 @@ def check_decay(decay) -> float:
             f"between 0 and 1. Received: decay={decay!r}"
         )
     return d
+
+
+def schedule_summary(name: str, decays, period: int, warmup: bool) -> str:
+    """A table: per-step decay and warm-up end of every EMA of `name`."""
+    n = len(decays)
+    lines = [
+        f"{name}: "
+        + (f"1 EMA (decay {decays[0]})" if n == 1 else f"{n} EMAs")
+        + ", one update every "
+        + ("optimizer step" if period == 1 else f"{period} optimizer steps")
+        + (", warm-up min(a, (t+1)/(t+10))" if warmup else "")
+    ]
+    for d in decays:
+        line = f"  decay {d}: per-step equivalent {d ** (1.0 / period):.6f}"
+        if warmup:
+            line += f", warm-up ends at step {warmup_end_step(d)}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -34,6 +34,7 @@ import os
 
 import keras
 
+from keras_ema.best import BestTracker
 from zoo.run import run_dir
 from zoo.run.config import Config
 from zoo.run.config import ConfigError
@@ -235,16 +236,16 @@ class ChosenWeights(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if self._best_accuracy is None:
             rows = run_dir.read_csv(self._path("history.csv"))
-            seen = [r["val_accuracy"] for r in rows
-                    if int(r["epoch"]) < epoch and "val_accuracy" in r]
-            self._best_accuracy = max(seen, default=-float("inf"))
+            self._best_accuracy = BestTracker("val_accuracy", "max")
+            for r in rows:
+                if int(r["epoch"]) < epoch and "val_accuracy" in r:
+                    self._best_accuracy.update(r["val_accuracy"], int(r["epoch"]))
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         if self.split == "validation":
             accuracy = logs.get("val_accuracy")
-            if accuracy is not None and float(accuracy) > self._best_accuracy:
-                self._best_accuracy = float(accuracy)
+            if accuracy is not None and self._best_accuracy.update(accuracy, epoch):
                 self._save_sgd("sgd_best_accuracy.weights.h5")
         elif self.split == "tuning_run":
             record = self.tuned["sgd"].get("best_accuracy")

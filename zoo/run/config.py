@@ -12,6 +12,8 @@ import dataclasses
 import math
 import numbers
 
+from zoo.run.errors import DamagedFileError
+
 # The paper's weight decay per architecture (App. F), `--weight_decay=paper`.
 DEFAULT_WEIGHT_DECAY = {"resnet": 1e-4, "wrn": 5e-4, "vgg": 5e-4}
 PAPER = "paper"
@@ -195,85 +197,97 @@ class Config:
         return config
 
     def validate(self):
-        """Raises ConfigError naming the first bad flag."""
+        """Raises ConfigError naming the first bad flag.
 
-        def fail(flag, value, what):
-            raise ConfigError(f"--{flag}={value}: {what}")
+        In this order: each field alone (its type, choices and bounds), the
+        rules that span the data and decay fields, those of the Keras
+        backend, those of the averaging method.
+        """
+        self._check_fields()
+        self._check_rules()
+        self._check_backend()
+        self._check_averaging()
 
+    def _check_fields(self):
         from keras_ema._checks import is_int
         from keras_ema._checks import is_real
 
         if not self.output_dir:
-            fail("output_dir", "", "required; give the run directory to write")
+            _fail("output_dir", "", "required; give the run directory to write")
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             kind = type(field.default)
             if kind is int and not is_int(value):
-                fail(field.name, repr(value),
-                     f"must be an integer, not {type(value).__name__}")
+                _fail(field.name, repr(value),
+                      f"must be an integer, not {type(value).__name__}")
             if kind is float and not is_real(value):
-                fail(field.name, repr(value),
-                     f"must be a number, not {type(value).__name__}")
+                _fail(field.name, repr(value),
+                      f"must be a number, not {type(value).__name__}")
             if isinstance(value, float) and not math.isfinite(value):
-                fail(field.name, value, "must be a finite number")
+                _fail(field.name, value, "must be a finite number")
             if isinstance(value, tuple):
                 for v in value:
                     if not math.isfinite(v):
-                        fail(field.name, ",".join(map(str, value)),
-                             f"{v} is not a finite number")
+                        _fail(field.name, ",".join(map(str, value)),
+                              f"{v} is not a finite number")
             problem = _check_field(field, value)
             if problem:
-                fail(field.name, value, problem)
-        # The rules that span several fields, and the backend.
+                _fail(field.name, value, problem)
+
+    def _check_rules(self):
         if self.image_size and not (self.dataset.startswith("folder:")
                                     or self.dataset.lower() == "tiny_imagenet"):
-            fail("image_size", self.image_size, "resizes folder: and tiny_imagenet "
-                 "images only; leave it 0 for this dataset")
+            _fail("image_size", self.image_size, "resizes folder: and tiny_imagenet "
+                  "images only; leave it 0 for this dataset")
         from zoo.data import reads_data_dir
 
         if self.data_dir and not reads_data_dir(self.dataset):
-            fail("data_dir", self.data_dir, f"--dataset={self.dataset} reads no "
-                 "data directory (only the TFDS datasets and tiny_imagenet do); "
-                 "leave it empty")
+            _fail("data_dir", self.data_dir, f"--dataset={self.dataset} reads no "
+                  "data directory (only the TFDS datasets and tiny_imagenet do); "
+                  "leave it empty")
         if not 0 <= self.warmup_epochs < self.epochs:
-            fail("warmup_epochs", self.warmup_epochs,
-                 f"must be in [0, --epochs={self.epochs})")
+            _fail("warmup_epochs", self.warmup_epochs,
+                  f"must be in [0, --epochs={self.epochs})")
         if not self.ema_decays:
-            fail("ema_decays", "", "give at least one decay, e.g. 0.998")
+            _fail("ema_decays", "", "give at least one decay, e.g. 0.998")
         for d in self.ema_decays:
             if not 0 < d < 1:
-                fail("ema_decays", ",".join(map(str, self.ema_decays)),
-                     f"decay {d} is outside (0, 1)")
+                _fail("ema_decays", ",".join(map(str, self.ema_decays)),
+                      f"decay {d} is outside (0, 1)")
         if len(set(self.ema_decays)) != len(self.ema_decays):
-            fail("ema_decays", ",".join(map(str, self.ema_decays)),
-                 "decays must be distinct")
+            _fail("ema_decays", ",".join(map(str, self.ema_decays)),
+                  "decays must be distinct")
         close = _closest_decays(self.ema_decays)
         if close:
-            fail("ema_decays", ",".join(map(str, self.ema_decays)),
-                 f"decays {close[0]} and {close[1]} differ by less than "
-                 f"{DECAY_RESOLUTION:g}, the precision decays are printed with: "
-                 "they are one EMA; give decays that differ in their first 6 "
-                 "decimals")
+            _fail("ema_decays", ",".join(map(str, self.ema_decays)),
+                  f"decays {close[0]} and {close[1]} differ by less than "
+                  f"{DECAY_RESOLUTION:g}, the precision decays are printed with: "
+                  "they are one EMA; give decays that differ in their first 6 "
+                  "decimals")
+
+    def _check_backend(self):
         import keras
 
         backend = keras.backend.backend()
         if self.distribution in ("mirrored", "multiworker") and backend != "tensorflow":
-            fail("distribution", self.distribution,
-                 f"needs KERAS_BACKEND=tensorflow (the backend is {backend}); "
-                 "use data_parallel on JAX")
+            _fail("distribution", self.distribution,
+                  f"needs KERAS_BACKEND=tensorflow (the backend is {backend}); "
+                  "use data_parallel on JAX")
         if self.distribution == "data_parallel" and backend != "jax":
-            fail("distribution", self.distribution,
-                 f"needs KERAS_BACKEND=jax (the backend is {backend}); use "
-                 "mirrored or multiworker on TensorFlow")
+            _fail("distribution", self.distribution,
+                  f"needs KERAS_BACKEND=jax (the backend is {backend}); use "
+                  "mirrored or multiworker on TensorFlow")
+
+    def _check_averaging(self):
         if self.snapshot_every and self.averaging != "ema":
-            fail("snapshot_every", self.snapshot_every,
-                 f"post-hoc snapshots need --averaging=ema (not {self.averaging})")
+            _fail("snapshot_every", self.snapshot_every,
+                  f"post-hoc snapshots need --averaging=ema (not {self.averaging})")
         if self.averaging != "ema" and len(self.ema_decays) != 1:
-            fail("ema_decays", ",".join(map(str, self.ema_decays)),
-                 f"--averaging={self.averaging} keeps one EMA; give one decay")
+            _fail("ema_decays", ",".join(map(str, self.ema_decays)),
+                  f"--averaging={self.averaging} keeps one EMA; give one decay")
         if self.export_decay not in self.ema_decays:
-            fail("export_decay", self.export_decay,
-                 f"not one of --ema_decays={','.join(map(str, self.ema_decays))}")
+            _fail("export_decay", self.export_decay,
+                  f"not one of --ema_decays={','.join(map(str, self.ema_decays))}")
 
     @classmethod
     def from_flags(cls, flags: dict) -> "Config":
@@ -315,6 +329,11 @@ class Config:
                 value = repr(value)
             lines.append(f"--{field.name}={value}")
         return "\n".join(lines) + "\n"
+
+
+def _fail(flag, value, what):
+    """Raises the `ConfigError` of `--flag=value`: `what` is wrong with it."""
+    raise ConfigError(f"--{flag}={value}: {what}")
 
 
 def _closest_decays(decays) -> tuple:
@@ -421,14 +440,12 @@ def read_flags(path: str) -> dict:
     """The `--name=value` lines of a flag file as a dict of strings.
 
     Raises:
-        zoo.run.run_dir.DamagedFileError: the file is not text.
+        zoo.run.errors.DamagedFileError: the file is not text.
     """
     try:
         with open(path, encoding="utf-8") as f:
             return read_flags_text(f.read())
     except UnicodeDecodeError as error:
-        from zoo.run.run_dir import DamagedFileError
-
         raise DamagedFileError(
             path, f"not text: {error}",
             "restore it, or rerun with --output_dir=NEW to train again") from None

@@ -8,7 +8,6 @@ a rerun of the same command resumes.
 
 import contextlib
 import dataclasses
-import math
 import os
 import shutil
 import sys
@@ -34,7 +33,11 @@ from zoo.run.backup import AtomicBackupAndRestore
 from zoo.run.config import DEFAULT_CONNECT_TIMEOUT
 from zoo.run.config import Config
 from zoo.run.config import ConfigError
-from zoo.run.config import read_flags
+from zoo.run.divergence import Diverged
+from zoo.run.divergence import StopOnNonFiniteLoss
+from zoo.run.divergence import TrainingDiverged
+from zoo.run.divergence import diverged_message
+from zoo.run.divergence import finish_diverged
 from zoo.run.log import RunLogger
 from zoo.run.log import format_summary
 from zoo.run.log import summarize
@@ -43,18 +46,6 @@ from zoo.selection import ChosenWeights
 from zoo.selection import run_choices
 from zoo.selection import save_choices
 from zoo.selection import selection_split
-
-
-class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite; the run stopped there.
-
-    `summary` is the run's `summary.json`, whose `"diverged"` entry holds the
-    epoch and optimizer step. Nothing was exported.
-    """
-
-    def __init__(self, message, summary):
-        super().__init__(message)
-        self.summary = summary
 
 
 class ExportError(RuntimeError):
@@ -100,48 +91,10 @@ def _finished_run(run, clean_up=True):
         shutil.rmtree(os.path.join(run, "backup"), ignore_errors=True)
     summary = run_dir.read_json(os.path.join(run, "summary.json"))
     if summary.get("diverged"):
-        raise TrainingDiverged(_diverged_message(run, summary), summary)
+        raise TrainingDiverged(diverged_message(run, summary), summary)
     print_msg(f"{run} holds a completed run; nothing to do. Its summary: "
               f"{os.path.join(run, 'summary.json')}")
     return summary
-
-
-def _diverged_message(run, summary):
-    where = summary["diverged"]
-    flags = read_flags(os.path.join(run, "flags.cfg"))
-    return (
-        f"the run in {run} diverged at epoch {where['epoch']} (optimizer step "
-        f"{where['step']}): the training loss became NaN or infinite, so "
-        "nothing was exported; train again in a new --output_dir with a lower "
-        f"--lr (this run has --lr={flags.get('lr')})."
-    )
-
-
-class _Diverged(Exception):
-    """Raised by `_StopOnNonFiniteLoss` out of `model.fit`."""
-
-    def __init__(self, epoch, step):
-        super().__init__(f"non-finite loss at epoch {epoch}, step {step}")
-        self.epoch = epoch
-        self.step = step
-
-
-class _StopOnNonFiniteLoss(keras.callbacks.Callback):
-    """Stops `fit` at the first batch whose training loss is not finite.
-
-    Unlike `keras.callbacks.TerminateOnNaN` it ends fit at once, before any
-    epoch end, so no row, best weights or backup of the diverged epoch is
-    written.
-    """
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-            raise _Diverged(self.epoch, step)
 
 
 def _jit_compile():
@@ -211,32 +164,36 @@ def train(config: Config, verbose: int | None = None, callbacks: tuple = (),
 
 
 def _train_in(config, verbose, callbacks, process):
-    """`train` in `config.output_dir`, which this process owns."""
+    """`train` in `config.output_dir`, which this process owns.
+
+    Nothing is written before the data is loaded and checked: an existing
+    run directory is locked first, a new one is created and locked after
+    (see `zoo.run.run_dir.locked`).
+    """
     run = config.output_dir
-    # Before anything is loaded: a read-only or damaged run directory stops
-    # here with one line (damaged backups are handled by the backup callback).
-    run_dir.check_resumable(run)
-    locks = []  # the run directory's lock, once taken; held to the end
-    try:
-        state = run_dir.run_state(config)
-        if state == "done" and not os.access(run, os.W_OK):
-            return _finished_run(run, clean_up=False)  # read-only: report it
-        if os.path.isdir(run):
-            locks.append(run_dir.lock_run_dir(run))
-            # Again under the lock: another process may have written meanwhile.
-            state = run_dir.run_state(config)
-        if state == "done":
-            return _finished_run(run)
-        return _start(config, state, verbose, callbacks, locks, process)
-    finally:
-        for lock in locks:
-            lock.release()
+    with run_dir.locked(config) as lease:
+        if lease.state != "done":
+            tuned, strategy, data = _prepare(config, lease.state, process)
+            lease.hold()  # a new directory: created and locked before any write
+        if lease.state == "done":
+            # Unlocked (read-only) it is only reported, nothing cleaned up.
+            return _finished_run(run, clean_up=lease.held)
+        _write_start(config, lease.state, tuned, data)
+        _make_deterministic(config.seed)
+        with _global_settings(config, process), run_dir.disk_errors():
+            # A full disk: one line naming the file.
+            return _fit(config, data, run, verbose, list(callbacks), strategy,
+                        process)
 
 
-def _start(config, state, verbose, callbacks, locks, process):
-    """Loads the data, then trains holding the run directory's lock."""
-    run = config.output_dir
-    tuned = run_choices(config, run)  # before anything is written
+def _prepare(config, state, process):
+    """Reads the choices, makes the strategy and loads the data; writes nothing.
+
+    Returns:
+        `(tuned, strategy, data)`: `run_choices`, the distribution strategy
+        (or `None`) and the `zoo.data.Dataset`.
+    """
+    tuned = run_choices(config, config.output_dir)  # before anything is written
     # MultiWorkerMirroredStrategy must be made before TensorFlow starts work.
     strategy = processes.make_strategy(config.distribution, process)
     if config.distribution == "multiworker":
@@ -253,14 +210,13 @@ def _start(config, state, verbose, callbacks, locks, process):
     print_msg(data.summary())
     _check_period(config, data)
     if state == "resume":
-        _check_same_data(run, data.fingerprint())
+        _check_same_data(config.output_dir, data.fingerprint())
+    return tuned, strategy, data
 
-    if not locks:  # a new directory: created now, locked before any write
-        os.makedirs(run, exist_ok=True)
-        locks.append(run_dir.lock_run_dir(run))
-        state = run_dir.run_state(config)
-        if state == "done":
-            return _finished_run(run)
+
+def _write_start(config, state, tuned, data):
+    """The files a run writes when it starts, holding the lock."""
+    run = config.output_dir
     run_dir.remove_stale_temp_files(run)
     if state == "new":
         run_dir.write_text(os.path.join(run, "flags.cfg"), config.to_flags())
@@ -273,7 +229,10 @@ def _start(config, state, verbose, callbacks, locks, process):
             with open(tmp, "wb") as f:
                 np.save(f, data.noise_mask)
 
-    _make_deterministic(config.seed)
+
+@contextlib.contextmanager
+def _global_settings(config, process):
+    """Sets Keras' dtype policy and distribution for the run; restores them on exit."""
     previous_policy = keras.mixed_precision.global_policy()
     previous_distribution = keras.distribution.distribution()
     if config.mixed_precision:
@@ -284,9 +243,7 @@ def _start(config, state, verbose, callbacks, locks, process):
         keras.distribution.set_distribution(keras.distribution.DataParallel(
             auto_shard_dataset=process.count == 1))
     try:
-        with run_dir.disk_errors():  # a full disk: one line naming the file
-            return _fit(config, data, run, verbose, list(callbacks), strategy,
-                        process)
+        yield
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
         keras.distribution.set_distribution(previous_distribution)
@@ -326,11 +283,34 @@ def _check_period(config, data):
 
 def _fit(config, data, run, verbose, extra_callbacks, strategy=None,
          process=processes.Process()):
+    """Builds the model, trains it with the run's callbacks, writes the results."""
     _banner("Model")
-    def scope():
-        return strategy.scope() if strategy is not None else contextlib.nullcontext()
+    model = _build_model(config, data, strategy, process)
+    train_loader, validation = _loaders(config, data, process)
+    _compile(model, config, len(train_loader), strategy)
+    fit = _callbacks(config, data, run, train_loader, validation, extra_callbacks)
+    _banner("Training")
+    try:
+        model.fit(
+            train_loader,
+            epochs=config.epochs,
+            validation_data=validation,
+            shuffle=False,
+            verbose=verbose,
+            callbacks=fit.callbacks,
+        )
+    except Diverged as diverged:
+        raise finish_diverged(run, fit.logger.rows, fit.summary_of, diverged,
+                              _curves_title(config))
+    return _results(config, data, run, model, fit)
 
-    with scope():
+
+def _scope(strategy):
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+def _build_model(config, data, strategy, process):
+    with _scope(strategy):
         model = get_model(
             config.model,
             num_classes=data.num_classes,
@@ -341,6 +321,11 @@ def _fit(config, data, run, verbose, extra_callbacks, strategy=None,
         )
     if process.count > 1 and strategy is not None:
         processes.build_from_local_batch(model, strategy)
+    return model
+
+
+def _loaders(config, data, process):
+    """The training loader and the validation one (on test without a split)."""
     # On JAX each process feeds its share of every global batch.
     shard = dict(shard=(process.index, process.count)) if (
         config.distribution == "data_parallel" and process.count > 1) else {}
@@ -354,11 +339,14 @@ def _fit(config, data, run, verbose, extra_callbacks, strategy=None,
     else:
         validation = ArrayLoader(data.x_test, data.y_test, 2 * config.batch_size,
                                  data.mean, data.std, **shard)
-    steps_per_epoch = len(train_loader)
+    return train_loader, validation
+
+
+def _compile(model, config, steps_per_epoch, strategy):
     total_steps = config.epochs * steps_per_epoch
     schedule = WarmupCosine(config.lr, total_steps,
                             config.warmup_epochs * steps_per_epoch)
-    with scope():
+    with _scope(strategy):
         model.compile(
             optimizer=PyTorchSGD(
                 learning_rate=schedule, momentum=config.momentum,
@@ -375,6 +363,39 @@ def _fit(config, data, run, verbose, extra_callbacks, strategy=None,
         f"{config.weight_decay:g}, averaging {config.averaging}"
     )
 
+
+@dataclasses.dataclass
+class _RunCallbacks:
+    """What `_callbacks` makes: `fit`'s list and the parts the results read."""
+
+    callbacks: list
+    averager: keras.callbacks.Callback
+    logger: RunLogger
+    summary_of: object  # (rows, completed) -> the summary.json dict
+
+
+def _callbacks(config, data, run, train_loader, validation, extra_callbacks):
+    """The callbacks of the run's `fit`, in the order they must run.
+
+    Keras calls the callbacks of each event in list order:
+
+    1. `StopOnNonFiniteLoss`: a non-finite loss ends `fit` at that batch,
+       before any other callback writes something of the diverged epoch.
+    2. `EpochSetter`: the loader's epoch, so a resumed run sees the same
+       batches.
+    3. `ChosenWeights` before the averager: at the epoch end the model still
+       holds the weights that `fit`'s `val_*` logs describe (SwitchEMA
+       copies the EMA into it in the averager's epoch end).
+    4. The averager (`MultiEMA`, `SwitchEMA` or `Belay`): adds the
+       `ema_<decay>_val_*` logs and writes its state to `backup/`; it
+       restores that state at the first epoch begin, after the backup's
+       train begin restored the model and optimizer step.
+    5. `RunLogger` after the averager: its rows hold the EMA logs.
+    6. `AtomicBackupAndRestore` last: an epoch's backup names it only once
+       the EMA state (`ema_state=True`: an epoch restores only with it) and
+       `history.csv` of that epoch are on disk.
+    7. `extra_callbacks`: see every log.
+    """
     if config.snapshot_every and not state_file.backup_steps(os.path.join(run, "backup")):
         # The EMAs start afresh (a new run, or one killed before its first
         # backup): snapshots left by an earlier attempt belong to EMAs that
@@ -383,8 +404,23 @@ def _fit(config, data, run, verbose, extra_callbacks, strategy=None,
     averager = _averaging_callback(config, validation, run)
     tuned = run_choices(config, run)  # the run's own copy
     chosen = ChosenWeights(run, averager, config.epochs, selection_split(config), tuned)
-    previous = run_dir.read_json(os.path.join(run, "summary.json")) if os.path.exists(
-        os.path.join(run, "summary.json")) else {}
+    summary_of = _summarizer(config, data, run, averager, tuned)
+    logger = RunLogger(run, summary_of)
+    backup = AtomicBackupAndRestore(os.path.join(run, "backup"),
+                                    delete_checkpoint=False, ema_state=True,
+                                    history_path=os.path.join(run, "history.csv"))
+    callbacks = [StopOnNonFiniteLoss(), EpochSetter(train_loader), chosen,
+                 averager, logger, backup] + extra_callbacks
+    return _RunCallbacks(callbacks, averager, logger, summary_of)
+
+
+def _summarizer(config, data, run, averager, tuned):
+    """`summary_of(rows, completed)`: the run's summary.json; its clock starts now.
+
+    `train_seconds` adds this attempt's time to that of the attempts before.
+    """
+    summary_path = os.path.join(run, "summary.json")
+    previous = run_dir.read_json(summary_path) if os.path.exists(summary_path) else {}
     seconds_before = previous.get("train_seconds", 0.0)
     fingerprint = data.fingerprint()
     start = time.perf_counter()
@@ -394,26 +430,14 @@ def _fit(config, data, run, verbose, extra_callbacks, strategy=None,
                          seconds_before + time.perf_counter() - start, tuned,
                          fingerprint)
 
-    logger = RunLogger(run, summary_of)
-    backup = AtomicBackupAndRestore(os.path.join(run, "backup"),
-                                    delete_checkpoint=False, ema_state=True,
-                                    history_path=os.path.join(run, "history.csv"))
-    _banner("Training")
-    try:
-        model.fit(
-            train_loader,
-            epochs=config.epochs,
-            validation_data=validation,
-            shuffle=False,
-            verbose=verbose,
-            callbacks=[_StopOnNonFiniteLoss(), EpochSetter(train_loader),
-                       chosen, averager, logger, backup] + extra_callbacks,
-        )
-    except _Diverged as diverged:
-        return _finish_diverged(config, run, logger, summary_of, diverged)
+    return summary_of
 
+
+def _results(config, data, run, model, fit):
+    """The results phase: checks the named files, writes curves, export, summary."""
     _banner("Results")
-    rows = logger.rows
+    averager, summary_of = fit.averager, fit.summary_of
+    rows = fit.logger.rows
     if rows is None:
         # Every epoch was done before: a kill cut the results phase. Redo it
         # from disk: `fit` loaded the last backup into the model, the history
@@ -492,31 +516,8 @@ def _curves_title(config):
     return f"{config.model} x{config.width:g} on {config.dataset}{noise}"
 
 
-def _finish_diverged(config, run, logger, summary_of, diverged):
-    """Records a diverged run as finished, exports nothing, raises."""
-    rows = logger.rows
-    if rows is None:
-        rows = run_dir.read_csv(os.path.join(run, "history.csv"))
-    rows = [r for r in rows if int(r["epoch"]) < diverged.epoch]
-    run_dir.write_csv(os.path.join(run, "history.csv"), rows)
-    if rows:
-        plot_curves(rows, os.path.join(run, "curves.png"),
-                    title=_curves_title(config) + " (diverged)")
-    summary = summary_of(rows, True)
-    summary["diverged"] = {"epoch": diverged.epoch, "step": diverged.step}
-    run_dir.write_json(os.path.join(run, "summary.json"), summary)
-    shutil.rmtree(os.path.join(run, "backup"), ignore_errors=True)
-    raise TrainingDiverged(_diverged_message(run, summary), summary)
-
-
-def _export(config, averager, data, run):
-    """Exports the chosen EMA, its BN recomputed, taking images in 0..255.
-
-    `model.keras` loads with `keras.saving.load_model` alone: no zoo class.
-    """
-    from keras_ema.export import export_model
-    from zoo.trained_model import recompute_bn
-
+def _ema_to_export(config, averager, run):
+    """The EMA model to export, its weights checked; raises `ExportError`."""
     decay = config.export_decay
     if not averager.num_updates:
         raise ExportError(
@@ -545,6 +546,19 @@ def _export(config, averager, data, run):
             f"(e.g. {bad[0]}); nothing was exported. Train again with a lower "
             "--lr in a new --output_dir."
         )
+    return model
+
+
+def _export(config, averager, data, run):
+    """Exports the chosen EMA, its BN recomputed, taking images in 0..255.
+
+    `model.keras` loads with `keras.saving.load_model` alone: no zoo class.
+    """
+    from keras_ema.export import export_model
+    from zoo.trained_model import recompute_bn
+
+    decay = config.export_decay
+    model = _ema_to_export(config, averager, run)
     recompute_bn(model, config, data)
     # A plain functional model over the same layers: the .keras file then
     # holds only Keras' own classes and no compile config (the optimizer's

@@ -13,7 +13,7 @@ A run directory holds:
 - `noise_mask.npy` with label noise; `selection.json` with `--selection_from`
   (the tuning run's choices, copied at the start); `curves.png`; `backup/` while training;
   `export/` with `--export`.
-- `.lock`: locked by the process that trains the run (see `lock_run_dir`).
+- `.lock`: locked by the process that trains the run (see `locked`).
 
 Every file is written to a temporary name in the same directory,
 `.NAME.tmpPID.EXT`, and renamed (`os.replace` is atomic on POSIX), so a reader
@@ -40,39 +40,20 @@ from zoo.run.config import RESUMABLE_CHANGES
 from zoo.run.config import Config
 from zoo.run.config import read_flags
 from zoo.run.config import read_flags_text
+from zoo.run.errors import DamagedFileError
+from zoo.run.errors import DiskFullError
+from zoo.run.errors import RunDirError
+from zoo.run.errors import RunInUseError
+from zoo.run.lock import LOCK_FILE
+from zoo.run.lock import RunLock
+from zoo.run.lock import lock_run_dir
 from zoo.run.summary_schema import summary_problem
 
 LAYOUT_VERSION = 1
 REQUIRED_FILES = ("flags.cfg", "history.csv", "summary.json", "sgd_last.weights.h5")
-LOCK_FILE = ".lock"
 # Temporary names: `atomic_path`'s `.<stem>.tmp<pid>.<ext>`, and `<name>.tmp.*`
 # or `<name>.tmp<pid>.*` of writers that rename their own files.
 _TEMP_NAME = re.compile(r"\.tmp(\d*)(\.|$)")
-
-
-class RunDirError(ValueError):
-    """A run directory is missing, incomplete or of another layout."""
-
-
-class DamagedFileError(RunDirError):
-    """A file of a run directory does not read back; the message says what to do."""
-
-    def __init__(self, path, reason, remedy=""):
-        self.path = path
-        self.reason = " ".join(str(reason).split())
-        message = f"{path} is damaged ({self.reason})"
-        super().__init__(message + (f"; {remedy}" if remedy else "."))
-
-
-class DiskFullError(RunDirError):
-    """The disk filled up while a run file was written (its temporary file removed)."""
-
-    def __init__(self, path):
-        self.path = path
-        super().__init__(
-            f"No space left on device while writing {path}; free some space "
-            "and rerun the same command."
-        )
 
 
 # `.NAME.tmpPID.EXT`: the temporary file of a writer with process id PID.
@@ -285,26 +266,30 @@ def read_history(path: str, epochs: int | None = None, remedy: str = "") -> list
     wanted = len(body) if epochs is None else epochs
     if len(body) < wanted:
         raise damaged(f"{len(body)} rows, the resumed run needs {wanted}")
-    rows = []
-    for i, cells in enumerate(body[:wanted]):
-        if i == len(body) - 1 and not complete:
-            raise damaged(f"the row of epoch {i} is cut short (no line end)")
-        if len(cells) != len(header):
-            raise damaged(f"the row of epoch {i} has {len(cells)} cells, the "
-                          f"header {len(header)}")
-        row = {}
-        for column, cell in zip(header, cells):
-            try:
-                row[column] = float(cell)
-            except ValueError:
-                raise damaged(f"the row of epoch {i} has {column}={cell!r}, "
-                              "not a number") from None
-        if row["epoch"] != i:
-            raise damaged(f"row {i + 1} has epoch {row['epoch']:g}, "
-                          f"expected {i}")
-        row["epoch"] = i
-        rows.append(row)
-    return rows
+    cut_short = len(body) - 1 if not complete else None
+    return [_history_row(header, cells, i, i == cut_short, damaged)
+            for i, cells in enumerate(body[:wanted])]
+
+
+def _history_row(header, cells, i, cut_short, damaged):
+    """Row `i` of a history as a dict of floats; raises `damaged(reason)` if bad."""
+    if cut_short:
+        raise damaged(f"the row of epoch {i} is cut short (no line end)")
+    if len(cells) != len(header):
+        raise damaged(f"the row of epoch {i} has {len(cells)} cells, the "
+                      f"header {len(header)}")
+    row = {}
+    for column, cell in zip(header, cells):
+        try:
+            row[column] = float(cell)
+        except ValueError:
+            raise damaged(f"the row of epoch {i} has {column}={cell!r}, "
+                          "not a number") from None
+    if row["epoch"] != i:
+        raise damaged(f"row {i + 1} has epoch {row['epoch']:g}, "
+                      f"expected {i}")
+    row["epoch"] = i
+    return row
 
 
 def run_state(config: Config) -> str:
@@ -375,71 +360,75 @@ def check_output_dir(path: str):
         )
 
 
-class RunInUseError(RunDirError):
-    """Another live process trains in the run directory."""
+class LockedRun:
+    """The run directory of a `Config` while `locked` holds it.
 
-
-class RunLock:
-    """An exclusive lock on a run directory, held until `release` or exit.
-
-    `fcntl.flock` on `RUN/.lock`: the operating system drops it when the
-    process ends, however it ends, so a killed run never leaves a stale
-    lock. The file holds the pid of the holder. On systems without `fcntl`
-    no lock is taken.
+    Attributes:
+        run: str. The directory, `config.output_dir`.
+        state: str. `"new"`, `"resume"` or `"done"` (see `run_state`); read
+            again under the lock once the lock is taken.
+        held: bool. Whether this process holds the directory's lock.
     """
 
-    def __init__(self, run):
-        self.path = os.path.join(run, LOCK_FILE)
-        self._fd = None
+    def __init__(self, config: Config, state: str):
+        self.config = config
+        self.run = config.output_dir
+        self.state = state
+        self._lock = None
 
-    def acquire(self):
-        """Takes the lock; raises RunInUseError naming the holder's pid."""
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock
-            return self
-        run = os.path.dirname(self.path)
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as error:
-            raise RunDirError(
-                f"--output_dir={run} cannot be written ({error.strerror}); "
-                "make it writable or choose another --output_dir."
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise RunInUseError(
-                f"--output_dir={run} is in use by process {holder}; wait for "
-                "it to finish or choose another --output_dir."
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
+    @property
+    def held(self) -> bool:
+        return self._lock is not None
+
+    def hold(self) -> "LockedRun":
+        """Takes the lock (creating the directory) and reads the state under it.
+
+        Another process may have trained in the directory since the state
+        was first read. A no-op once the lock is held.
+
+        Raises:
+            RunInUseError: another process holds the lock.
+        """
+        if self._lock is None:
+            os.makedirs(self.run, exist_ok=True)
+            self._lock = lock_run_dir(self.run)
+            self.state = run_state(self.config)
         return self
 
     def release(self):
-        """Drops the lock (the file stays: removing it would race)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc_info):
-        self.release()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
-def lock_run_dir(run: str) -> RunLock:
-    """Locks the existing directory `run` for this process; see `RunLock`.
+@contextlib.contextmanager
+def locked(config: Config):
+    """Holds the lock of `config.output_dir` for the run; yields a `LockedRun`.
+
+    Before the lock, `check_resumable` and `run_state` refuse a read-only or
+    damaged run, a directory of files of no run, and a run with other flags
+    (writing nothing, but for an unfinished run's damaged `summary.json`,
+    removed). Then an existing directory is locked and its state read
+    again under the lock; a finished run on a read-only directory is yielded
+    unlocked (reporting it writes nothing). An absent directory is created
+    and locked only by `LockedRun.hold`: a run whose data fails to load
+    leaves nothing behind. The lock is released on exit.
 
     Raises:
+        RunDirError: as `check_resumable` and `run_state`.
         RunInUseError: another process holds the lock.
     """
-    return RunLock(run).acquire()
+    run = config.output_dir
+    check_resumable(run)
+    locked_run = LockedRun(config, run_state(config))
+    read_only_done = (locked_run.state == "done"
+                      and not os.access(run, os.W_OK))
+    try:
+        if os.path.isdir(run) and not read_only_done:
+            locked_run.hold()
+        yield locked_run
+    finally:
+        locked_run.release()
 
 
 def is_temp_name(name: str) -> bool:

@@ -371,20 +371,25 @@ def test_jax_two_processes_match_one(jax_runs):
 def test_jax_killed_process_resumes_to_the_same_result(jax_runs, tmp_path):
     _, data, reference, _, _ = jax_runs
     run = str(tmp_path / "run")
-    processes = _jax_two_processes(run, tmp_path, data,
-                                   scripts=((TRAIN,), (KILL_AT, "mid_epoch")))
-    try:
-        assert communicate([processes[1]])[0][0] == -signal.SIGKILL
-        processes[0].kill()
-    finally:
-        _finish(processes)
+    # Process 1 dies after the second batch of epoch 1; process 0, whose
+    # peer's connection then closes, says so in one line (it used to wait in
+    # its collective, then abort natively a minute later: status 134).
+    (survivor, _, err), (killed, _, _) = _finish(_jax_two_processes(
+        run, tmp_path, data, scripts=((TRAIN,), (KILL_AT, "mid_epoch"))))
+    assert killed == -signal.SIGKILL
+    assert survivor == 1, err[-3000:]
+    assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        "train.py: error: process 1 of 2 stopped responding; rerun both with the "
+        "same command (the run resumes from its last finished epoch)")
+    # The killed process could not remove its temporary directory ...
     assert [n for n in os.listdir(tmp_path) if n.startswith("workertemp_1_")]
     assert len(_rows(run)) == 1
     results = _finish(_jax_two_processes(run, tmp_path, data))
     for code, out, err in results:
         assert code == 0, err[-3000:]
     assert "Resuming" in results[0][1]
-    # The killed process's temporary directory was removed by the next start.
+    # ... the next start did.
     assert not [n for n in os.listdir(tmp_path) if n.startswith("workertemp_")]
     _assert_same_history(_rows(run), _rows(reference), atol=1e-6)
 
@@ -599,3 +604,49 @@ def test_a_stopped_peer_is_one_line():
     with pytest.raises(tf.errors.UnavailableError):
         with processes.peer_errors(processes.Process()):
             raise error
+
+
+# Process 0 of a JAX run of 2 (`processes.peer_errors`) with a stand-in peer:
+# a small process that connects to the watch as process 1, then either is
+# killed or says bye and ends. (JAX on one process: the port's broadcast is
+# the identity, so no coordinator is needed.)
+_WATCHED = """
+import subprocess, sys, time
+from jax.experimental import multihost_utils
+from zoo.run import processes
+peer = []
+def broadcast(port):
+    peer.append(subprocess.Popen([sys.executable, "-c", '''
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"1\\\\n")
+if sys.argv[2] == "bye":
+    s.sendall(b"bye\\\\n")
+    sys.exit()
+time.sleep(600)
+''', str(int(port)), sys.argv[1]]))
+    return port
+multihost_utils.broadcast_one_to_all = broadcast
+sys.argv[0] = "train.py"
+with processes.peer_errors(processes.Process(0, 2, "127.0.0.1:1")):
+    peer[0].wait() if sys.argv[1] == "bye" else peer[0].kill()
+    time.sleep(3)  # a step; the watch ends the process meanwhile if the peer was killed
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("peer", ["killed", "bye"])
+def test_jax_watch_notices_a_killed_peer_only(tmp_path, peer):
+    pytest.importorskip("jax")
+    process = subprocess.Popen([sys.executable, "-c", _WATCHED, peer],
+                               env=_jax_env(tmp_path), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    code, out, err = _finish([process])[0]
+    assert "Traceback" not in err, err[-3000:]
+    if peer == "bye":
+        assert (code, out) == (0, "finished\n"), err[-3000:]
+    else:
+        assert code == 1 and out == "", err[-3000:]
+        assert err.strip().splitlines()[-1] == (
+            "train.py: error: process 1 of 2 stopped responding; rerun both with the "
+            "same command (the run resumes from its last finished epoch)")

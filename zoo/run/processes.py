@@ -293,8 +293,25 @@ def peer_errors(process: Process):
 
     TensorFlow raises `UnavailableError` (or `DeadlineExceededError`,
     `AbortedError`, `CancelledError`) from its collectives, with a traceback
-    of about 60 lines; the message names the process instead.
+    of about 60 lines; the message names the process instead. JAX raises
+    nothing (it aborts natively a minute later): `zoo.run.watchdog` ends the
+    process with that line at once.
     """
+    with _watch_jax_peers(process):
+        with _tf_peer_errors(process):
+            yield
+
+
+def _watch_jax_peers(process):
+    if process.count > 1 and keras.backend.backend() == "jax":
+        from zoo.run import watchdog
+
+        return watchdog.watch_peers(process)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _tf_peer_errors(process):
     try:
         yield
     except Exception as error:

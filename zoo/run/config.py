@@ -12,8 +12,6 @@ import dataclasses
 import math
 import numbers
 
-from zoo.run.errors import DamagedFileError
-
 # The paper's weight decay per architecture (App. F), `--weight_decay=paper`.
 DEFAULT_WEIGHT_DECAY = {"resnet": 1e-4, "wrn": 5e-4, "vgg": 5e-4}
 PAPER = "paper"
@@ -446,6 +444,8 @@ def read_flags(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             return read_flags_text(f.read())
     except UnicodeDecodeError as error:
+        from zoo.run.errors import DamagedFileError  # not for --help: see above
+
         raise DamagedFileError(
             path, f"not text: {error}",
             "restore it, or rerun with --output_dir=NEW to train again") from None

@@ -125,16 +125,3 @@ def check_probability_rows(name: str, values: np.ndarray):
             f"[{low:.4g}, {high:.4g}]"
         )
 
-
-def check_multi_ema(ema):
-    """`ema` if it is a `MultiEMA` (or a `SwitchEMA`/`Belay`), for the
-    callbacks that read its logs."""
-    from keras_ema.multi_ema import MultiEMA  # multi_ema imports this module
-
-    if not isinstance(ema, MultiEMA):
-        raise ValueError(
-            "Invalid value for argument `ema`: expected a "
-            "keras_ema.MultiEMA, SwitchEMA or Belay. Received: "
-            f"ema={ema!r}"
-        )
-    return ema

@@ -6,7 +6,7 @@ import warnings
 
 import keras
 
-from keras_ema import _checks
+from keras_ema._ema_check import check_multi_ema
 from keras_ema import _keras_private
 from keras_ema._files import atomic_path
 
@@ -69,7 +69,7 @@ class EMACheckpoint(keras.callbacks.Callback):
         verbose: int = 0,
     ):
         super().__init__()
-        _checks.check_multi_ema(ema)
+        check_multi_ema(ema)
         if not isinstance(filepath, (str, os.PathLike)) or not (
             str(filepath).endswith(".weights.h5") or str(filepath).endswith(".keras")
         ):

@@ -188,25 +188,8 @@ def _first_call(model, x, layers):
     Such a layer (shared between two branches, or applied twice) keeps
     only its last call's batch statistics, so the average would be wrong.
     """
-    counts = {id(layer): 0 for layer in layers}
-
-    def counting(layer):
-        original = layer.call
-
-        def call(*args, **kwargs):
-            counts[id(layer)] += 1
-            return original(*args, **kwargs)
-
-        return call
-
-    for layer in layers:
-        # Set on the instance, past Keras' attribute tracking; removed below.
-        object.__setattr__(layer, "call", counting(layer))
-    try:
+    with _keras_private.counting_calls(layers) as counts:
         model(x, training=True)
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("call", None)
     shared = [f"{layer.name} ({counts[id(layer)]} calls)" for layer in layers
               if counts[id(layer)] > 1]
     if shared:

@@ -7,7 +7,7 @@ import warnings
 import keras
 
 from keras_ema._ema_check import check_multi_ema
-from keras_ema import _keras_private
+from keras_ema import _messages
 from keras_ema._files import atomic_path
 
 
@@ -169,7 +169,7 @@ class EMACheckpoint(keras.callbacks.Callback):
         self._save()
         if self.verbose:
             previous = "" if self.best is None else f" from {self.best:.5f}"
-            _keras_private.print_msg(
+            _messages.print_msg(
                 f"EMACheckpoint: epoch {epoch} (counted from 0): {self.key} "
                 f"improved{previous} to {value:.5f}; saved the EMA to "
                 f"{self.filepath}"

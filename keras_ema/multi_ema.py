@@ -13,6 +13,7 @@ import numpy as np
 
 from keras_ema import _backend
 from keras_ema import _keras_private
+from keras_ema import _messages
 from keras_ema import _monitors
 from keras_ema import _validation_data
 from keras_ema import lora
@@ -793,7 +794,7 @@ class MultiEMA(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self.verbose:
-            _keras_private.print_msg(self.schedule_summary())
+            _messages.print_msg(self.schedule_summary())
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
         accumulation = _accumulation_steps(self.model.optimizer)
         if epochs and steps:

@@ -571,7 +571,7 @@ def check_resumable(run: str):
         check_writable(backup)
     if damaged is not None:
         os.remove(summary)
-        from keras_ema._keras_private import print_msg
+        from keras_ema._messages import print_msg
 
         print_msg(f"{summary} was damaged ({damaged.reason}); it is rewritten "
                   "from history.csv at the next epoch end.")

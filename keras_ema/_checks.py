@@ -5,6 +5,9 @@ Each check returns the value as a plain Python number, or raises a one-line
 "Invalid value for argument `NAME`: expected ... Received: NAME=VALUE".
 Booleans are refused wherever a number is expected (`True` is an `int` in
 Python, but never a meaningful batch size or decay).
+
+Public to the experiment kit (`zoo/` imports it), with a stable interface;
+the module is to be renamed `keras_ema.checks` (RENAME.md).
 """
 
 import math

@@ -3,12 +3,17 @@
 Every writer of the package (and of the experiment kit, which imports these)
 writes `NAME.EXT` under the temporary name `.NAME.tmpPID.EXT` in the same
 directory and renames it: the pid tells a killed process's leftover from a
-live writer's file, and the rename is atomic on POSIX.
+live writer's file, and the rename is atomic on POSIX. `TEMP_NAME` and
+`parse_temp_name` read such a name back.
+
+Public to the experiment kit (`zoo/` imports it), with a stable interface;
+the module is to be renamed `keras_ema.files` (RENAME.md).
 """
 
 import contextlib
 import errno
 import os
+import re
 import shutil
 
 
@@ -23,6 +28,18 @@ def temp_path(path: str) -> str:
                os.path.splitext(base)[1])
     stem = base[: len(base) - len(ext)]
     return os.path.join(directory, f".{stem}.tmp{os.getpid()}{ext}")
+
+
+# `.NAME.tmpPID.EXT`, the temporary name `temp_path` gives `NAME.EXT`.
+TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.tmp(?P<pid>\d+)(?P<ext>(\.[^/]*)?)$")
+
+
+def parse_temp_name(name: str):
+    """`(NAME.EXT, PID)` of a temporary name `.NAME.tmpPID.EXT`, else `None`."""
+    match = TEMP_NAME.match(name)
+    if not match:
+        return None
+    return match.group("stem") + match.group("ext"), int(match.group("pid"))
 
 
 def is_disk_full(error) -> bool:

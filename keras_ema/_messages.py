@@ -1,4 +1,8 @@
-"""Messages to the user, printed the way Keras prints its own."""
+"""Messages to the user, printed the way Keras prints its own.
+
+Public to the experiment kit (`zoo/` imports it), with a stable interface;
+the module is to be renamed `keras_ema.messages` (RENAME.md).
+"""
 
 import keras
 

@@ -270,7 +270,7 @@ def _batches(data, batch_size, steps):
     data = _unpack(data)
     # tf.data (and TensorFlow tensors) yield TensorFlow tensors, which other
     # backends refuse.
-    convert = _backend.name() != "tensorflow"
+    convert = _backend.backend_name() != "tensorflow"
     if _is_array(data) or isinstance(data, dict):
         n = _num_samples(data)
         for i, start in enumerate(range(0, n, batch_size)):

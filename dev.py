@@ -5,6 +5,7 @@
     python3 dev.py test    # the test suite, TensorFlow backend then JAX
     python3 dev.py train ARGS       # train.py ARGS inside .venv/
     python3 dev.py evaluate ARGS    # evaluate.py ARGS inside .venv/
+    python3 dev.py structure        # file sizes, import circles, private API
 
 Only `python3` is needed: the first run creates `.venv/` and installs the
 package with every extra (TensorFlow, JAX, the kit's datasets and tools,
@@ -83,6 +84,12 @@ def evaluate(extra):
     return _run([PYTHON, os.path.join(ROOT, "evaluate.py")] + extra, cwd=None)
 
 
+def structure(extra):
+    """Prints the measures of `tests/structure.py` (lines, longest functions,
+    import circles, private framework API)."""
+    return _run([PYTHON, os.path.join("tests", "structure.py")] + extra)
+
+
 def test(extra):
     quiet = {"TF_CPP_MIN_LOG_LEVEL": "3"}
     # Test files spread over up to 4 processes (pytest-xdist); `-n 0` in
@@ -97,7 +104,8 @@ def test(extra):
 
 
 def main(argv):
-    commands = {"demo": demo, "test": test, "train": train, "evaluate": evaluate}
+    commands = {"demo": demo, "test": test, "train": train, "evaluate": evaluate,
+                "structure": structure}
     if len(argv) < 2 or argv[1] not in commands:
         sys.exit(f"usage: python3 dev.py {{{'|'.join(commands)}}} [args...]")
     ensure_environment()

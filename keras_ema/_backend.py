@@ -14,6 +14,8 @@ EMA update of all shadow sets, is compiled here per backend:
 
 The decays (and BELAY's coupling) are input tensors, so a changing warm-up
 decay never retraces.
+Each variant is one short function, chosen from the table `_UPDATES` by
+backend and variant (plain, host shadows, coupled), and returns an `Update`.
 TensorFlow and JAX are imported inside the functions that need them, so
 importing `keras_ema` requires neither.
 """
@@ -22,7 +24,8 @@ import keras
 import numpy as np
 
 
-def name() -> str:
+def backend_name() -> str:
+    """The name of the backend Keras runs on: "tensorflow", "jax", ..."""
     return keras.backend.backend()
 
 
@@ -43,16 +46,16 @@ def validate_shadow_device(shadow_device):
             "EMAs live beside the weights) or 'cpu' (host memory). Received: "
             f"shadow_device={shadow_device!r}"
         )
-    if shadow_device == "cpu" and name() not in ("tensorflow", "jax"):
+    if shadow_device == "cpu" and backend_name() not in ("tensorflow", "jax"):
         raise ValueError(
             "shadow_device='cpu' needs the TensorFlow or JAX backend. "
-            f"Received: shadow_device='cpu' with the {name()} backend; pass "
+            f"Received: shadow_device='cpu' with the {backend_name()} backend; pass "
             "shadow_device=None."
         )
     return shadow_device
 
 
-def make_shadow(weight, count, name_, model=None, shadow_device=None):
+def make_shadow(weight, count, name, model=None, shadow_device=None):
     """A float32 variable of shape `(count,) + weight.shape`, each row `weight`.
 
     With `shadow_device=None` it is placed like `weight`: on JAX sharded as
@@ -62,7 +65,7 @@ def make_shadow(weight, count, name_, model=None, shadow_device=None):
     (JAX's cpu device, TensorFlow's `/CPU:0`).
     """
     shape = (count,) + tuple(weight.shape)
-    backend = name()
+    backend = backend_name()
     if backend == "jax":
         import jax
         import jax.numpy as jnp
@@ -78,18 +81,18 @@ def make_shadow(weight, count, name_, model=None, shadow_device=None):
         # Built sharded: the full stack is never materialized on one device.
         value = jax.jit(stack, out_shardings=sharding)(value)
         return keras.Variable(value, dtype="float32", trainable=False,
-                              name=name_, layout=sharding)
+                              name=name, layout=sharding)
     if backend == "tensorflow" and shadow_device == "cpu":
         import tensorflow as tf
 
         with tf.device("/CPU:0"):
             value = keras.ops.broadcast_to(_float32(weight)[None], shape)
             return keras.Variable(value, dtype="float32", trainable=False,
-                                  name=name_)
+                                  name=name)
     with strategy_scope(model):
         return keras.Variable(
             keras.ops.broadcast_to(_float32(weight)[None], shape),
-            dtype="float32", trainable=False, name=name_,
+            dtype="float32", trainable=False, name=name,
         )
 
 
@@ -115,7 +118,7 @@ def _jax_shadow_sharding(weight, shadow_device):
 
 def place_like(value, variable):
     """`value` moved to where `variable` lives (on JAX, its sharding)."""
-    if name() != "jax":
+    if backend_name() != "jax":
         return value
     import jax
 
@@ -123,7 +126,7 @@ def place_like(value, variable):
 
 
 def make_ema_update(shadows, weights, jit_compile=True, shadow_device=None):
-    """Returns `update(decays) -> finite` for fixed lists of variables.
+    """Returns an `Update`, `update(decays) -> finite`, for fixed lists of variables.
 
     `shadows[j]` is a float32 `keras.Variable` of shape `(M,) + weights[j].shape`;
     row `i` is the EMA with decay `decays[i]`. The returned function applies
@@ -143,7 +146,8 @@ def make_ema_update(shadows, weights, jit_compile=True, shadow_device=None):
 
 def make_coupled_update(shadows, weights, pulled, jit_compile=True,
                         shadow_device=None):
-    """Returns `update(decays, coupling) -> finite`: the EMA update plus a pull.
+    """Returns an `Update`, `update(decays, coupling) -> finite`: the EMA
+    update plus a pull.
 
     As `make_ema_update`, and in the same compiled call, every weight `w`
     with `pulled[j]` true then moves toward the updated EMAs `s_new`:
@@ -175,86 +179,144 @@ def _check_lengths(shadows, weights):
 
 
 def _build(shadows, weights, pulled, jit_compile, shadow_device=None):
-    backend = name()
+    """The `Update` of the backend and variant, from `_UPDATES`."""
     host = shadow_device == "cpu"
-    if backend == "tensorflow":
-        return _tf_update(shadows, weights, pulled, jit_compile, host)
-    if backend == "jax":
-        return _jax_update(shadows, weights, pulled, host)
-    return _eager_update(shadows, weights, pulled)
+    if pulled is not None:
+        variant = "coupled"
+    else:
+        variant = "host" if host else "ema"
+    make = _UPDATES.get((backend_name(), variant), _eager_update)
+    return make(shadows, weights, pulled, jit_compile, host)
+
+
+class Update:
+    """A compiled update for fixed lists of variables.
+
+    `update(decays)` (`update(decays, coupling)` for the coupled variant)
+    runs it and returns a scalar boolean tensor, True when the update was
+    applied. `compiled_text()` is the optimized HLO where the backend has it
+    (JAX's plain update), to check for collectives.
+    """
+
+    def __init__(self, run, compiled_text=None):
+        self._run = run
+        self._compiled_text = compiled_text
+
+    def __call__(self, *args):
+        return self._run(*args)
+
+    @property
+    def __closure__(self):
+        """The closure of the function run: where the compiled function is
+        found (a test counts its traces)."""
+        return self._run.__closure__
+
+    def compiled_text(self) -> str:
+        if self._compiled_text is None:
+            raise NotImplementedError(
+                f"The compiled text of this update is not available on the "
+                f"{backend_name()} backend; it is JAX's plain EMA update only."
+            )
+        return self._compiled_text()
 
 
 def _broadcast(decays, ndim):
     return keras.ops.reshape(decays, (-1,) + (1,) * ndim)
 
 
-def _tf_update(shadows, weights, pulled, jit_compile, host=False):
-    import contextlib
+# -- TensorFlow ---------------------------------------------------------------
 
+
+def _tf_variables(shadows, weights, jit_compile, host):
+    """`(shadow values, weight values, jit)`: whether XLA may compile it.
+
+    A distribution strategy mirrors variables on several devices; one XLA
+    cluster cannot assign to all copies, so compile only without one. (The
+    callbacks run outside the strategy's scope: look at the variables.)
+    Host shadows: the arithmetic is placed on the CPU, beside them (one XLA
+    cluster cannot span the weights' device and the host).
+    """
     import tensorflow as tf
 
     shadow_vars = [s.value for s in shadows]
     weight_vars = [w.value for w in weights]
-    # A distribution strategy mirrors variables on several devices; one XLA
-    # cluster cannot assign to all copies, so compile only without one. (The
-    # callbacks run outside the strategy's scope: look at the variables.)
     distributed = tf.distribute.has_strategy() or any(
         isinstance(v, tf.distribute.DistributedValues)
         for v in shadow_vars + weight_vars
     )
-    # Host shadows: the arithmetic is placed on the CPU, beside them (one XLA
-    # cluster cannot span the weights' device and the host).
     jit = bool(jit_compile) and not distributed and not host
+    return shadow_vars, weight_vars, jit
 
-    def ema(decays):
-        place = tf.device("/CPU:0") if host else contextlib.nullcontext()
-        with place:
-            live = [tf.cast(w, tf.float32) for w in weight_vars]
-            finite = tf.reduce_all(
-                tf.stack([tf.reduce_all(tf.math.is_finite(w)) for w in live])
-            )
-            new = []
-            for s, w in zip(shadow_vars, live):
-                a = tf.reshape(decays, [-1] + [1] * len(w.shape))
-                new.append(a * s + (1.0 - a) * w[None])
-                s.assign(tf.where(finite, new[-1], s))
-        return live, new, finite
 
-    if pulled is None and host:
-        # The weights are copied to the host by a plain function; the update
-        # of the host shadows from those copies is one XLA cluster on the CPU.
-        @tf.function(jit_compile=bool(jit_compile), autograph=False)
-        def host_update(decays, live):
-            finite = tf.reduce_all(
-                tf.stack([tf.reduce_all(tf.math.is_finite(w)) for w in live])
-            )
-            for s, w in zip(shadow_vars, live):
-                a = tf.reshape(decays, [-1] + [1] * len(w.shape))
-                s.assign(tf.where(finite, a * s + (1.0 - a) * w[None], s))
-            return finite
+def _tf_assign_ema(shadow_vars, live, decays):
+    """Writes `a * s + (1 - a) * w` into every shadow unless a weight is not
+    finite; returns `(new values, finite)`."""
+    import tensorflow as tf
 
-        @tf.function(autograph=False)
-        def update(decays):
-            with tf.device("/CPU:0"):
-                live = [tf.identity(tf.cast(w, tf.float32)) for w in weight_vars]
-                return host_update(decays, live)
+    finite = tf.reduce_all(
+        tf.stack([tf.reduce_all(tf.math.is_finite(w)) for w in live])
+    )
+    new = []
+    for s, w in zip(shadow_vars, live):
+        a = tf.reshape(decays, [-1] + [1] * len(w.shape))
+        new.append(a * s + (1.0 - a) * w[None])
+        s.assign(tf.where(finite, new[-1], s))
+    return new, finite
 
-    elif pulled is None:
 
-        @tf.function(jit_compile=jit, autograph=False)
-        def update(decays):
-            return ema(decays)[2]
+def _tf_ema(shadows, weights, pulled, jit_compile, host):
+    """TensorFlow: one `tf.function` over every shadow."""
+    import tensorflow as tf
 
-    if pulled is None:
+    shadow_vars, weight_vars, jit = _tf_variables(
+        shadows, weights, jit_compile, host)
 
-        def run(decays):
-            return update(tf.constant(decays, dtype=tf.float32))
+    @tf.function(jit_compile=jit, autograph=False)
+    def update(decays):
+        live = [tf.cast(w, tf.float32) for w in weight_vars]
+        return _tf_assign_ema(shadow_vars, live, decays)[1]
 
-        return run
+    return Update(lambda decays: update(tf.constant(decays, dtype=tf.float32)))
+
+
+def _tf_host_ema(shadows, weights, pulled, jit_compile, host):
+    """TensorFlow, host shadows: the weights are copied to the host by a
+    plain function; the update of the host shadows from those copies is one
+    XLA cluster on the CPU."""
+    import tensorflow as tf
+
+    shadow_vars, weight_vars, _ = _tf_variables(
+        shadows, weights, jit_compile, host)
+
+    @tf.function(jit_compile=bool(jit_compile), autograph=False)
+    def host_update(decays, live):
+        return _tf_assign_ema(shadow_vars, live, decays)[1]
+
+    @tf.function(autograph=False)
+    def update(decays):
+        with tf.device("/CPU:0"):
+            live = [tf.identity(tf.cast(w, tf.float32)) for w in weight_vars]
+            return host_update(decays, live)
+
+    return Update(lambda decays: update(tf.constant(decays, dtype=tf.float32)))
+
+
+def _tf_coupled(shadows, weights, pulled, jit_compile, host):
+    """TensorFlow, BELAY: the EMA update, then the pull of the weights, in
+    one `tf.function`."""
+    import contextlib
+
+    import tensorflow as tf
+
+    shadow_vars, weight_vars, jit = _tf_variables(
+        shadows, weights, jit_compile, host)
 
     @tf.function(jit_compile=jit, autograph=False)
     def coupled(decays, coupling):
-        live, new, finite = ema(decays)
+        place = tf.device("/CPU:0") if host else contextlib.nullcontext()
+        with place:
+            live = [tf.cast(w, tf.float32) for w in weight_vars]
+            new, finite = _tf_assign_ema(shadow_vars, live, decays)
         for var, w, s_new, pull in zip(weight_vars, live, new, pulled):
             if pull:
                 k = tf.reshape(coupling, [-1] + [1] * len(w.shape))
@@ -262,21 +324,27 @@ def _tf_update(shadows, weights, pulled, jit_compile, host=False):
                 var.assign(tf.where(finite, tf.cast(moved, var.dtype), var))
         return finite
 
-    def run_coupled(decays, coupling):
-        return coupled(
-            tf.constant(decays, dtype=tf.float32),
-            tf.constant(coupling, dtype=tf.float32),
-        )
-
-    return run_coupled
+    return Update(lambda decays, coupling: coupled(
+        tf.constant(decays, dtype=tf.float32),
+        tf.constant(coupling, dtype=tf.float32),
+    ))
 
 
-def _jax_update(shadows, weights, pulled, host=False):
+# -- JAX ----------------------------------------------------------------------
+
+
+def _jax_parts(shadows, weights, host):
+    """`(ema, inputs, write_shadows)`, shared by the two JAX updates.
+
+    `ema(shadow values, weight values, decays) -> (live, new, finite)` is
+    the pure arithmetic; each new stack keeps its shadow's sharding (the
+    decay axis unsharded, then the weight's), so the update runs shard by
+    shard, with no gather. `inputs()` reads the variables (copied to the
+    host for host shadows), `write_shadows(new)` assigns the new stacks.
+    """
     import jax
     import jax.numpy as jnp
 
-    # Each new stack keeps its shadow's sharding (the decay axis unsharded,
-    # then the weight's): the update runs shard by shard, with no gather.
     shardings = [s.value.sharding for s in shadows]
     host_device = jax.devices("cpu")[0] if host else None
 
@@ -298,23 +366,6 @@ def _jax_update(shadows, weights, pulled, host=False):
             new.append(jnp.where(finite, a * s + (1.0 - a) * w[None], s))
         return live, constrain(new), finite
 
-    def update(shadow_values, weight_values, decays):
-        _, new, finite = ema(shadow_values, weight_values, decays)
-        return new, finite
-
-    def coupled(shadow_values, weight_values, decays, coupling):
-        live, new, finite = ema(shadow_values, weight_values, decays)
-        moved = []
-        for w, s_new, original, pull in zip(live, new, weight_values, pulled):
-            if pull:
-                k = coupling.reshape((-1,) + (1,) * w.ndim)
-                value = w - jnp.sum(k * (w[None] - s_new), axis=0)
-                value = value.astype(original.dtype)
-                moved.append(jnp.where(finite, value, original))
-        return new, moved, finite
-
-    # Donating the shadows lets XLA write the new averages into their buffers.
-    # The live weights are not donated: the trainer may still hold them.
     def inputs():
         live = [w.value for w in weights]
         if host:
@@ -327,21 +378,54 @@ def _jax_update(shadows, weights, pulled, host=False):
         for s, value in zip(shadows, new):
             s.assign(value)
 
-    if pulled is None:
-        compiled = jax.jit(update, donate_argnums=(0,))
+    return ema, inputs, write_shadows
 
-        def run(decays):
-            new, finite = compiled(*inputs(), jnp.asarray(decays, jnp.float32))
-            write_shadows(new)
-            return finite
 
-        def compiled_text():
-            """The optimized HLO of the update (to check for collectives)."""
-            decays = jnp.ones((shadows[0].shape[0],), jnp.float32)
-            return compiled.lower(*inputs(), decays).compile().as_text()
+def _jax_ema(shadows, weights, pulled, jit_compile, host):
+    """JAX: one `jax.jit` with the shadows donated, so XLA writes the new
+    averages into their buffers. The live weights are not donated: the
+    trainer may still hold them."""
+    import jax
+    import jax.numpy as jnp
 
-        run.compiled_text = compiled_text
-        return run
+    ema, inputs, write_shadows = _jax_parts(shadows, weights, host)
+
+    def update(shadow_values, weight_values, decays):
+        _, new, finite = ema(shadow_values, weight_values, decays)
+        return new, finite
+
+    compiled = jax.jit(update, donate_argnums=(0,))
+
+    def run(decays):
+        new, finite = compiled(*inputs(), jnp.asarray(decays, jnp.float32))
+        write_shadows(new)
+        return finite
+
+    def compiled_text():
+        """The optimized HLO of the update (to check for collectives)."""
+        decays = jnp.ones((shadows[0].shape[0],), jnp.float32)
+        return compiled.lower(*inputs(), decays).compile().as_text()
+
+    return Update(run, compiled_text)
+
+
+def _jax_coupled(shadows, weights, pulled, jit_compile, host):
+    """JAX, BELAY: the EMA update and the pull in one `jax.jit`."""
+    import jax
+    import jax.numpy as jnp
+
+    ema, inputs, write_shadows = _jax_parts(shadows, weights, host)
+
+    def coupled(shadow_values, weight_values, decays, coupling):
+        live, new, finite = ema(shadow_values, weight_values, decays)
+        moved = []
+        for w, s_new, original, pull in zip(live, new, weight_values, pulled):
+            if pull:
+                k = coupling.reshape((-1,) + (1,) * w.ndim)
+                value = w - jnp.sum(k * (w[None] - s_new), axis=0)
+                value = value.astype(original.dtype)
+                moved.append(jnp.where(finite, value, original))
+        return new, moved, finite
 
     compiled_coupled = jax.jit(coupled, donate_argnums=(0,))
     pulled_weights = [w for w, pull in zip(weights, pulled) if pull]
@@ -357,10 +441,14 @@ def _jax_update(shadows, weights, pulled, host=False):
             w.assign(place_like(value, w) if host else value)
         return finite
 
-    return run_coupled
+    return Update(run_coupled)
 
 
-def _eager_update(shadows, weights, pulled):
+# -- other backends -----------------------------------------------------------
+
+
+def _eager_update(shadows, weights, pulled, jit_compile=False, host=False):
+    """Any backend: the same arithmetic with `keras.ops`, eagerly."""
     ops = keras.ops
 
     def run(decays, coupling=None):
@@ -385,8 +473,21 @@ def _eager_update(shadows, weights, pulled):
         return finite
 
     if pulled is None:
-        return lambda decays: run(decays)
-    return run
+        return Update(lambda decays: run(decays))
+    return Update(run)
+
+
+# (backend, variant) -> the function building its `Update`; a backend not
+# listed runs `_eager_update`. The JAX host variant is `_jax_ema` with the
+# weights copied to the host first.
+_UPDATES = {
+    ("tensorflow", "ema"): _tf_ema,
+    ("tensorflow", "host"): _tf_host_ema,
+    ("tensorflow", "coupled"): _tf_coupled,
+    ("jax", "ema"): _jax_ema,
+    ("jax", "host"): _jax_ema,
+    ("jax", "coupled"): _jax_coupled,
+}
 
 
 def snapshot(variables):
@@ -406,7 +507,7 @@ def strategy_scope(model):
     from keras_ema import _keras_private
 
     strategy = _keras_private.distribute_strategy(model)
-    if name() == "tensorflow" and strategy is not None:
+    if backend_name() == "tensorflow" and strategy is not None:
         return strategy.scope()
     import contextlib
 

@@ -5,6 +5,9 @@ Each check returns the value as a plain Python number, or raises a one-line
 "Invalid value for argument `NAME`: expected ... Received: NAME=VALUE".
 Booleans are refused wherever a number is expected (`True` is an `int` in
 Python, but never a meaningful batch size or decay).
+
+Public to the experiment kit (`zoo/` imports it), with a stable interface;
+the module is to be renamed `keras_ema.checks` (RENAME.md).
 """
 
 import math
@@ -125,16 +128,3 @@ def check_probability_rows(name: str, values: np.ndarray):
             f"[{low:.4g}, {high:.4g}]"
         )
 
-
-def check_multi_ema(ema):
-    """`ema` if it is a `MultiEMA` (or a `SwitchEMA`/`Belay`), for the
-    callbacks that read its logs."""
-    from keras_ema.multi_ema import MultiEMA  # multi_ema imports this module
-
-    if not isinstance(ema, MultiEMA):
-        raise ValueError(
-            "Invalid value for argument `ema`: expected a "
-            "keras_ema.MultiEMA, SwitchEMA or Belay. Received: "
-            f"ema={ema!r}"
-        )
-    return ema

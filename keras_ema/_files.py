@@ -3,13 +3,17 @@
 Every writer of the package (and of the experiment kit, which imports these)
 writes `NAME.EXT` under the temporary name `.NAME.tmpPID.EXT` in the same
 directory and renames it: the pid tells a killed process's leftover from a
-live writer's file, and the rename is atomic on POSIX.
+live writer's file, and the rename is atomic on POSIX. `TEMP_NAME` and
+`parse_temp_name` read such a name back.
+
+Public to the experiment kit (`zoo/` imports it), with a stable interface;
+the module is to be renamed `keras_ema.files` (RENAME.md).
 """
 
 import contextlib
 import errno
-import io
 import os
+import re
 import shutil
 
 
@@ -24,6 +28,18 @@ def temp_path(path: str) -> str:
                os.path.splitext(base)[1])
     stem = base[: len(base) - len(ext)]
     return os.path.join(directory, f".{stem}.tmp{os.getpid()}{ext}")
+
+
+# `.NAME.tmpPID.EXT`, the temporary name `temp_path` gives `NAME.EXT`.
+TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.tmp(?P<pid>\d+)(?P<ext>(\.[^/]*)?)$")
+
+
+def parse_temp_name(name: str):
+    """`(NAME.EXT, PID)` of a temporary name `.NAME.tmpPID.EXT`, else `None`."""
+    match = TEMP_NAME.match(name)
+    if not match:
+        return None
+    return match.group("stem") + match.group("ext"), int(match.group("pid"))
 
 
 def is_disk_full(error) -> bool:
@@ -96,33 +112,11 @@ def _remove(path: str):
 
 
 def _h5_weights_bytes(model, include_optimizer=True):
-    """The bytes `model.save_weights` writes to a `.weights.h5` file, or `None`.
+    """`_keras_private.h5_weights_bytes`, imported when first needed (this
+    module does not import Keras)."""
+    from keras_ema import _keras_private
 
-    Without `include_optimizer`, the file leaves out the optimizer's
-    variables (its `optimizer` group), as `save_weights` of the same model
-    uncompiled would write it.
-
-    The one use of Keras' private `saving_lib` (read from Keras 3.15.1:
-    `H5IOStore(io.BytesIO(), mode="w")` and `_save_state(...)`, as
-    `saving_lib.save_weights_only` does for a file); `None` when this Keras
-    lays them out otherwise.
-    """
-    try:
-        from keras.src.saving import saving_lib
-
-        store = saving_lib.H5IOStore(io.BytesIO(), mode="w")
-    except (ImportError, AttributeError, TypeError):  # another Keras layout
-        return None
-    buffer = store.path_or_io
-    # Saveables already "visited" are skipped, and their children with them.
-    optimizer = getattr(model, "optimizer", None)
-    skip = {id(optimizer)} if optimizer is not None and not include_optimizer else set()
-    try:
-        saving_lib._save_state(model, weights_store=store, assets_store=None,
-                               inner_path="", visited_saveables=skip)
-    finally:
-        store.close()
-    return buffer.getbuffer()
+    return _keras_private.h5_weights_bytes(model, include_optimizer)
 
 
 def write_weights(model, path: str, include_optimizer: bool = True):
@@ -132,7 +126,7 @@ def write_weights(model, path: str, include_optimizer: bool = True):
     destructors and then crashes the process (a segmentation fault); built in
     memory, the weights reach the disk through one plain write that fails
     with an ordinary `OSError`. Falls back to `model.save_weights` where
-    Keras' internals differ (see `_h5_weights_bytes`).
+    Keras' internals differ (see `_keras_private.h5_weights_bytes`).
 
     `include_optimizer=False` writes the model's weights only, without the
     optimizer's variables (momentum: as many bytes again for SGD); the file

@@ -6,6 +6,8 @@ suite has run against. When Keras moves one of them, only this file
 changes.
 """
 
+import contextlib
+import io
 import sys
 
 import keras
@@ -79,22 +81,64 @@ def calling_callbacks(callback):
         del frame
 
 
-def print_msg(message: str):
-    """Prints `message` as Keras prints its own (progress bars, summaries).
 
-    To stdout, or to `absl.logging` (INFO) after
-    `keras.config.disable_interactive_logging()`. This is Keras's
-    `io_utils.print_msg`, which Keras 3.15.1 keeps private
-    (`keras/src/utils/io_utils.py`), rebuilt on its public switch.
+@contextlib.contextmanager
+def counting_calls(layers):
+    """Yields `{id(layer): calls}`, counting the calls of each of `layers`.
+
+    Keras 3.15.1's `Layer.__call__` (`keras/src/layers/layer.py`) runs
+    `self.call`, looked up on the instance: a counting `call` is set on each
+    instance past Keras' attribute tracking (`object.__setattr__`) and
+    removed on exit, which leaves the class's `call` in force again.
     """
-    import keras
+    counts = {id(layer): 0 for layer in layers}
 
-    if keras.config.is_interactive_logging_enabled():
-        print(message, flush=True)
-    else:
-        from absl import logging
+    def counting(layer):
+        original = layer.call
 
-        logging.info(message)
+        def call(*args, **kwargs):
+            counts[id(layer)] += 1
+            return original(*args, **kwargs)
+
+        return call
+
+    for layer in layers:
+        object.__setattr__(layer, "call", counting(layer))
+    try:
+        yield counts
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("call", None)
+
+
+def h5_weights_bytes(model, include_optimizer=True):
+    """The bytes `model.save_weights` writes to a `.weights.h5` file, or `None`.
+
+    Without `include_optimizer`, the file leaves out the optimizer's
+    variables (its `optimizer` group), as `save_weights` of the same model
+    uncompiled would write it.
+
+    Keras' private `saving_lib` (read from Keras 3.15.1:
+    `H5IOStore(io.BytesIO(), mode="w")` and `_save_state(...)`, as
+    `saving_lib.save_weights_only` does for a file); `None` when this Keras
+    lays them out otherwise.
+    """
+    try:
+        from keras.src.saving import saving_lib
+
+        store = saving_lib.H5IOStore(io.BytesIO(), mode="w")
+    except (ImportError, AttributeError, TypeError):  # another Keras layout
+        return None
+    buffer = store.path_or_io
+    # Saveables already "visited" are skipped, and their children with them.
+    optimizer = getattr(model, "optimizer", None)
+    skip = {id(optimizer)} if optimizer is not None and not include_optimizer else set()
+    try:
+        saving_lib._save_state(model, weights_store=store, assets_store=None,
+                               inner_path="", visited_saveables=skip)
+    finally:
+        store.close()
+    return buffer.getbuffer()
 
 
 def sync_training_state(callback):

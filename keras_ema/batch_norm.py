@@ -188,25 +188,8 @@ def _first_call(model, x, layers):
     Such a layer (shared between two branches, or applied twice) keeps
     only its last call's batch statistics, so the average would be wrong.
     """
-    counts = {id(layer): 0 for layer in layers}
-
-    def counting(layer):
-        original = layer.call
-
-        def call(*args, **kwargs):
-            counts[id(layer)] += 1
-            return original(*args, **kwargs)
-
-        return call
-
-    for layer in layers:
-        # Set on the instance, past Keras' attribute tracking; removed below.
-        object.__setattr__(layer, "call", counting(layer))
-    try:
+    with _keras_private.counting_calls(layers) as counts:
         model(x, training=True)
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("call", None)
     shared = [f"{layer.name} ({counts[id(layer)]} calls)" for layer in layers
               if counts[id(layer)] > 1]
     if shared:
@@ -287,7 +270,7 @@ def _batches(data, batch_size, steps):
     data = _unpack(data)
     # tf.data (and TensorFlow tensors) yield TensorFlow tensors, which other
     # backends refuse.
-    convert = _backend.name() != "tensorflow"
+    convert = _backend.backend_name() != "tensorflow"
     if _is_array(data) or isinstance(data, dict):
         n = _num_samples(data)
         for i, start in enumerate(range(0, n, batch_size)):

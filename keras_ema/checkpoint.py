@@ -5,8 +5,8 @@ import warnings
 
 import keras
 
-from keras_ema import _checks
-from keras_ema import _keras_private
+from keras_ema._ema_check import check_multi_ema
+from keras_ema import _messages
 from keras_ema._files import atomic_path
 from keras_ema.best import BestTracker
 
@@ -69,7 +69,7 @@ class EMACheckpoint(keras.callbacks.Callback):
         verbose: int = 0,
     ):
         super().__init__()
-        _checks.check_multi_ema(ema)
+        check_multi_ema(ema)
         if not isinstance(filepath, (str, os.PathLike)) or not (
             str(filepath).endswith(".weights.h5") or str(filepath).endswith(".keras")
         ):
@@ -152,7 +152,7 @@ class EMACheckpoint(keras.callbacks.Callback):
         self._save()
         if self.verbose:
             previous = "" if self.best is None else f" from {self.best:.5f}"
-            _keras_private.print_msg(
+            _messages.print_msg(
                 f"EMACheckpoint: epoch {epoch} (counted from 0): {self.key} "
                 f"improved{previous} to {value:.5f}; saved the EMA to "
                 f"{self.filepath}"

@@ -11,6 +11,7 @@ import numpy as np
 
 from keras_ema import _backend
 from keras_ema import _keras_private
+from keras_ema import _messages
 from keras_ema import _validation_data
 from keras_ema import ema_state
 from keras_ema import lora
@@ -293,7 +294,7 @@ class MultiEMA(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self.verbose:
-            _keras_private.print_msg(self.schedule_summary())
+            _messages.print_msg(self.schedule_summary())
         training_checks.check_start_of_training(self)
 
     def on_epoch_begin(self, epoch, logs=None):

@@ -4,7 +4,7 @@ import os
 
 import keras
 
-from keras_ema import _checks
+from keras_ema._ema_check import check_multi_ema
 
 
 class EMATensorBoard(keras.callbacks.Callback):
@@ -56,7 +56,7 @@ class EMATensorBoard(keras.callbacks.Callback):
 
     def __init__(self, ema, log_dir: str = "logs"):
         super().__init__()
-        _checks.check_multi_ema(ema)
+        check_multi_ema(ema)
         if not isinstance(log_dir, (str, os.PathLike)) or not str(log_dir):
             raise ValueError(
                 "Invalid value for argument `log_dir`: expected a directory "

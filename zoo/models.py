@@ -5,11 +5,9 @@ BatchNorm statistics over the global batch of a `tf.distribute` strategy on
 request (`synchronized_bn`).
 """
 
-import functools
-
 import keras
 
-from keras_ema._keras_private import flatten_layers
+from zoo import _keras_private
 from zoo import resnet as _resnet
 from zoo import vgg as _vgg
 from zoo import wide_resnet as _wide_resnet
@@ -84,48 +82,8 @@ def get_model(
         )
     model = cls(**kwargs)
     if synchronized_bn:
-        _synchronize_batch_norm(model)
+        _keras_private.synchronize_batch_norm(model)
     return model
-
-
-def _synchronize_batch_norm(model):
-    """Makes every BatchNormalization of `model` use `_global_moments`.
-
-    Keras private APIs, read from Keras 3.15.1: `Layer._flatten_layers`
-    (through `keras_ema._keras_private`) and `BatchNormalization._moments` (read at call time, so the built layers
-    all-reduce their moments), `_reduction_axes` in `_global_moments`.
-    """
-    for layer in flatten_layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.synchronized = True
-            layer._moments = functools.partial(
-                _global_moments, layer, layer._moments)
-
-
-def _global_moments(layer, local_moments, inputs, mask):
-    """`BatchNormalization._moments` over the global batch, in two passes.
-
-    Keras' synchronized moments all-reduce `sum(x)` and `sum(x^2)` and take
-    `E[x^2] - E[x]^2`: in float32 the difference loses most digits where
-    `|E[x]|` is large against the spread (image backgrounds), and how the
-    sum is split between replicas then changes the variance and, more, its
-    gradient. Here the sum of `(x - mean)^2` is all-reduced after the mean.
-    """
-    import tensorflow as tf
-
-    context = tf.distribute.get_replica_context()
-    if mask is not None or context is None or not layer.synchronized:
-        return local_moments(inputs, mask)
-    axes = layer._reduction_axes
-
-    def total(value):
-        return context.all_reduce(
-            "SUM", tf.reduce_sum(value, axis=axes, keepdims=True))
-
-    count = total(tf.ones_like(inputs))
-    mean = tf.math.divide_no_nan(total(inputs), count)
-    variance = tf.math.divide_no_nan(total(tf.square(inputs - mean)), count)
-    return tf.squeeze(mean, axes), tf.squeeze(variance, axes)
 
 
 __all__ = ["MODELS", "ResNet", "VGG", "WideResNet", "get_model"]

@@ -6,19 +6,18 @@ import re
 
 import keras
 
-from keras_ema._keras_private import print_msg
+from keras_ema._messages import print_msg
+from zoo import _keras_private
 from zoo.run import run_dir
 
 _WEIGHTS_NAME = re.compile(r"^epoch_(\d+)\.weights\.h5$")
 
 
-# Keras' BackupAndRestore internals this subclass relies on, read from Keras
-# 3.15.1: it overrides `_load_model` and `_save_model`, reads
-# `_training_metadata_path` and `_current_epoch`, and `fit` starts at
-# `model._initial_epoch` (set by `_resume_at` only).
+# Keras' BackupAndRestore internals this subclass relies on are named in
+# `zoo._keras_private.BackupAndRestore` (and `resume_at`).
 
 
-class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+class AtomicBackupAndRestore(_keras_private.BackupAndRestore):
     """`keras.callbacks.BackupAndRestore` with kill-safe, damage-tolerant files.
 
     Keras' callback overwrites `latest.weights.h5` in place and writes the
@@ -62,14 +61,14 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         self.history_path = history_path
 
     def on_train_begin(self, logs=None):
-        self._load_model()
+        self.load_backup()
 
     def _history_copy(self):
         return os.path.join(self.backup_dir, "history.csv")
 
     def _entries(self):
         """`[{"epoch", "weights"}]` of the backups, newest first; `[]` if damaged."""
-        path = self._training_metadata_path
+        path = self.metadata_path
         if not os.path.exists(path):
             return []
         try:
@@ -94,7 +93,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                                 "weights": os.path.basename(path)})
         return sorted(entries, key=lambda e: -e["epoch"])
 
-    def _load_model(self):
+    def load_backup(self):
         if not self.model.built:
             raise ValueError(
                 "AtomicBackupAndRestore needs a built model; call the model "
@@ -102,16 +101,16 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             )
         problems = []
         entries = self._entries()
-        if not entries and os.path.exists(self._training_metadata_path):
-            problems.append(f"{self._training_metadata_path} (rebuilt from "
+        if not entries and os.path.exists(self.metadata_path):
+            problems.append(f"{self.metadata_path} (rebuilt from "
                             "the weights files present)")
         if not entries:
             # No metadata (a kill before the first one was written) or a
             # damaged one: rebuild it from the weights files present.
             entries = self._files()
-            if os.path.exists(self._training_metadata_path) and not entries:
+            if os.path.exists(self.metadata_path) and not entries:
                 raise run_dir.RunDirError(
-                    f"{self._training_metadata_path} is damaged and "
+                    f"{self.metadata_path} is damaged and "
                     f"{self.backup_dir} holds no epoch_<e>.weights.h5 to "
                     f"rebuild it from; remove {self.backup_dir} to restart "
                     "the run from scratch."
@@ -150,7 +149,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                           f"that reads back whole (epochs count from 0; the "
                           f"progress bar shows it as {epoch + 1}); damaged: "
                           f"{'; '.join(problems)}")
-            _resume_at(self.model, epoch)
+            _keras_private.resume_at(self.model, epoch)
             return
         raise run_dir.RunDirError(
             f"Cannot resume from {self.backup_dir}: {'; '.join(problems)}; "
@@ -176,29 +175,24 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                       f"{self._history_copy()}.")
         run_dir.write_csv(self.history_path, rows)
 
-    def _save_model(self):
+    def save_backup(self):
         os.makedirs(self.backup_dir, exist_ok=True)
         if self.history_path and os.path.exists(self.history_path):
             with open(self.history_path, "rb") as f:
                 run_dir.write_bytes(self._history_copy(), f.read())
-        name = f"epoch_{self._current_epoch}.weights.h5"
+        name = f"epoch_{self.current_epoch}.weights.h5"
         run_dir.save_weights(self.model, os.path.join(self.backup_dir, name))
-        newest = {"epoch": self._current_epoch, "weights": name}
+        newest = {"epoch": self.current_epoch, "weights": name}
         older = [e for e in self._entries() or self._files()
-                 if e["epoch"] < self._current_epoch]
+                 if e["epoch"] < self.current_epoch]
         kept = [newest] + older[:1]
-        run_dir.write_json(self._training_metadata_path, {
+        run_dir.write_json(self.metadata_path, {
             "epoch": newest["epoch"], "weights": name, "backups": kept,
         })
         names = {e["weights"] for e in kept}
         for entry in self._files():
             if entry["weights"] not in names:
                 os.remove(os.path.join(self.backup_dir, entry["weights"]))
-
-
-def _resume_at(model, epoch):
-    """Makes `model.fit` start at `epoch` (Keras 3.15.1's private attribute)."""
-    model._initial_epoch = epoch
 
 
 def _describe(error):

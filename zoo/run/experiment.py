@@ -18,7 +18,7 @@ import numpy as np
 
 import keras_ema
 from keras_ema import state_file
-from keras_ema._keras_private import print_msg
+from keras_ema._messages import print_msg
 from zoo.data.loader import ArrayLoader
 from zoo.data.loader import EpochSetter
 from zoo.data import DatasetError

@@ -16,7 +16,8 @@ import sys
 
 import keras
 
-from keras_ema._keras_private import print_msg
+from keras_ema._messages import print_msg
+from zoo import _keras_private
 from zoo.run import run_dir
 from zoo.run.config import DEFAULT_CONNECT_TIMEOUT
 from zoo.run.config import Config
@@ -358,61 +359,11 @@ def _copy_resumable(run, copy):
 
 
 def build_from_local_batch(model: keras.Model, strategy):
-    """Works around Keras 3.15.1's `fit` / `evaluate` under several workers.
-
-    Before its first step Keras builds the metrics and optimizer from a
-    batch it gets with `strategy.reduce("MEAN", batch)` of the whole
-    `(x, y)` structure, which `MultiWorkerMirroredStrategy` with one device
-    per worker cannot reduce ("Attempt to convert a value (PerReplica...")
-    . The build needs only the shapes: this gives it the local replica's
-    batch instead.
-    """
-    build = model._maybe_symbolic_build
-
-    def local_build(iterator=None, data_batch=None):
-        if iterator is not None and data_batch is None:
-            for _, _, batches in iterator:
-                data_batch = keras.tree.map_structure(
-                    lambda v: strategy.experimental_local_results(v)[0],
-                    next(batches))
-                break
-        return build(data_batch=data_batch)
-
-    model._maybe_symbolic_build = local_build
-    _reduce_scalars_across_workers()
-
-
-def _reduce_scalars_across_workers():
-    """Works around Keras 3.15.1's metric reduction under several workers.
-
-    Each train and test step reduces the replicas' metrics with
-    `strategy.reduce("MEAN", value, axis=0)`, which fails on their scalars
-    ("Invalid reduction dimension 0 for input with 0 dimensions") when
-    `MultiWorkerMirroredStrategy` spans several workers; scalars are
-    averaged over the replicas here instead (`axis=None`).
-    """
-    from keras.src.backend.tensorflow import trainer
-
-    reduce = trainer.reduce_per_replica
-    if getattr(reduce, "scalars_fixed", False):
-        return
-
-    def reduce_per_replica(values, strategy, reduction):
-        if reduction not in ("auto", "mean") or not (
-                trainer._collective_all_reduce_multi_worker(strategy)):
-            return reduce(values, strategy, reduction)
-
-        def one(value):
-            scalar = all(v.shape.rank == 0
-                         for v in strategy.experimental_local_results(value))
-            if scalar:
-                return strategy.reduce("MEAN", value, axis=None)
-            return reduce(value, strategy, reduction)
-
-        return keras.tree.map_structure(one, values)
-
-    reduce_per_replica.scalars_fixed = True
-    trainer.reduce_per_replica = reduce_per_replica
+    """Works around Keras 3.15.1's `fit` / `evaluate` under several workers:
+    builds from the local replica's batch and reduces scalar metrics over
+    the replicas (see `zoo._keras_private`)."""
+    _keras_private.build_from_local_batch(model, strategy)
+    _keras_private.reduce_scalars_across_workers()
 
 
 __all__ = ["PeerStopped", "Process", "build_from_local_batch", "check_same_flags", "join_processes",

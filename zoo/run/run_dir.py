@@ -51,22 +51,20 @@ from zoo.run.summary_schema import summary_problem
 
 LAYOUT_VERSION = 1
 REQUIRED_FILES = ("flags.cfg", "history.csv", "summary.json", "sgd_last.weights.h5")
-# Temporary names: `atomic_path`'s `.<stem>.tmp<pid>.<ext>`, and `<name>.tmp.*`
-# or `<name>.tmp<pid>.*` of writers that rename their own files.
-_TEMP_NAME = re.compile(r"\.tmp(\d*)(\.|$)")
+# Any temporary name: `TEMP_NAME` (`atomic_path`'s), and `<name>.tmp.*` or
+# `<name>.tmp<pid>.*` of writers that rename their own files.
+_ANY_TEMP_NAME = re.compile(r"\.tmp(\d*)(\.|$)")
 
 
 # `.NAME.tmpPID.EXT`: the temporary file of a writer with process id PID.
-TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.tmp(?P<pid>\d+)(?P<ext>(\.[^/]*)?)$")
+TEMP_NAME = _files.TEMP_NAME
 
 
 def _final_path(path):
     """`path` with a temporary name `.NAME.tmpPID.EXT` turned back into NAME.EXT."""
     directory, base = os.path.split(path)
-    match = TEMP_NAME.match(base)
-    if not match:
-        return path
-    return os.path.join(directory, match.group("stem") + match.group("ext"))
+    parsed = _files.parse_temp_name(base)
+    return path if parsed is None else os.path.join(directory, parsed[0])
 
 
 @contextlib.contextmanager
@@ -433,7 +431,7 @@ def locked(config: Config):
 
 def is_temp_name(name: str) -> bool:
     """Whether `name` is a temporary file name of a writer in a run directory."""
-    return bool(_TEMP_NAME.search(name))
+    return bool(_ANY_TEMP_NAME.search(name))
 
 
 def remove_stale_temp_files(run: str):
@@ -560,7 +558,7 @@ def check_resumable(run: str):
         check_writable(backup)
     if damaged is not None:
         os.remove(summary)
-        from keras_ema._keras_private import print_msg
+        from keras_ema._messages import print_msg
 
         print_msg(f"{summary} was damaged ({damaged.reason}); it is rewritten "
                   "from history.csv at the next epoch end.")

@@ -145,7 +145,7 @@ def test(extra):
     cores = os.cpu_count() or 1
     # Test files spread over processes (pytest-xdist), each file in one.
     tf_workers = ["-n", str(min(4, cores)), "--dist", "loadfile"]
-    jax_workers = ["-n", str(min(2, max(1, cores // 2))), "--dist", "loadfile"]
+    jax_workers = ["-n", str(min(2, cores)), "--dist", "loadfile"]
     tf_pass = ([PYTHON, "-m", "pytest", "-q"] + tf_workers + extra,
                dict(quiet, KERAS_BACKEND="tensorflow"), "")
     jax_pass = ([PYTHON, "-m", "pytest", "-q", "-m", "all_backends"] + jax_workers + extra,

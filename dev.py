@@ -90,17 +90,81 @@ def structure(extra):
     return _run([PYTHON, os.path.join("tests", "structure.py")] + extra)
 
 
+def _run_together(commands, cwd=ROOT):
+    """The exit statuses of `commands`, `[(args, env, title)]`, run side by side.
+
+    The first prints as it runs; each other one's output is held in a
+    temporary file and printed after its title, in turn, once the ones
+    before it have ended.
+    An interrupt is passed on to every one still running, as `_run` does.
+    """
+    import tempfile
+
+    processes, held = [], []
+
+    def show(out, title):
+        out.seek(0)
+        sys.stdout.write(f"\n{title}\n" + out.read())
+        sys.stdout.flush()
+
+    try:
+        for index, (args, env, _) in enumerate(commands):
+            out = None if index == 0 else tempfile.TemporaryFile("w+")
+            held.append(out)
+            processes.append(subprocess.Popen(
+                args, cwd=cwd, env=dict(os.environ, **env), stdout=out,
+                stderr=None if out is None else subprocess.STDOUT))
+        codes = []
+        for process, out, (_, _, title) in zip(processes, held, commands):
+            codes.append(process.wait())
+            if out is not None:
+                show(out, title)
+                out.close()
+        return codes
+    except KeyboardInterrupt as interrupt:
+        how = str(interrupt) if str(interrupt) in _cli.EXIT_STATUS else "SIGINT"
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(getattr(signal, how))
+        for process, out, (_, _, title) in zip(processes, held, commands):
+            process.wait()
+            if out is not None and not out.closed:
+                show(out, title)
+        sys.exit(_cli.EXIT_STATUS[how])
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for out in held:
+            if out is not None and not out.closed:
+                out.close()
+
+
 def test(extra):
+    """The suite on TensorFlow, and the backend-independent tests on JAX.
+
+    On 2 or more cores the two passes run side by side, the JAX one's output
+    printed after the TensorFlow one's; `-n 0` in `extra` runs each pass in
+    one process.
+    """
     quiet = {"TF_CPP_MIN_LOG_LEVEL": "3"}
-    # Test files spread over up to 4 processes (pytest-xdist); `-n 0` in
-    # `extra` runs them in this one.
-    workers = ["-n", str(min(4, os.cpu_count() or 1)), "--dist", "loadfile"]
-    code = _run([PYTHON, "-m", "pytest", "-q"] + workers + extra,
-                KERAS_BACKEND="tensorflow", **quiet)
-    print("\nThe backend-independent tests again, on JAX:", flush=True)
-    code_jax = _run([PYTHON, "-m", "pytest", "-q", "-m", "all_backends"]
-                    + workers + extra, KERAS_BACKEND="jax", **quiet)
-    return code or code_jax
+    cores = os.cpu_count() or 1
+    # Test files spread over processes (pytest-xdist), each file in one.
+    tf_workers = ["-n", str(min(4, cores)), "--dist", "loadfile"]
+    jax_workers = ["-n", str(min(2, cores)), "--dist", "loadfile"]
+    tf_pass = ([PYTHON, "-m", "pytest", "-q"] + tf_workers + extra,
+               dict(quiet, KERAS_BACKEND="tensorflow"), "")
+    jax_pass = ([PYTHON, "-m", "pytest", "-q", "-m", "all_backends"] + jax_workers + extra,
+                dict(quiet, KERAS_BACKEND="jax"), "The backend-independent tests again, on JAX:")
+    if cores < 2:
+        code = _run(tf_pass[0], **tf_pass[1])
+        print(f"\n{jax_pass[2]}", flush=True)
+        return _run(jax_pass[0], **jax_pass[1]) or code
+    print("The backend-independent tests run on JAX alongside; their results "
+          "follow the TensorFlow ones.", flush=True)
+    codes = _run_together([tf_pass, jax_pass])
+    return next((code for code in codes if code), 0)
 
 
 def main(argv):

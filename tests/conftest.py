@@ -1,11 +1,12 @@
 """Shared test set-up: quiet logs, the backend under test, fresh seeds.
 
 Also the tiny digits run of the end-to-end tests (`tiny_config`) and runs
-trained once per session and shared: tests that change a run work on a copy
-(`shutil.copytree` into their `tmp_path`).
+trained once per session, by one pytest-xdist worker for all: tests that
+change a run work on a copy (`shutil.copytree` into their `tmp_path`).
 """
 
 import csv
+import gc
 import json
 import os
 
@@ -40,10 +41,20 @@ keras = _import_keras_quietly()
 
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
-    keras.backend.clear_session()
+    # Without its garbage collection (`free_memory`): with TensorFlow or JAX
+    # loaded a full collection takes about 0.3 s of CPU, and twice per test
+    # it was most of the time of the suite's many small tests. The garbage
+    # is collected once per test file instead.
+    keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(0)
     yield
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _collect_garbage():
+    yield
+    gc.collect()
 
 
 def tiny_config(output_dir, **overrides):
@@ -101,15 +112,49 @@ def read_summary(run):
         return json.load(f)
 
 
+def _shared_run(tmp_path_factory, name, train):
+    """The run `name`, trained once for the session by `train(directory)`.
+
+    pytest-xdist's workers share the parent of their temporary directories:
+    the first worker that asks trains the run there, under a lock, and the
+    others wait for it. Each worker gets its own copy, whose flags.cfg names
+    the copy as its --output_dir, as a run trained there would: a test that
+    locks or resumes its run disturbs no other worker. Returns (directory,
+    what `train` returned, stored as JSON).
+    """
+    import fcntl
+    import shutil
+
+    mine = tmp_path_factory.mktemp("runs") / name
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return str(mine), train(mine)
+    shared = tmp_path_factory.getbasetemp().parent / "shared_runs"
+    shared.mkdir(exist_ok=True)
+    source, result = shared / name, shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.exists():
+            shutil.rmtree(source, ignore_errors=True)  # a failed try
+            returned = train(source)
+            result.write_text(json.dumps(returned))
+    shutil.copytree(source, mine)
+    flags = mine / "flags.cfg"
+    text = flags.read_text()
+    assert text.count(f"--output_dir={source}\n") == 1, text
+    flags.write_text(text.replace(f"--output_dir={source}\n", f"--output_dir={mine}\n"))
+    return str(mine), json.loads(result.read_text())
+
+
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory):
     """The finished `tiny_config` run: (directory, summary). Read it only."""
     from zoo.run import experiment
 
-    run = tmp_path_factory.mktemp("runs") / "clean"
-    keras.backend.clear_session()
-    summary = experiment.train(tiny_config(run), verbose=0)
-    return str(run), summary
+    def train(run):
+        keras.backend.clear_session()
+        return experiment.train(tiny_config(run), verbose=0)
+
+    return _shared_run(tmp_path_factory, "clean", train)
 
 
 @pytest.fixture(scope="session")
@@ -120,11 +165,12 @@ def stopped_run(tmp_path_factory):
     """
     from zoo.run import experiment
 
-    run = tmp_path_factory.mktemp("runs") / "stopped"
-    keras.backend.clear_session()
-    with pytest.raises(KeyboardInterrupt):
-        experiment.train(tiny_config(run), verbose=0, callbacks=[Interrupt(2)])
-    return str(run)
+    def train(run):
+        keras.backend.clear_session()
+        with pytest.raises(KeyboardInterrupt):
+            experiment.train(tiny_config(run), verbose=0, callbacks=[Interrupt(2)])
+
+    return _shared_run(tmp_path_factory, "stopped", train)[0]
 
 
 @pytest.fixture(scope="session")
@@ -135,11 +181,12 @@ def noisy_run(tmp_path_factory):
     """
     from zoo.run import experiment
 
-    run = tmp_path_factory.mktemp("runs") / "noisy"
-    keras.backend.clear_session()
-    summary = experiment.train(
-        tiny_config(run, epochs=1, warmup_epochs=0, label_noise="symmetric:0.4",
-                    export=True, export_from="best_loss"),
-        verbose=0,
-    )
-    return str(run), summary
+    def train(run):
+        keras.backend.clear_session()
+        return experiment.train(
+            tiny_config(run, epochs=1, warmup_epochs=0, label_noise="symmetric:0.4",
+                        export=True, export_from="best_loss"),
+            verbose=0,
+        )
+
+    return _shared_run(tmp_path_factory, "noisy", train)

@@ -15,6 +15,7 @@ from keras_ema import _backend
 from keras_ema import _keras_private
 from keras_ema import _monitors
 from keras_ema import _validation_data
+from keras_ema import _writer
 from keras_ema import lora
 from keras_ema import state_file
 from keras_ema._checks import check_int
@@ -729,7 +730,9 @@ class MultiEMA(keras.callbacks.Callback):
         # Keep the two newest: a kill between this file and the model's own
         # backup leaves the model one epoch behind, and that state is kept;
         # a damaged newest file leaves the older one to resume from.
-        state_file.write_state_file(self.backup_dir, self.get_state(), keep=2)
+        # Written by the run's background writer, if one is open (`_writer`).
+        _writer.submit(state_file.write_state_file, self.backup_dir,
+                       self.get_state(), keep=2)
 
     def _restore_backup(self, step):
         """Restores the state saved at optimizer step `step`, if any.
@@ -1113,6 +1116,8 @@ class MultiEMA(keras.callbacks.Callback):
         if directory:
             os.makedirs(directory, exist_ok=True)
         key = (self.decays[self._index(decay)], self._step)
+        if _writer.save_ema_weights(self, decay, key, path):
+            return  # from a host copy, by the run's background writer
         with atomic_path(path) as tmp:
             if not self._link_written(key, tmp):
                 with self.swapped_in(decay) as model:

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 import keras_ema
+from keras_ema import _writer
 from keras_ema import state_file
 from keras_ema._keras_private import print_msg
 from zoo.data.loader import ArrayLoader
@@ -400,15 +401,18 @@ def _fit(config, data, run, verbose, extra_callbacks, strategy=None,
                                     history_path=os.path.join(run, "history.csv"))
     _banner("Training")
     try:
-        model.fit(
-            train_loader,
-            epochs=config.epochs,
-            validation_data=validation,
-            shuffle=False,
-            verbose=verbose,
-            callbacks=[_StopOnNonFiniteLoss(), EpochSetter(train_loader),
-                       chosen, averager, logger, backup] + extra_callbacks,
-        )
+        # The files of each epoch end are written by a background thread
+        # while the next epoch trains, all of them before fit returns.
+        with _writer.BackgroundWriter():
+            model.fit(
+                train_loader,
+                epochs=config.epochs,
+                validation_data=validation,
+                shuffle=False,
+                verbose=verbose,
+                callbacks=[_StopOnNonFiniteLoss(), EpochSetter(train_loader),
+                           chosen, averager, logger, backup] + extra_callbacks,
+            )
     except _Diverged as diverged:
         return _finish_diverged(config, run, logger, summary_of, diverged)
 

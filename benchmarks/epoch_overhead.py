@@ -22,7 +22,10 @@ Phases (each time is exclusive: a phase inside another counts once):
   epoch, the last weights (a file made as a hard link to another counts as
   a file of 0 bytes);
 - history/summary: history.csv and summary.json;
-- plots: curves.png, written once after training (its own row).
+- plots: curves.png, written once after training (its own row);
+- background: the files the run's background writer thread puts on disk
+  while the next epoch trains (bytes and files only: its time overlaps
+  training and is in no phase above).
 
     python benchmarks/epoch_overhead.py --dataset=digits --model=resnet18 \\
         --width=1 --ema_decays=0.968,0.984,0.992,0.996,0.998 --ema_period=16
@@ -41,6 +44,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -107,7 +111,10 @@ class Profile:
         setattr(owner, attribute, timed)
 
     def count(self, path, written=True):
-        name = self._stack[-1][0] if self._stack else "other"
+        if threading.current_thread() is not threading.main_thread():
+            name = "background"  # the writer thread, overlapping training
+        else:
+            name = self._stack[-1][0] if self._stack else "other"
         size = _size(path) if written else 0
         self.bytes[name] = self.bytes.get(name, 0) + size
         self.files[name] = self.files.get(name, 0) + 1
@@ -220,14 +227,14 @@ def _plain_fit_seconds(config, data, epochs):
     val = arrays(data.x_val, data.y_val) if data.x_val is not None else arrays(
         data.x_test, data.y_test)
     model = get_model(config.model, num_classes=data.num_classes,
-                      input_shape=data.image_shape, width=config.width,
-                      weight_decay=config.weight_decay)
+                      input_shape=data.image_shape, width=config.width)
     steps = -(-len(x) // config.batch_size)
     model.compile(
         optimizer=PyTorchSGD(
             learning_rate=WarmupCosine(config.lr, config.epochs * steps,
                                        config.warmup_epochs * steps),
-            momentum=config.momentum, nesterov=config.nesterov),
+            momentum=config.momentum, nesterov=config.nesterov,
+            weight_decay=config.weight_decay),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"], jit_compile=experiment._jit_compile())
     seconds = []
@@ -272,7 +279,10 @@ def _table(epochs, plain, plots):
         writes = sum(seconds.get(k, 0.0) for k in
                      ("backup writes", "best-file writes", "history/summary"))
         bookkeeping += f"{writes:>11.3f}{'':>15}"
-    lines += ["-" * len(header), row, bookkeeping, total]
+    row_bg = f"{'(background)':<18}"
+    for _, wall, seconds, nbytes, files in epochs:
+        row_bg += f"{'':>11}{_mb(nbytes.get('background', 0)):>9}{files.get('background', 0):>6}"
+    lines += [row_bg, "-" * len(header), row, bookkeeping, total]
     lines.append(f"{'plots (once, after training)':<30}{plots[0]:.3f} s, "
                  f"{_mb(plots[1])} MB")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import keras
 import numpy as np
 
+from keras_ema import _writer
 from keras_ema import lora
 from keras_ema import state_file
 from keras_ema.update_log import UpdateLog
@@ -149,9 +150,11 @@ def save_backup(ema):
 
     A kill between this file and the model's own backup leaves the model one
     epoch behind, and that state is kept; a damaged newest file leaves the
-    older one to resume from.
+    older one to resume from. Written by the run's background writer, if
+    one is open (`_writer`).
     """
-    state_file.write_state_file(ema.backup_dir, ema.get_state(), keep=2)
+    _writer.submit(state_file.write_state_file, ema.backup_dir,
+                   ema.get_state(), keep=2)
 
 
 def restore_backup_at(ema, step: int) -> bool:

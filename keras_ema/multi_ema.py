@@ -13,6 +13,7 @@ from keras_ema import _backend
 from keras_ema import _keras_private
 from keras_ema import _messages
 from keras_ema import _validation_data
+from keras_ema import _writer
 from keras_ema import ema_state
 from keras_ema import lora
 from keras_ema import shadows
@@ -457,6 +458,8 @@ class MultiEMA(keras.callbacks.Callback):
         if directory:
             os.makedirs(directory, exist_ok=True)
         key = (self.decays[self._index(decay)], self._step)
+        if _writer.save_ema_weights(self, decay, key, path):
+            return  # from a host copy, by the run's background writer
         with atomic_path(path) as tmp:
             if not self._written.link(key, tmp):
                 with self.swapped_in(decay) as model:

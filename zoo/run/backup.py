@@ -6,6 +6,7 @@ import re
 
 import keras
 
+from keras_ema import _writer
 from keras_ema._messages import print_msg
 from zoo import _keras_private
 from zoo.run import run_dir
@@ -62,6 +63,10 @@ class AtomicBackupAndRestore(_keras_private.BackupAndRestore):
 
     def on_train_begin(self, logs=None):
         self.load_backup()
+
+    def on_train_end(self, logs=None):
+        _writer.drain()  # the backup's files whole before it may be removed
+        super().on_train_end(logs)
 
     def _history_copy(self):
         return os.path.join(self.backup_dir, "history.csv")
@@ -176,15 +181,25 @@ class AtomicBackupAndRestore(_keras_private.BackupAndRestore):
         run_dir.write_csv(self.history_path, rows)
 
     def save_backup(self):
+        # With a background writer (`keras_ema._writer`) open, each step is a
+        # job of its queue, in this order: the metadata, written last, names
+        # files already whole.
         os.makedirs(self.backup_dir, exist_ok=True)
+        _writer.submit(self._copy_history)
+        name = f"epoch_{self.current_epoch}.weights.h5"
+        run_dir.save_weights(self.model, os.path.join(self.backup_dir, name))
+        _writer.submit(self._commit, self.current_epoch, name)
+
+    def _copy_history(self):
         if self.history_path and os.path.exists(self.history_path):
             with open(self.history_path, "rb") as f:
                 run_dir.write_bytes(self._history_copy(), f.read())
-        name = f"epoch_{self.current_epoch}.weights.h5"
-        run_dir.save_weights(self.model, os.path.join(self.backup_dir, name))
-        newest = {"epoch": self.current_epoch, "weights": name}
+
+    def _commit(self, epoch, name):
+        """Writes the metadata naming `name` (of `epoch`), then removes older files."""
+        newest = {"epoch": epoch, "weights": name}
         older = [e for e in self._entries() or self._files()
-                 if e["epoch"] < self.current_epoch]
+                 if e["epoch"] < epoch]
         kept = [newest] + older[:1]
         run_dir.write_json(self.metadata_path, {
             "epoch": newest["epoch"], "weights": name, "backups": kept,

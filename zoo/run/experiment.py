@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 import keras_ema
+from keras_ema import _writer
 from keras_ema import state_file
 from keras_ema._messages import print_msg
 from zoo.data.loader import ArrayLoader
@@ -291,14 +292,17 @@ def _fit(config, data, run, verbose, extra_callbacks, strategy=None,
     fit = _callbacks(config, data, run, train_loader, validation, extra_callbacks)
     _banner("Training")
     try:
-        model.fit(
-            train_loader,
-            epochs=config.epochs,
-            validation_data=validation,
-            shuffle=False,
-            verbose=verbose,
-            callbacks=fit.callbacks,
-        )
+        # The files of each epoch end are written by a background thread
+        # while the next epoch trains, all of them before fit returns.
+        with _writer.BackgroundWriter():
+            model.fit(
+                train_loader,
+                epochs=config.epochs,
+                validation_data=validation,
+                shuffle=False,
+                verbose=verbose,
+                callbacks=fit.callbacks,
+            )
     except Diverged as diverged:
         raise finish_diverged(run, fit.logger.rows, fit.summary_of, diverged,
                               _curves_title(config))

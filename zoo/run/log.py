@@ -10,6 +10,7 @@ import os
 import keras
 import numpy as np
 
+from keras_ema import _writer
 from zoo.run import run_dir
 from zoo.run.config import Config
 from zoo.selection import chosen_by
@@ -44,8 +45,14 @@ class RunLogger(keras.callbacks.Callback):
         row = {"epoch": epoch, "lr": _current_learning_rate(self.model)}
         row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
         self.rows.append(row)
-        run_dir.write_csv(self._path("history.csv"), self.rows)
-        run_dir.write_json(self._path("summary.json"), self.summarize(self.rows, False))
+        # By the run's background writer, if one is open (`keras_ema._writer`).
+        _writer.submit(_write_history, self._path("history.csv"), list(self.rows),
+                       self._path("summary.json"), self.summarize(self.rows, False))
+
+
+def _write_history(history_path, rows, summary_path, summary):
+    run_dir.write_csv(history_path, rows)
+    run_dir.write_json(summary_path, summary)
 
 
 def _current_learning_rate(model):

@@ -34,8 +34,8 @@ import shutil
 import warnings
 
 from keras_ema import _files
+from keras_ema import _writer
 from keras_ema._files import is_disk_full
-from keras_ema._files import write_weights
 from zoo.run.config import RESUMABLE_CHANGES
 from zoo.run.config import Config
 from zoo.run.config import read_flags
@@ -117,10 +117,11 @@ def save_weights(model, path: str, include_optimizer: bool = True):
 
     The file is built in memory first: h5py writing to a full disk crashes
     the process. `include_optimizer=False` leaves out the optimizer's
-    variables (see `keras_ema._files.write_weights`).
+    variables (see `keras_ema._files.write_weights`). While a
+    `keras_ema._writer.BackgroundWriter` is open (during a run's `fit`), a
+    host copy is taken now and the writer writes the file, in order.
     """
-    with atomic_path(path) as tmp:
-        write_weights(model, tmp, include_optimizer)
+    _writer.save_weights(model, path, include_optimizer, atomic_path=atomic_path)
 
 
 def load_weights(model, path: str, remedy: str = ""):

@@ -7,6 +7,7 @@
 - `summary_schema`: what a finished run's `summary.json` must hold, checked on load.
 - `processes`: runs of several processes and devices (tf.distribute, JAX).
 - `experiment`: `train(Config(...))`, the paper's protocol.
+- `runs`: `Run` and `load_runs`, the finished runs that evaluate.py reads.
 
 Importing `zoo.run` and `zoo.run.config` imports no Keras, so that
 `train.py --help` answers at once.

@@ -6,7 +6,7 @@
     python evaluate.py runs/demo_s0 --evals=posthoc   # needs train.py --snapshot_every
 
 Pass the run directories of the seeds of one configuration. See
-`zoo/evaluation.py` for what each evaluation computes.
+`zoo/evaluation.py` and `zoo/evals/` for what each evaluation computes.
 """
 
 import os
@@ -23,17 +23,7 @@ if __name__ == "__main__":
 
 from absl import flags  # noqa: E402
 
-# zoo.evaluation.EVALUATORS' names and help lines, repeated here so that
-# --help needs no Keras (tests/test_evaluate.py checks that they agree).
-EVALS = {
-    "generalization": "test accuracy and loss (Table 1)",
-    "label_noise": "clean test accuracy of --label_noise runs (Table 2)",
-    "calibration": "ECE before and after temperature scaling (Table 5)",
-    "churn": "disagreement between seeds; needs two or more runs, skipped "
-             "by default with one (Table 3)",
-    "transfer": "linear probe on --transfer_dataset (Table 4)",
-    "posthoc": "post-hoc EMA sweep; needs train.py --snapshot_every",
-}
+from zoo.evals import EVALS  # noqa: E402 (names and help; imports no Keras)
 
 flags.DEFINE_list("evals", ["generalization", "calibration", "churn"],
                   "Comma-separated evaluations: " + "; ".join(

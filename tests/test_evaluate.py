@@ -248,22 +248,6 @@ def test_one_run_with_the_default_evals_skips_churn_quietly(runs, tmp_path):
     assert result.stderr.strip() == "", result.stderr[-2000:]
 
 
-def test_evaluate_py_lists_the_registered_evaluations():
-    # evaluate.py repeats the registry's names and help lines so that --help
-    # needs no Keras; they must agree, in the registry's order.
-    code = ("import json, sys\nsys.argv = ['evaluate.py']\nimport evaluate\n"
-            "print(json.dumps(list(evaluate.EVALS.items())))\n")
-    result = subprocesses.run([sys.executable, "-c", code], cwd=ROOT,
-                            capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=ROOT))
-    assert result.returncode == 0, result.stderr[-2000:]
-    listed = [tuple(item) for item in json.loads(result.stdout)]
-    assert listed == [(n, e.help) for n, e in evaluation.EVALUATORS.items()]
-    assert evaluation.EVALS == tuple(evaluation.EVALUATORS)
-    assert set(evaluation.EVALS) == {"generalization", "calibration", "churn",
-                                     "transfer", "label_noise", "posthoc"}
-
-
 def test_evaluate_looks_each_evaluation_up_in_the_registry(finished_run, monkeypatch):
     calls = []
 

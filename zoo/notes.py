@@ -7,13 +7,15 @@ warm-up, few epochs. Each function takes the facts of the run (`run_facts`)
 and an evaluation's table, and returns the lines.
 """
 
+from zoo.evals import MODEL_NAMES
+
 
 def notes_of(ev, runs: list, results: dict, models) -> dict:
     """`{eval: [line]}`: what a reader would otherwise be puzzled by.
 
     Args:
-        ev: `zoo.evaluation.Evaluator`. Gives the run's data and EMA.
-        runs: list of `zoo.evaluation.Run`. The first one's facts are used.
+        ev: `zoo.evals.evaluator.Evaluator`. Gives the run's data and EMA.
+        runs: list of `zoo.run.runs.Run`. The first one's facts are used.
         results: dict. `evaluate`'s results so far, with `"setup"` and
             `"evals"`.
         models: the evaluated model keys, e.g. `("baseline", "ema_loss")`.
@@ -93,7 +95,7 @@ def _no_gain_reasons(facts):
 def generalization_notes(table: dict, facts: dict,
                          names: "dict | None" = None) -> list:
     """A line when no EMA row beats the baseline's test accuracy, with why."""
-    names = names or _model_names()
+    names = names or MODEL_NAMES
     if "baseline" not in table:
         return []
     emas = {m: t["accuracy"]["mean"] for m, t in table.items()
@@ -116,7 +118,7 @@ def generalization_notes(table: dict, facts: dict,
 def calibration_notes(table: dict, facts: dict,
                       names: "dict | None" = None) -> list:
     """A line per model whose ECE temperature scaling raises, with why."""
-    names = names or _model_names()
+    names = names or MODEL_NAMES
     lines = []
     for m, t in table.items():
         if "ece_ts" not in t or t["ece_ts"]["mean"] <= t["ece"]["mean"]:
@@ -135,9 +137,3 @@ def calibration_notes(table: dict, facts: dict,
             f"({t['ece']['mean']:.2f}% to {t['ece_ts']['mean']:.2f}%). "
             "Likely: " + "; ".join(reasons) + ".")
     return lines
-
-
-def _model_names():
-    from zoo.evaluation import MODEL_NAMES
-
-    return MODEL_NAMES

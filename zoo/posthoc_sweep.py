@@ -23,6 +23,8 @@ import os
 
 import numpy as np
 
+from zoo.evals import EvaluationError
+
 # EMA half-lives as fractions of the run's optimizer steps, and power EMAs.
 # With the warm-up min(a, (t+1)/(t+10)) an EMA's half-life at step N cannot
 # exceed about 0.08 N: longer ones give the same profile and are dropped.
@@ -55,86 +57,107 @@ def targets(step: int, period: int, warmup: bool) -> list:
 
 def evaluate_posthoc(ev, runs: list, figures: dict) -> dict:
     """The sweep for every run; fills `figures` with one plot per run."""
+    per_run = {}
+    for run in runs:
+        per_run[run.name], figures[f"posthoc_{run.name}.png"] = _sweep(ev, run)
+    return {"per_run": per_run}
+
+
+def _sweep(ev, run):
+    """`(result, plotter)` of the sweep of one run at its last snapshot."""
+    from keras_ema import posthoc
+
+    snap = os.path.join(run.path, "snapshots")
+    snaps = posthoc.list_snapshots(snap) if os.path.isdir(snap) else []
+    if not snaps:
+        raise EvaluationError(
+            f"--evals=posthoc: {run.path} has no snapshots; train it with "
+            "--snapshot_every=N (optimizer steps) first."
+        )
+    c = run.config
+    data = ev.data(run)
+    split = "validation" if data.x_val is not None else "test"
+    model = ev.model(run, "baseline")  # the final weights, cached
+    step = _last_readable_step(snaps)
+    rows = _candidates(ev, run, model, snap, step, split)
+    tracked = {}
+    for d in c.ema_decays:
+        tracked[str(d)] = posthoc.EMAProfile(
+            d, period=c.ema_period, warmup=c.ema_warmup).length(step)
+    reachable = [r for r in rows if r["reachable"]]
+    best_acc = max(reachable, key=lambda r: (r["accuracy"], -r["loss"]),
+                   default=None)
+    best_loss = min(reachable, key=lambda r: r["loss"], default=None)
+    if not reachable:
+        ev.log(f"  {run.name}: no candidate is matched within error bound "
+               f"{MAX_ERROR}: snapshot more often (--snapshot_every) or track "
+               "more decays (--ema_decays).")
+    result = {
+        "step": step, "split": split, "candidates": rows,
+        "tracked_lengths": tracked,
+        "best_accuracy": best_acc, "best_loss": best_loss,
+    }
+    return result, _plotter(
+        reachable, tracked,
+        f"{run.name}: post-hoc EMA at step {step}, {split} split, BN recomputed")
+
+
+def _candidates(ev, run, model, snap, step, split):
+    """A row per target: synthesized into the final model and evaluated on
+    `split`, or skipped with the reason; the final weights are restored."""
     import keras
 
     from keras_ema import posthoc
+
+    saved = [keras.ops.convert_to_numpy(v) for v in model.weights]
+    c = run.config
+    rows = []
+    try:
+        for label, kind, target in targets(step, c.ema_period, c.ema_warmup):
+            try:
+                report = posthoc.synthesize_into(model, snap, target, step,
+                                                 max_error=MAX_ERROR)
+            except posthoc.UnmatchedTargetError as e:
+                rows.append({"target": label, "kind": kind,
+                             "length": target.length(step), "reachable": False,
+                             "skipped": str(e)})
+                ev.log(f"  {run.name}: {label}: skipped: {e}")
+                continue
+            except ValueError as e:  # a damaged or foreign snapshot
+                raise EvaluationError(f"--evals=posthoc: {run.path}: {e}") from None
+            rows.append(_evaluated(ev, run, model, split, label, kind, report))
+    finally:
+        for v, value in zip(model.weights, saved):
+            v.assign(value)
+    return rows
+
+
+def _evaluated(ev, run, model, split, label, kind, report):
+    """The row of a synthesized candidate: BN recomputed, then evaluated on `split`."""
     from zoo.data.loader import ArrayLoader
-    from zoo.evaluation import EvaluationError
-    from zoo.evaluation import accuracy_and_loss
+    from zoo.evals.metrics import accuracy_and_loss
     from zoo.trained_model import recompute_bn
 
-    per_run = {}
-    for run in runs:
-        snap = os.path.join(run.path, "snapshots")
-        snaps = posthoc.list_snapshots(snap) if os.path.isdir(snap) else []
-        if not snaps:
-            raise EvaluationError(
-                f"--evals=posthoc: {run.path} has no snapshots; train it with "
-                "--snapshot_every=N (optimizer steps) first."
-            )
-        c = run.config
-        data = ev.data(run)
-        split = "validation" if data.x_val is not None else "test"
-        x = data.x_val if data.x_val is not None else data.x_test
-        y = data.y_val if data.y_val is not None else data.y_test
-        model = ev.model(run, "baseline")  # the final weights, cached
-        saved = [keras.ops.convert_to_numpy(v) for v in model.weights]
-        step = _last_readable_step(snaps)
-        rows = []
-        try:
-            for label, kind, target in targets(step, c.ema_period, c.ema_warmup):
-                try:
-                    report = posthoc.synthesize_into(model, snap, target, step,
-                                                     max_error=MAX_ERROR)
-                except posthoc.UnmatchedTargetError as e:
-                    rows.append({"target": label, "kind": kind,
-                                 "length": target.length(step), "reachable": False,
-                                 "skipped": str(e)})
-                    ev.log(f"  {run.name}: {label}: skipped: {e}")
-                    continue
-                except ValueError as e:  # a damaged or foreign snapshot
-                    raise EvaluationError(f"--evals=posthoc: {run.path}: {e}") from None
-                if ev.bn_recompute:
-                    recompute_bn(model, c, data)
-                logits = model.predict(ArrayLoader(x, None, 256, data.mean, data.std),
-                                       verbose=0)
-                accuracy, loss = accuracy_and_loss(logits, y)
-                rows.append({
-                    "target": label, "kind": kind,
-                    "length": report.length,
-                    "profile_error": report.profile_error,
-                    "error_bound": report.error_bound,
-                    "accuracy": 100 * accuracy, "loss": loss,
-                    "reachable": True,
-                })
-                ev.log(f"  {run.name}: {label}: {split} accuracy "
-                       f"{100 * accuracy:.2f}%, loss {loss:.4f}, error bound "
-                       f"{report.error_bound:.2e} (profile error "
-                       f"{report.profile_error:.2e})")
-        finally:
-            for v, value in zip(model.weights, saved):
-                v.assign(value)
-        tracked = {}
-        for d in c.ema_decays:
-            tracked[str(d)] = posthoc.EMAProfile(
-                d, period=c.ema_period, warmup=c.ema_warmup).length(step)
-        reachable = [r for r in rows if r["reachable"]]
-        best_acc = max(reachable, key=lambda r: (r["accuracy"], -r["loss"]),
-                       default=None)
-        best_loss = min(reachable, key=lambda r: r["loss"], default=None)
-        if not reachable:
-            ev.log(f"  {run.name}: no candidate is matched within error bound "
-                   f"{MAX_ERROR}: snapshot more often (--snapshot_every) or track "
-                   "more decays (--ema_decays).")
-        per_run[run.name] = {
-            "step": step, "split": split, "candidates": rows,
-            "tracked_lengths": tracked,
-            "best_accuracy": best_acc, "best_loss": best_loss,
-        }
-        figures[f"posthoc_{run.name}.png"] = _plotter(
-            reachable, tracked,
-            f"{run.name}: post-hoc EMA at step {step}, {split} split, BN recomputed")
-    return {"per_run": per_run}
+    data = ev.data(run)
+    x = data.x_val if data.x_val is not None else data.x_test
+    y = data.y_val if data.y_val is not None else data.y_test
+    if ev.bn_recompute:
+        recompute_bn(model, run.config, data)
+    logits = model.predict(ArrayLoader(x, None, 256, data.mean, data.std),
+                           verbose=0)
+    accuracy, loss = accuracy_and_loss(logits, y)
+    ev.log(f"  {run.name}: {label}: {split} accuracy "
+           f"{100 * accuracy:.2f}%, loss {loss:.4f}, error bound "
+           f"{report.error_bound:.2e} (profile error "
+           f"{report.profile_error:.2e})")
+    return {
+        "target": label, "kind": kind,
+        "length": report.length,
+        "profile_error": report.profile_error,
+        "error_bound": report.error_bound,
+        "accuracy": 100 * accuracy, "loss": loss,
+        "reachable": True,
+    }
 
 
 def _last_readable_step(snaps):

@@ -5,9 +5,11 @@ results dict. One function per section of the report; `SECTIONS` gives
 their order, which is not the order of `--evals`.
 """
 
+from zoo.evals import MODEL_NAMES
+
 
 def fmt(stat: dict, digits: int) -> str:
-    """`"mean ± std"` of a `zoo.evaluation.mean_std` dict; the mean alone for one value."""
+    """`"mean ± std"` of a `zoo.evals.metrics.mean_std` dict; the mean alone for one value."""
     if stat["n"] > 1:
         return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
     return f"{stat['mean']:.{digits}f}"
@@ -157,8 +159,6 @@ SECTIONS = (
 
 def format_markdown(results: dict) -> str:
     """The tables of `results` (see `zoo.evaluation.evaluate`) as Markdown."""
-    from zoo.evaluation import MODEL_NAMES
-
     names = results["setup"].get("model_names", MODEL_NAMES)
     notes = results.get("notes", {})
     lines = _header(results, names)

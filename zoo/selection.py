@@ -35,6 +35,7 @@ import os
 import keras
 
 from keras_ema.best import BestTracker
+from zoo.evals import EvaluationError
 from zoo.run import run_dir
 from zoo.run.config import Config
 from zoo.run.config import ConfigError
@@ -259,3 +260,67 @@ class ChosenWeights(keras.callbacks.Callback):
             self._save_sgd("sgd_last.weights.h5")
             for decay in self.averager.decays:
                 self._save_ema(decay, f"ema_{decay}_last.weights.h5")
+
+
+# === The EMA decay that evaluate.py reports ===
+
+DECAY_CHOICES = ("largest", "best_on_validation")
+
+
+def parse_decay(text: "str | float | None") -> "str | float":
+    """`--decay`'s value: `"largest"`, `"best_on_validation"` or a float."""
+    if text is None:
+        return "largest"
+    if isinstance(text, str) and text.strip() in DECAY_CHOICES:
+        return text.strip()
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not 0 < value < 1:
+        raise EvaluationError(
+            f"--decay={text}: use largest (the paper's tables), "
+            "best_on_validation, or one of the runs' decays, e.g. 0.998."
+        )
+    return value
+
+
+def select_ema(summary: dict, criterion: str,
+               decay: "str | float" = "largest") -> tuple:
+    """`(decay, epoch, weights file)` of the EMA chosen by `criterion`.
+
+    Args:
+        summary: a run's `summary.json`.
+        criterion: `"accuracy"` (highest), `"loss"` (lowest) or `"last"`
+            (the final EMA).
+        decay: `"largest"` (the largest tracked decay, the paper's tables),
+            `"best_on_validation"` (the decay whose chosen value on the
+            validation split is best) or a float. Defaults to `"largest"`.
+
+    Raises:
+        zoo.evals.EvaluationError: no such decay or record, or
+            `"best_on_validation"` for the last epoch.
+    """
+    decay = parse_decay(decay)
+    key = criterion if criterion == "last" else f"best_{criterion}"
+    candidates = {d: e[key] for d, e in summary.get("ema", {}).items() if key in e}
+    if not candidates:
+        raise EvaluationError(f"The run's summary.json records no EMA {key}.")
+    if decay == "largest":
+        name = max(candidates, key=float)
+    elif decay == "best_on_validation":
+        if criterion == "last":
+            raise EvaluationError(
+                "--decay=best_on_validation: these runs have no validation "
+                "split and no --selection_from; use largest or a decay.")
+        sign = 1.0 if criterion == "accuracy" else -1.0
+        name = max(candidates, key=lambda d: (sign * candidates[d]["value"], float(d)))
+    else:
+        name = next((d for d in candidates if float(d) == decay), None)
+        if name is None:
+            raise EvaluationError(
+                f"--decay={decay}: not one of the runs' decays "
+                f"{', '.join(sorted(candidates))}."
+            )
+    record = candidates[name]
+    return float(name), int(record["epoch"]), record["weights"]

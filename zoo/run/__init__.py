@@ -10,6 +10,7 @@
 - `processes`: runs of several processes and devices (tf.distribute, JAX).
 - `experiment`: `train(Config(...))`, the paper's protocol.
 - `divergence`: a run whose loss becomes NaN or infinite.
+- `runs`: `Run` and `load_runs`, the finished runs that evaluate.py reads.
 
 Importing `zoo.run` and `zoo.run.config` imports no Keras, so that
 `train.py --help` answers at once.

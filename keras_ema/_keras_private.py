@@ -141,6 +141,19 @@ def h5_weights_bytes(model, include_optimizer=True):
     return buffer.getbuffer()
 
 
+def copy_lora_layers(source, copy):
+    """Gives `copy` the record of which of its layers have LoRA that `source` has.
+
+    keras-hub's backbones (read from keras-hub 0.32.0,
+    `keras_hub/src/models/backbone.py`) keep it in the private
+    `_lora_enabled_layers` and `_lora_rank`, which `save_lora_weights` and
+    `load_lora_weights` read; layers without them are left alone.
+    """
+    if getattr(source, "_lora_enabled_layers", None):
+        copy._lora_enabled_layers = list(source._lora_enabled_layers)
+        copy._lora_rank = source._lora_rank
+
+
 def sync_training_state(callback):
     """Puts `fit`'s training state back into the model's variables (JAX).
 
@@ -151,3 +164,76 @@ def sync_training_state(callback):
     the other backends this reads `model` and nothing else. Returns the model.
     """
     return callback.model
+
+
+def weights_snapshot(model, include_optimizer, values, host_copy):
+    """A host copy of `model.save_weights`'s file, to build later in any thread.
+
+    Returns a function of no arguments giving the bytes `write_weights`
+    writes (as `h5_weights_bytes` gives them), or `None` when this
+    Keras lays its saving out otherwise or a layer saves a computed value
+    in place of one of `values`. `values` maps `id(variable)` to the array
+    to save in place of the variable's own value (an EMA).
+
+    `host_copy(value)` copies a value to the host. Read from Keras 3.15.1
+    (`keras/src/saving/saving_lib.py`): Keras' private `_save_state` is run against a store that records each group it
+    makes and a copy of each value it is given; the bytes are built by
+    replaying those calls on Keras' own `H5IOStore`, so the file is the one
+    `model.save_weights` writes.
+    """
+    try:
+        from keras.src.saving import saving_lib
+    except ImportError:
+        return None
+    store_type = getattr(saving_lib, "H5IOStore", None)
+    if store_type is None or not hasattr(saving_lib, "_save_state"):
+        return None
+    values = values or {}
+    calls = []
+
+    class Recorder(store_type):
+        """Records `make` and `__setitem__`; opens no file."""
+
+        def __init__(self):  # noqa: D107 - no H5 file
+            pass
+
+        def __bool__(self):
+            return True
+
+        def make(self, path, metadata=None):
+            calls.append(("make", path, metadata))
+            return self
+
+        def __setitem__(self, key, value):
+            if isinstance(value, keras.Variable):
+                value = values.get(id(value), value)
+            elif values:
+                raise _ComputedValue()  # can't tell whether an EMA enters it
+            calls.append(("set", key, host_copy(value)))
+
+    optimizer = getattr(model, "optimizer", None)
+    skip = {id(optimizer)} if optimizer is not None and not include_optimizer else set()
+    try:
+        saving_lib._save_state(model, weights_store=Recorder(), assets_store=None,
+                               inner_path="", visited_saveables=skip)
+    except (_ComputedValue, TypeError, AttributeError):
+        return None
+
+    def build():
+        store = store_type(io.BytesIO(), mode="w")
+        buffer = store.path_or_io
+        try:
+            for call, name, argument in calls:
+                if call == "make":
+                    store.make(name, metadata=argument)
+                else:
+                    store[name] = argument
+        finally:
+            store.close()
+        return buffer.getbuffer()
+
+    return build
+
+
+class _ComputedValue(Exception):
+    pass

@@ -29,7 +29,6 @@ The guarantees of writing in place hold:
   is not a daemon, so an interrupted wait still lets it finish.
 """
 
-import io
 import os
 import queue
 import threading
@@ -37,6 +36,7 @@ import threading
 import keras
 
 from keras_ema import _files
+from keras_ema import _keras_private
 from keras_ema import written_files
 
 _STOP = object()
@@ -153,72 +153,13 @@ def weights_snapshot(model, include_optimizer=True, values=None):
     """A host copy of `model.save_weights`'s file, to build later in any thread.
 
     Returns a function of no arguments giving the bytes `write_weights`
-    writes (see `keras_ema._files._h5_weights_bytes`), or `None` when this
-    Keras lays its saving out otherwise or a layer saves a computed value
-    in place of one of `values`. `values` maps `id(variable)` to the array
-    to save in place of the variable's own value (an EMA).
-
-    Keras' `_save_state` is run against a store that records each group it
-    makes and a copy of each value it is given; the bytes are built by
-    replaying those calls on Keras' own `H5IOStore`, so the file is the one
-    `model.save_weights` writes.
+    writes, or `None` when this Keras lays its saving out otherwise or a
+    layer saves a computed value in place of one of `values`. `values` maps
+    `id(variable)` to the array to save in place of the variable's own value
+    (an EMA). See `keras_ema._keras_private.weights_snapshot`.
     """
-    try:
-        from keras.src.saving import saving_lib
-    except ImportError:
-        return None
-    store_type = getattr(saving_lib, "H5IOStore", None)
-    if store_type is None or not hasattr(saving_lib, "_save_state"):
-        return None
-    values = values or {}
-    calls = []
-
-    class Recorder(store_type):
-        """Records `make` and `__setitem__`; opens no file."""
-
-        def __init__(self):  # noqa: D107 - no H5 file
-            pass
-
-        def __bool__(self):
-            return True
-
-        def make(self, path, metadata=None):
-            calls.append(("make", path, metadata))
-            return self
-
-        def __setitem__(self, key, value):
-            if isinstance(value, keras.Variable):
-                value = values.get(id(value), value)
-            elif values:
-                raise _ComputedValue()  # can't tell whether an EMA enters it
-            calls.append(("set", key, host_copy(value)))
-
-    optimizer = getattr(model, "optimizer", None)
-    skip = {id(optimizer)} if optimizer is not None and not include_optimizer else set()
-    try:
-        saving_lib._save_state(model, weights_store=Recorder(), assets_store=None,
-                               inner_path="", visited_saveables=skip)
-    except (_ComputedValue, TypeError, AttributeError):
-        return None
-
-    def build():
-        store = store_type(io.BytesIO(), mode="w")
-        buffer = store.path_or_io
-        try:
-            for call, name, argument in calls:
-                if call == "make":
-                    store.make(name, metadata=argument)
-                else:
-                    store[name] = argument
-        finally:
-            store.close()
-        return buffer.getbuffer()
-
-    return build
-
-
-class _ComputedValue(Exception):
-    pass
+    return _keras_private.weights_snapshot(model, include_optimizer, values,
+                                           host_copy)
 
 
 def write_snapshot(build, path):

@@ -141,9 +141,7 @@ def enable_lora_like(source, clone):
         c = by_path.get(getattr(s, "path", None))
         if c is None:
             continue
-        if getattr(s, "_lora_enabled_layers", None):
-            c._lora_enabled_layers = list(s._lora_enabled_layers)
-            c._lora_rank = s._lora_rank
+        _keras_private.copy_lora_layers(s, c)
         c.trainable = s.trainable
     for s, c in zip(source.weights, clone.weights):
         c.trainable = s.trainable

@@ -159,3 +159,28 @@ def resume_at(model, epoch):
     """Makes `model.fit` start at `epoch`: Keras 3.15.1 starts `fit` at the
     private `model._initial_epoch` when it is set (`BackupAndRestore` sets it)."""
     model._initial_epoch = epoch
+
+
+# -- SGD with a coupled weight decay ------------------------------------------
+
+
+class CoupledDecaySGD(keras.optimizers.SGD):
+    """`keras.optimizers.SGD` without its decoupled weight decay, its private parts named.
+
+    Read from Keras 3.15.1 (`keras/src/optimizers/base_optimizer.py`):
+    `Optimizer.apply` calls `_apply_weight_decay` (w -= lr * wd * w), which
+    does nothing here, for a subclass that couples the decay into its
+    gradient; `uses_weight_decay(variable)` is `_use_weight_decay` (which
+    holds `exclude_from_weight_decay`'s choices) and `variable_index` is
+    `_get_variable_index` (a variable's index in the slot lists, such as
+    `momentums`).
+    """
+
+    def _apply_weight_decay(self, variables):
+        return
+
+    def uses_weight_decay(self, variable) -> bool:
+        return self._use_weight_decay(variable)
+
+    def variable_index(self, variable) -> int:
+        return self._get_variable_index(variable)

@@ -36,6 +36,7 @@ import keras
 from keras import ops
 
 from keras_ema._checks import as_float
+from zoo import _keras_private
 
 
 def check_weight_decay(weight_decay) -> float:
@@ -56,7 +57,7 @@ def check_weight_decay(weight_decay) -> float:
 
 
 @keras.saving.register_keras_serializable(package="zoo")
-class PyTorchSGD(keras.optimizers.SGD):
+class PyTorchSGD(_keras_private.CoupledDecaySGD):
     """SGD with momentum and weight decay as `torch.optim.SGD` computes them.
 
     With gradient `g` of the loss, weight decay `wd`, momentum `mu` (no
@@ -88,10 +89,8 @@ class PyTorchSGD(keras.optimizers.SGD):
 
     All other arguments are those of `keras.optimizers.SGD`.
 
-    Keras private API, read from Keras 3.15.1: `Optimizer.apply` calls
-    `_apply_weight_decay` (overridden here to do nothing: the decay is
-    coupled in `update_step` instead) and `_use_weight_decay` (which holds
-    `exclude_from_weight_decay`'s choices).
+    Keras's own decoupled decay is turned off (the decay is coupled in
+    `update_step` instead) by its base, `zoo._keras_private.CoupledDecaySGD`.
 
     Args:
         learning_rate: float or a `keras.optimizers.schedules.LearningRateSchedule`.
@@ -141,13 +140,8 @@ class PyTorchSGD(keras.optimizers.SGD):
         return (
             self.weight_decay > 0
             and len(variable.shape) >= 2
-            and self._use_weight_decay(variable)
+            and self.uses_weight_decay(variable)
         )
-
-    def _apply_weight_decay(self, variables):
-        # Keras's decoupled decay (w -= lr * wd * w) would come on top of the
-        # coupled one of `update_step`.
-        return
 
     def update_step(self, gradient, variable, learning_rate):
         learning_rate = ops.cast(learning_rate, variable.dtype)
@@ -158,7 +152,7 @@ class PyTorchSGD(keras.optimizers.SGD):
         if self.momentum == 0:
             self.assign_sub(variable, ops.multiply(gradient, learning_rate))
             return
-        b = self.momentums[self._get_variable_index(variable)]
+        b = self.momentums[self.variable_index(variable)]
         momentum = ops.cast(self.momentum, variable.dtype)
         self.assign(b, ops.add(ops.multiply(b, momentum), gradient))
         if self.nesterov:

@@ -307,7 +307,7 @@ def _watch_jax_peers(process):
     if process.count > 1 and keras.backend.backend() == "jax":
         from zoo.run import watchdog
 
-        return watchdog.watch_peers(process)
+        return watchdog.watch_peers(process, stopped_message, _WORKER_TEMP_DIRS)
     return contextlib.nullcontext()
 
 

@@ -34,15 +34,17 @@ _KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}
 
 
 @contextlib.contextmanager
-def watch_peers(process):
+def watch_peers(process, stopped_message, temp_dirs):
     """Ends this process in one line if another of the run stops in the block.
 
     `process`: a `zoo.run.processes.Process` of a JAX run with several
     processes (`jax.distributed` initialized). Every process must enter the
     block (connecting is collective). If the connections cannot be made
-    within `process.connect_timeout`, the run goes on unwatched.
+    within `process.connect_timeout`, the run goes on unwatched. A stopped
+    peer ends this process with the line `stopped_message(process, detail)`
+    after removing the directories of `temp_dirs`.
     """
-    watch = _Watch(process)
+    watch = _Watch(process, stopped_message, temp_dirs)
     watch.start()
     try:
         yield
@@ -51,8 +53,10 @@ def watch_peers(process):
 
 
 class _Watch:
-    def __init__(self, process):
+    def __init__(self, process, stopped_message, temp_dirs):
         self.process = process
+        self.stopped_message = stopped_message
+        self.temp_dirs = temp_dirs
         self.lock = threading.Lock()
         self.stopped = False
         self.peers = {}  # index -> socket
@@ -134,8 +138,6 @@ class _Watch:
 
     def _end(self, index):
         """Prints the line naming process `index`, ends this process (status 1)."""
-        from zoo.run import processes
-
         with self.lock:
             if self.stopped:
                 return
@@ -144,14 +146,14 @@ class _Watch:
                 if other != index and other not in self.left:
                     with contextlib.suppress(OSError):
                         connection.sendall(f"stopped {index}\n".encode())
-            message = processes.stopped_message(self.process, f"task:{index}")
+            message = self.stopped_message(self.process, f"task:{index}")
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
             prog = os.path.basename(sys.argv[0] or "python")
             with contextlib.suppress(Exception):
                 sys.stderr.write(f"{prog}: error: {message}\n")
                 sys.stderr.flush()
-            for path in list(processes._WORKER_TEMP_DIRS):
+            for path in list(self.temp_dirs):
                 shutil.rmtree(path, ignore_errors=True)
             os._exit(1)
 

@@ -1,6 +1,6 @@
 """The check of an `ema=` argument, for the callbacks that read a MultiEMA.
 
-Apart from `_checks` (a leaf every module imports) because it needs the
+Apart from `checks` (a leaf every module imports) because it needs the
 `MultiEMA` class.
 """
 

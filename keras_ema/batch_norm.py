@@ -8,9 +8,9 @@ import numpy as np
 
 from keras_ema import _backend
 from keras_ema import _keras_private
-from keras_ema._checks import check_int
-from keras_ema._checks import is_int
-from keras_ema._checks import numpy_if_tf
+from keras_ema.checks import check_int
+from keras_ema.checks import is_int
+from keras_ema.checks import numpy_if_tf
 
 DEFAULT_BATCH_SIZE = 128
 

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 
 from keras_ema import _backend
-from keras_ema._checks import check_fraction
+from keras_ema.checks import check_fraction
 from keras_ema.decay import check_decay
 from keras_ema.multi_ema import MultiEMA
 

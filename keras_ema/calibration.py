@@ -9,11 +9,11 @@ import os
 import numpy as np
 from scipy.special import log_softmax
 
-from keras_ema._checks import as_float
-from keras_ema._checks import check_int
-from keras_ema._checks import check_probability_rows
-from keras_ema._checks import is_probability_rows
-from keras_ema._files import atomic_path
+from keras_ema.checks import as_float
+from keras_ema.checks import check_int
+from keras_ema.checks import check_probability_rows
+from keras_ema.checks import is_probability_rows
+from keras_ema.files import atomic_path
 
 BINNINGS = ("equal_mass", "equal_width")
 

@@ -6,8 +6,8 @@ import warnings
 import keras
 
 from keras_ema._ema_check import check_multi_ema
-from keras_ema import _messages
-from keras_ema._files import atomic_path
+from keras_ema import messages
+from keras_ema.files import atomic_path
 from keras_ema.best import BestTracker
 
 
@@ -152,7 +152,7 @@ class EMACheckpoint(keras.callbacks.Callback):
         self._save()
         if self.verbose:
             previous = "" if self.best is None else f" from {self.best:.5f}"
-            _messages.print_msg(
+            messages.print_msg(
                 f"EMACheckpoint: epoch {epoch} (counted from 0): {self.key} "
                 f"improved{previous} to {value:.5f}; saved the EMA to "
                 f"{self.filepath}"

@@ -2,7 +2,7 @@
 
 import math
 
-from keras_ema._checks import as_float
+from keras_ema.checks import as_float
 
 DEFAULT_DECAYS = (0.968, 0.984, 0.992, 0.996, 0.998)
 

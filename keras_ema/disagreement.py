@@ -8,7 +8,7 @@ the same order; Keras, JAX or TensorFlow tensors are converted with
 import numpy as np
 from scipy.special import rel_entr
 
-from keras_ema._checks import check_probability_rows
+from keras_ema.checks import check_probability_rows
 
 
 def _check_pair(probs_a, probs_b):

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import keras
 import numpy as np
 
-from keras_ema import _writer
+from keras_ema import writer
 from keras_ema import lora
 from keras_ema import state_file
 from keras_ema.update_log import UpdateLog
@@ -151,9 +151,9 @@ def save_backup(ema):
     A kill between this file and the model's own backup leaves the model one
     epoch behind, and that state is kept; a damaged newest file leaves the
     older one to resume from. Written by the run's background writer, if
-    one is open (`_writer`).
+    one is open (`keras_ema.writer`).
     """
-    _writer.submit(state_file.write_state_file, ema.backup_dir,
+    writer.submit(state_file.write_state_file, ema.backup_dir,
                    ema.get_state(), keep=2)
 
 

@@ -6,8 +6,8 @@ import os
 import keras
 import numpy as np
 
-from keras_ema import _messages
-from keras_ema._files import atomic_path
+from keras_ema import messages
+from keras_ema.files import atomic_path
 from keras_ema.batch_norm import batch_norm_statistics
 from keras_ema.batch_norm import recompute_batch_norm_statistics
 
@@ -70,7 +70,7 @@ def export_ema(
     export_model(model, directory, batch_norm_data=batch_norm_data,
                  verbose=verbose)
     if verbose:
-        _messages.print_msg(f"(the EMA with decay {decay})")
+        messages.print_msg(f"(the EMA with decay {decay})")
     return model
 
 
@@ -125,7 +125,7 @@ def export_model(
     with atomic_path(keras_file) as tmp_keras:
         model.save(tmp_keras)
     if verbose:
-        _messages.print_msg(
+        messages.print_msg(
             f"Exported {saved_model} (SavedModel) and {keras_file}"
         )
     return model

@@ -3,10 +3,10 @@
 import keras
 import numpy as np
 
-from keras_ema._checks import as_float
-from keras_ema._checks import check_fraction
-from keras_ema._checks import check_int
-from keras_ema._checks import numpy_if_tf
+from keras_ema.checks import as_float
+from keras_ema.checks import check_fraction
+from keras_ema.checks import check_int
+from keras_ema.checks import numpy_if_tf
 
 CLASSIFIER_NAME = "classifier"
 

@@ -18,7 +18,7 @@ import os
 import warnings
 
 from keras_ema import _keras_private
-from keras_ema._files import atomic_path
+from keras_ema.files import atomic_path
 
 _LORA_NAMES = ("lora_kernel_a", "lora_kernel_b")
 

@@ -11,18 +11,18 @@ import numpy as np
 
 from keras_ema import _backend
 from keras_ema import _keras_private
-from keras_ema import _messages
+from keras_ema import messages
 from keras_ema import _validation_data
-from keras_ema import _writer
+from keras_ema import writer
 from keras_ema import ema_state
 from keras_ema import lora
 from keras_ema import shadows
 from keras_ema import snapshots
 from keras_ema import state_file
 from keras_ema import training_checks
-from keras_ema._checks import check_int
-from keras_ema._files import atomic_path
-from keras_ema._files import write_weights
+from keras_ema.checks import check_int
+from keras_ema.files import atomic_path
+from keras_ema.files import write_weights
 from keras_ema.batch_norm import recompute_batch_norm_statistics
 from keras_ema.best import BestRecords
 from keras_ema.best import UntrackedDecayError  # noqa: F401 (keras_ema's API)
@@ -295,7 +295,7 @@ class MultiEMA(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self.verbose:
-            _messages.print_msg(self.schedule_summary())
+            messages.print_msg(self.schedule_summary())
         training_checks.check_start_of_training(self)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -458,7 +458,7 @@ class MultiEMA(keras.callbacks.Callback):
         if directory:
             os.makedirs(directory, exist_ok=True)
         key = (self.decays[self._index(decay)], self._step)
-        if _writer.save_ema_weights(self, decay, key, path):
+        if writer.save_ema_weights(self, decay, key, path):
             return  # from a host copy, by the run's background writer
         with atomic_path(path) as tmp:
             if not self._written.link(key, tmp):

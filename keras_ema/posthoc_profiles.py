@@ -12,9 +12,9 @@ import math
 
 import numpy as np
 
-from keras_ema._checks import as_float
-from keras_ema._checks import check_int
-from keras_ema._checks import is_int
+from keras_ema.checks import as_float
+from keras_ema.checks import check_int
+from keras_ema.checks import is_int
 from keras_ema.decay import check_decay
 
 # === Power EMA parameters (EDM2 Eq. 123, Algorithm 2) ===

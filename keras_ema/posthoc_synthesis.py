@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from keras_ema import state_file
-from keras_ema._checks import is_real
+from keras_ema.checks import is_real
 from keras_ema.posthoc_profiles import check_step
 from keras_ema.posthoc_profiles import log_profiles
 from keras_ema.posthoc_snapshots import SHADOWS

@@ -11,7 +11,7 @@ import warnings
 
 import keras
 
-from keras_ema._checks import check_int
+from keras_ema.checks import check_int
 
 
 def check_arguments(snapshot_dir, snapshot_every, snapshot_dtype) -> int | None:

@@ -11,7 +11,7 @@ backup directory) and post-hoc snapshots (`snapshot_<step>.npz`,
   shadows; `lora`: the live LoRA factors).
 
 `write_npz` writes one under a temporary name with the pid and renames it
-(`_files.atomic_path`), so a crash leaves no partial file. `open_npz`,
+(`files.atomic_path`), so a crash leaves no partial file. `open_npz`,
 `read_json` and `read_arrays` read one back, raising what NumPy, zipfile and
 json raise on a damaged file; each kind of file turns that into its own
 one-line message.
@@ -29,7 +29,7 @@ import zipfile
 
 import numpy as np
 
-from keras_ema._files import atomic_path
+from keras_ema.files import atomic_path
 
 STATE_PREFIX = "multi_ema_step"
 

@@ -1,6 +1,6 @@
 """SwitchEMA: an EMA copied back into the model at chosen epoch ends."""
 
-from keras_ema._checks import check_int
+from keras_ema.checks import check_int
 from keras_ema.batch_norm import batch_norm_statistics
 from keras_ema.decay import check_decay
 from keras_ema.multi_ema import MultiEMA

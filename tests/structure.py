@@ -8,8 +8,8 @@ Reads the sources of `keras_ema/` and `zoo/` (with the standard library's
   `MAX_FUNCTION_LINES` (a nested function counts in its own right and inside
   the one that holds it);
 - import circles between the project's modules: imports at module level and
-  inside functions both count (`from keras_ema import _files` is an import of
-  `keras_ema._files`; importing a submodule is not counted as importing its
+  inside functions both count (`from keras_ema import files` is an import of
+  `keras_ema.files`; importing a submodule is not counted as importing its
   package's `__init__`);
 - uses of private framework API outside the two files that may hold them
   (`PRIVATE_API_FILES`): imports of `keras.src`, `tensorflow.python` or
@@ -59,7 +59,7 @@ def source_files(root=ROOT):
 
 
 def module_name(path):
-    """`keras_ema/_files.py` -> `keras_ema._files`; a package is its `__init__`."""
+    """`keras_ema/files.py` -> `keras_ema.files`; a package is its `__init__`."""
     parts = path[:-3].split("/")
     if parts[-1] == "__init__":
         parts.pop()

@@ -44,12 +44,12 @@ def write(path, text, mode="w"):
 
 @pytest.mark.all_backends
 def test_atomic_path_removes_a_temporary_folder_and_names_a_full_disk(tmp_path):
-    from keras_ema import _files
+    from keras_ema import files
 
     target = tmp_path / "export"
     # A writer that made a folder at the temporary name, then failed.
     with pytest.raises(RuntimeError, match="writer failed"):
-        with _files.atomic_path(str(target)) as tmp:
+        with files.atomic_path(str(target)) as tmp:
             os.makedirs(os.path.join(tmp, "inner"))
             raise RuntimeError("writer failed")
     assert os.listdir(tmp_path) == []
@@ -57,7 +57,7 @@ def test_atomic_path_removes_a_temporary_folder_and_names_a_full_disk(tmp_path):
     # kit DiskFullError naming it; no temporary file is left.
     path = str(tmp_path / "summary.json")
     with pytest.raises(OSError) as info:
-        with _files.atomic_path(path) as tmp:
+        with files.atomic_path(path) as tmp:
             write(tmp, "{")
             raise OSError(errno.ENOSPC, "No space left on device", tmp)
     assert (info.value.errno, info.value.filename) == (errno.ENOSPC, path)
@@ -141,7 +141,7 @@ def test_read_json_names_the_file(tmp_path):
 
 @pytest.mark.all_backends
 def test_temporary_names_carry_the_pid(tmp_path):
-    from keras_ema import _files
+    from keras_ema import files
 
     pid = os.getpid()
     for name, expected in [
@@ -151,7 +151,7 @@ def test_temporary_names_carry_the_pid(tmp_path):
         ("history.csv", f".history.tmp{pid}.csv"),
     ]:
         path = str(tmp_path / name)
-        assert _files.temp_path(path) == str(tmp_path / expected)
+        assert files.temp_path(path) == str(tmp_path / expected)
         match = run_dir.TEMP_NAME.match(expected)
         assert match and int(match.group("pid")) == pid
 

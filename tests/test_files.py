@@ -1,4 +1,4 @@
-"""keras_ema._files: a file or a directory appears whole or not at all."""
+"""keras_ema.files: a file or a directory appears whole or not at all."""
 
 import os
 
@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_ema import _files
+from keras_ema import files
 
 pytestmark = pytest.mark.all_backends
 
@@ -20,7 +20,7 @@ def _write_dir(path, names):
 
 def test_atomic_path_writes_a_directory(tmp_path):
     target = str(tmp_path / "export")
-    with _files.atomic_path(target) as tmp:
+    with files.atomic_path(target) as tmp:
         assert os.path.basename(tmp) == f".export.tmp{os.getpid()}"
         _write_dir(tmp, ["a", "b"])
         assert not os.path.exists(target)
@@ -31,7 +31,7 @@ def test_atomic_path_writes_a_directory(tmp_path):
 def test_atomic_path_replaces_a_directory(tmp_path):
     target = str(tmp_path / "export")
     _write_dir(target, ["old1", "old2"])
-    with _files.atomic_path(target) as tmp:
+    with files.atomic_path(target) as tmp:
         _write_dir(tmp, ["new"])
     assert os.listdir(target) == ["new"]
     assert os.listdir(tmp_path) == ["export"]  # no temporary or old copy left
@@ -41,7 +41,7 @@ def test_atomic_path_failure_removes_the_temporary_directory(tmp_path):
     target = str(tmp_path / "export")
     _write_dir(target, ["old"])
     with pytest.raises(RuntimeError, match="half written"):
-        with _files.atomic_path(target) as tmp:
+        with files.atomic_path(target) as tmp:
             _write_dir(tmp, ["partial"])
             raise RuntimeError("half written")
     assert os.listdir(target) == ["old"]
@@ -50,12 +50,12 @@ def test_atomic_path_failure_removes_the_temporary_directory(tmp_path):
 
 def test_atomic_path_file_and_failure(tmp_path):
     target = str(tmp_path / "a.weights.h5")
-    with _files.atomic_path(target) as tmp:
+    with files.atomic_path(target) as tmp:
         assert tmp.endswith(f".a.tmp{os.getpid()}.weights.h5")
         with open(tmp, "w") as f:
             f.write("new")
     with pytest.raises(ValueError):
-        with _files.atomic_path(target) as tmp:
+        with files.atomic_path(target) as tmp:
             with open(tmp, "w") as f:
                 f.write("partial")
             raise ValueError("stop")
@@ -69,7 +69,7 @@ def test_write_weights_loads_back(tmp_path):
                               keras.layers.BatchNormalization()])
     expected = [np.asarray(keras.ops.convert_to_numpy(v)) + 0 for v in model.weights]
     path = str(tmp_path / "m.weights.h5")
-    _files.write_weights(model, path)
+    files.write_weights(model, path)
     other = keras.models.clone_model(model)
     for v in other.weights:
         v.assign(np.zeros(v.shape, v.dtype))
@@ -81,5 +81,5 @@ def test_write_weights_loads_back(tmp_path):
 def test_the_private_keras_use_still_works():
     # Falling back silently would hide that this Keras changed saving_lib.
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    data = _files._h5_weights_bytes(model)
+    data = files._h5_weights_bytes(model)
     assert data is not None and bytes(data[:8]) == b"\x89HDF\r\n\x1a\n"

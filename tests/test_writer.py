@@ -1,4 +1,4 @@
-"""keras_ema._writer: a run's files written in order by a background thread."""
+"""keras_ema.writer: a run's files written in order by a background thread."""
 
 import errno
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from keras_ema import _files
-from keras_ema import _writer
+from keras_ema import writer as _writer
 
 pytestmark = pytest.mark.all_backends
 

@@ -11,8 +11,8 @@ matched by.
 import keras
 from keras import layers
 
-from keras_ema._checks import is_int
-from keras_ema._checks import is_real
+from keras_ema.checks import is_int
+from keras_ema.checks import is_real
 
 # PyTorch's BatchNorm2d defaults: torch's momentum 0.1 is Keras' 0.9.
 BN_MOMENTUM = 0.9

@@ -35,7 +35,7 @@ import math
 import keras
 from keras import ops
 
-from keras_ema._checks import as_float
+from keras_ema.checks import as_float
 from zoo import _keras_private
 
 

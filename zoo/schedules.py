@@ -12,8 +12,8 @@ import math
 import keras
 from keras import ops
 
-from keras_ema._checks import as_float
-from keras_ema._checks import check_int
+from keras_ema.checks import as_float
+from keras_ema.checks import check_int
 
 
 @keras.saving.register_keras_serializable(package="zoo")

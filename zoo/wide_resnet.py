@@ -13,8 +13,8 @@ does (BN gamma and beta included, BN moving mean/variance not).
 import keras
 from keras import layers
 
-from keras_ema._checks import as_float
-from keras_ema._checks import is_int
+from keras_ema.checks import as_float
+from keras_ema.checks import is_int
 from zoo import layers as blocks
 
 VARIANTS = {

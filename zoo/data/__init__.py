@@ -44,8 +44,8 @@ seconds with one line naming the dataset and how to provide it (`DatasetError`).
 
 import numpy as np
 
-from keras_ema._checks import as_float
-from keras_ema._checks import is_int
+from keras_ema.checks import as_float
+from keras_ema.checks import is_int
 from zoo.data.dataset import Dataset
 from zoo.data.dataset import DatasetError
 from zoo.data.folders import load_folder

@@ -10,8 +10,8 @@ epoch `fit` is starting.
 import keras
 import numpy as np
 
-from keras_ema._checks import check_int
-from keras_ema._checks import is_int
+from keras_ema.checks import check_int
+from keras_ema.checks import is_int
 
 
 class ArrayLoader(keras.utils.PyDataset):

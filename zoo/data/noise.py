@@ -7,8 +7,8 @@ ship with the noisy ones.
 
 import numpy as np
 
-from keras_ema._checks import as_float
-from keras_ema._checks import is_int
+from keras_ema.checks import as_float
+from keras_ema.checks import is_int
 from zoo.data.dataset import DatasetError
 
 # Keeps the label-noise draws independent of the split and loader streams.

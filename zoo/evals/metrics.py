@@ -3,7 +3,7 @@ mean ± sample std of a value over seeds."""
 
 import numpy as np
 
-from keras_ema._checks import is_real
+from keras_ema.checks import is_real
 
 
 def accuracy_and_loss(logits, labels) -> tuple:

@@ -6,8 +6,8 @@ import re
 
 import keras
 
-from keras_ema import _writer
-from keras_ema._messages import print_msg
+from keras_ema import writer
+from keras_ema.messages import print_msg
 from zoo import _keras_private
 from zoo.run import run_dir
 
@@ -65,7 +65,7 @@ class AtomicBackupAndRestore(_keras_private.BackupAndRestore):
         self.load_backup()
 
     def on_train_end(self, logs=None):
-        _writer.drain()  # the backup's files whole before it may be removed
+        writer.drain()  # the backup's files whole before it may be removed
         super().on_train_end(logs)
 
     def _history_copy(self):
@@ -181,14 +181,14 @@ class AtomicBackupAndRestore(_keras_private.BackupAndRestore):
         run_dir.write_csv(self.history_path, rows)
 
     def save_backup(self):
-        # With a background writer (`keras_ema._writer`) open, each step is a
+        # With a background writer (`keras_ema.writer`) open, each step is a
         # job of its queue, in this order: the metadata, written last, names
         # files already whole.
         os.makedirs(self.backup_dir, exist_ok=True)
-        _writer.submit(self._copy_history)
+        writer.submit(self._copy_history)
         name = f"epoch_{self.current_epoch}.weights.h5"
         run_dir.save_weights(self.model, os.path.join(self.backup_dir, name))
-        _writer.submit(self._commit, self.current_epoch, name)
+        writer.submit(self._commit, self.current_epoch, name)
 
     def _copy_history(self):
         if self.history_path and os.path.exists(self.history_path):

@@ -207,8 +207,8 @@ class Config:
         self._check_averaging()
 
     def _check_fields(self):
-        from keras_ema._checks import is_int
-        from keras_ema._checks import is_real
+        from keras_ema.checks import is_int
+        from keras_ema.checks import is_real
 
         if not self.output_dir:
             _fail("output_dir", "", "required; give the run directory to write")

@@ -17,9 +17,9 @@ import keras
 import numpy as np
 
 import keras_ema
-from keras_ema import _writer
+from keras_ema import writer
 from keras_ema import state_file
-from keras_ema._messages import print_msg
+from keras_ema.messages import print_msg
 from zoo.data.loader import ArrayLoader
 from zoo.data.loader import EpochSetter
 from zoo.data import DatasetError
@@ -294,7 +294,7 @@ def _fit(config, data, run, verbose, extra_callbacks, strategy=None,
     try:
         # The files of each epoch end are written by a background thread
         # while the next epoch trains, all of them before fit returns.
-        with _writer.BackgroundWriter():
+        with writer.BackgroundWriter():
             model.fit(
                 train_loader,
                 epochs=config.epochs,

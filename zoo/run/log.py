@@ -10,7 +10,7 @@ import os
 import keras
 import numpy as np
 
-from keras_ema import _writer
+from keras_ema import writer
 from zoo.run import run_dir
 from zoo.run.config import Config
 from zoo.selection import chosen_by
@@ -45,8 +45,8 @@ class RunLogger(keras.callbacks.Callback):
         row = {"epoch": epoch, "lr": _current_learning_rate(self.model)}
         row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
         self.rows.append(row)
-        # By the run's background writer, if one is open (`keras_ema._writer`).
-        _writer.submit(_write_history, self._path("history.csv"), list(self.rows),
+        # By the run's background writer, if one is open (`keras_ema.writer`).
+        writer.submit(_write_history, self._path("history.csv"), list(self.rows),
                        self._path("summary.json"), self.summarize(self.rows, False))
 
 

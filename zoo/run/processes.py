@@ -16,7 +16,7 @@ import sys
 
 import keras
 
-from keras_ema._messages import print_msg
+from keras_ema.messages import print_msg
 from zoo import _keras_private
 from zoo.run import run_dir
 from zoo.run.config import DEFAULT_CONNECT_TIMEOUT

@@ -33,9 +33,9 @@ import re
 import shutil
 import warnings
 
-from keras_ema import _files
-from keras_ema import _writer
-from keras_ema._files import is_disk_full
+from keras_ema import files
+from keras_ema import writer
+from keras_ema.files import is_disk_full
 from zoo.run.config import RESUMABLE_CHANGES
 from zoo.run.config import Config
 from zoo.run.config import read_flags
@@ -57,13 +57,13 @@ _ANY_TEMP_NAME = re.compile(r"\.tmp(\d*)(\.|$)")
 
 
 # `.NAME.tmpPID.EXT`: the temporary file of a writer with process id PID.
-TEMP_NAME = _files.TEMP_NAME
+TEMP_NAME = files.TEMP_NAME
 
 
 def _final_path(path):
     """`path` with a temporary name `.NAME.tmpPID.EXT` turned back into NAME.EXT."""
     directory, base = os.path.split(path)
-    parsed = _files.parse_temp_name(base)
+    parsed = files.parse_temp_name(base)
     return path if parsed is None else os.path.join(directory, parsed[0])
 
 
@@ -92,11 +92,11 @@ def disk_errors(default_path: str = "the run directory"):
 def atomic_path(path: str):
     """Yields a temporary path beside `path`; renames it onto `path` on success.
 
-    `keras_ema._files.atomic_path` (the temporary file or folder removed on
+    `keras_ema.files.atomic_path` (the temporary file or folder removed on
     every exit) with the kit's error: a full disk raises `DiskFullError`
     naming `path`.
     """
-    with disk_errors(path), _files.atomic_path(path) as tmp:
+    with disk_errors(path), files.atomic_path(path) as tmp:
         yield tmp
 
 
@@ -117,11 +117,11 @@ def save_weights(model, path: str, include_optimizer: bool = True):
 
     The file is built in memory first: h5py writing to a full disk crashes
     the process. `include_optimizer=False` leaves out the optimizer's
-    variables (see `keras_ema._files.write_weights`). While a
-    `keras_ema._writer.BackgroundWriter` is open (during a run's `fit`), a
+    variables (see `keras_ema.files.write_weights`). While a
+    `keras_ema.writer.BackgroundWriter` is open (during a run's `fit`), a
     host copy is taken now and the writer writes the file, in order.
     """
-    _writer.save_weights(model, path, include_optimizer, atomic_path=atomic_path)
+    writer.save_weights(model, path, include_optimizer, atomic_path=atomic_path)
 
 
 def load_weights(model, path: str, remedy: str = ""):
@@ -559,7 +559,7 @@ def check_resumable(run: str):
         check_writable(backup)
     if damaged is not None:
         os.remove(summary)
-        from keras_ema._messages import print_msg
+        from keras_ema.messages import print_msg
 
         print_msg(f"{summary} was damaged ({damaged.reason}); it is rewritten "
                   "from history.csv at the next epoch end.")

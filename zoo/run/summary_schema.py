@@ -28,8 +28,8 @@ The schema (keys not listed are not read, and pass):
 import math
 import os
 
-from keras_ema._checks import is_int
-from keras_ema._checks import is_real
+from keras_ema.checks import is_int
+from keras_ema.checks import is_real
 
 RECORDS = ("best_accuracy", "best_loss", "last")
 STRINGS = ("selection_split", "selection_from", "dataset", "model", "averaging")

@@ -12,7 +12,7 @@ the job at once, exactly as before.
 The guarantees of writing in place hold:
 
 - Jobs run one at a time in the order they were submitted, each still
-  writing under a temporary name and renaming (`keras_ema._files`), so the
+  writing under a temporary name and renaming (`keras_ema.files`), so the
   files on disk at any instant are those of an earlier instant of the same
   sequence written in the loop: a kill at any moment leaves what a kill a
   little earlier would have left. A backup's commit (its metadata) is
@@ -35,7 +35,7 @@ import threading
 
 import keras
 
-from keras_ema import _files
+from keras_ema import files
 from keras_ema import _keras_private
 from keras_ema import written_files
 
@@ -178,18 +178,18 @@ def save_weights(model, path, include_optimizer=True, atomic_path=None,
     With an active writer, a host copy is taken now and the file is built and
     written by the writer thread; without one (or where Keras' saving is laid
     out otherwise, after waiting for the writer) it is written at once, as
-    `keras_ema._files.write_weights` writes it. `atomic_path` is the context
-    manager giving the temporary name (`keras_ema._files.atomic_path` by
+    `keras_ema.files.write_weights` writes it. `atomic_path` is the context
+    manager giving the temporary name (`keras_ema.files.atomic_path` by
     default; the experiment kit passes its own, which names a full disk).
     """
-    atomic_path = atomic_path or _files.atomic_path
+    atomic_path = atomic_path or files.atomic_path
     writer = active()
     build = weights_snapshot(model, include_optimizer, values) if writer else None
     if build is None:
         if writer is not None:
             writer.drain()
         with atomic_path(path) as tmp:
-            _files.write_weights(model, tmp, include_optimizer)
+            files.write_weights(model, tmp, include_optimizer)
         return
     writer.submit(_write_atomically, atomic_path, path, build)
 
@@ -225,7 +225,7 @@ def save_ema_weights(ema, decay, key, path):
     identity = ema._written.remember_pending(key, path)
 
     def job():
-        with _files.atomic_path(path) as tmp:
+        with files.atomic_path(path) as tmp:
             if not written_files.link_to(prior, tmp):
                 write_snapshot(build, tmp)
         identity.value = written_files.file_identity(path)

@@ -191,6 +191,34 @@ def weights_snapshot(model, include_optimizer, values, host_copy):
     values = values or {}
     calls = []
 
+    optimizer = getattr(model, "optimizer", None)
+    skip = {id(optimizer)} if optimizer is not None and not include_optimizer else set()
+    try:
+        recorder = _recorder(store_type, values, calls, host_copy)
+        saving_lib._save_state(model, weights_store=recorder, assets_store=None,
+                               inner_path="", visited_saveables=skip)
+    except (_ComputedValue, TypeError, AttributeError):
+        return None
+
+    def build():
+        store = store_type(io.BytesIO(), mode="w")
+        buffer = store.path_or_io
+        try:
+            for call, name, argument in calls:
+                if call == "make":
+                    store.make(name, metadata=argument)
+                else:
+                    store[name] = argument
+        finally:
+            store.close()
+        return buffer.getbuffer()
+
+    return build
+
+
+def _recorder(store_type, values, calls, host_copy):
+    """A `store_type` (Keras' `H5IOStore`) that records into `calls`; opens no file."""
+
     class Recorder(store_type):
         """Records `make` and `__setitem__`; opens no file."""
 
@@ -211,28 +239,7 @@ def weights_snapshot(model, include_optimizer, values, host_copy):
                 raise _ComputedValue()  # can't tell whether an EMA enters it
             calls.append(("set", key, host_copy(value)))
 
-    optimizer = getattr(model, "optimizer", None)
-    skip = {id(optimizer)} if optimizer is not None and not include_optimizer else set()
-    try:
-        saving_lib._save_state(model, weights_store=Recorder(), assets_store=None,
-                               inner_path="", visited_saveables=skip)
-    except (_ComputedValue, TypeError, AttributeError):
-        return None
-
-    def build():
-        store = store_type(io.BytesIO(), mode="w")
-        buffer = store.path_or_io
-        try:
-            for call, name, argument in calls:
-                if call == "make":
-                    store.make(name, metadata=argument)
-                else:
-                    store[name] = argument
-        finally:
-            store.close()
-        return buffer.getbuffer()
-
-    return build
+    return Recorder()
 
 
 class _ComputedValue(Exception):

@@ -7,11 +7,9 @@ when the code gets better, never raise it.
 import structure
 
 # Files allowed over `structure.MAX_FILE_LINES` lines, with their ceiling.
-LARGE_FILES = {
-    "keras_ema/multi_ema.py": 1172,
-    "keras_ema/posthoc.py": 954,
-    "zoo/evaluation.py": 811,
-}
+LARGE_FILES = {}
+# The core callback stays a thin class over its parts.
+MULTI_EMA_LINES = 500
 # Files whose longest function may exceed `structure.MAX_FUNCTION_LINES`
 # lines, with its ceiling; every other file keeps to that limit.
 LONG_FUNCTIONS = {
@@ -19,43 +17,31 @@ LONG_FUNCTIONS = {
     "keras_ema/calibration.py": 73,
     "keras_ema/linear_probe.py": 99,
     "keras_ema/lora.py": 83,
-    "keras_ema/multi_ema.py": 97,
-    "keras_ema/posthoc.py": 73,
     "zoo/data/__init__.py": 148,
     "zoo/data/folders.py": 87,
     "zoo/data/loader.py": 88,
-    "zoo/evaluation.py": 61,
     "zoo/plots.py": 68,
-    "zoo/posthoc_sweep.py": 82,
     "zoo/resnet.py": 67,
     "zoo/run/backup.py": 62,
-    "zoo/run/config.py": 80,
-    "zoo/run/experiment.py": 113,
     "zoo/run/log.py": 91,
-    "zoo/run/run_dir.py": 61,
     "zoo/selection.py": 74,
 }
 # The import circles left, each as its set of modules.
-CIRCLES = [
-    {"zoo.evaluation", "zoo.notes", "zoo.posthoc_sweep", "zoo.report"},
-    {"zoo.run.config", "zoo.run.run_dir"},
-]
+CIRCLES = []
 # Private framework API outside the two private modules: (file, what) pairs
 # allowed, the line number left out.
-PRIVATE_USES = {
-    ("keras_ema/lora.py", "private attribute ._lora_enabled_layers"),
-    ("keras_ema/lora.py", "private attribute ._lora_rank"),
-    ("zoo/regularization.py", "private attribute ._use_weight_decay"),
-    ("zoo/regularization.py", "private attribute ._get_variable_index"),
-    ("zoo/regularization.py",
-     "overrides PyTorchSGD._apply_weight_decay (a private framework method)"),
-}
+PRIVATE_USES = set()
 
 
 def test_file_lengths():
     for path, lines in structure.line_counts().items():
         limit = LARGE_FILES.get(path, structure.MAX_FILE_LINES)
         assert lines <= limit, f"{path}: {lines} lines, at most {limit}"
+
+
+def test_multi_ema_stays_small():
+    lines = structure.line_counts()["keras_ema/multi_ema.py"]
+    assert lines <= MULTI_EMA_LINES, f"keras_ema/multi_ema.py: {lines} lines"
 
 
 def test_function_lengths():

@@ -145,7 +145,7 @@ def test_ema_files_from_host_copies_match_and_duplicates_are_links(tmp_path):
     in_place = str(tmp_path / "in_place")
     ema.save_weights(0.9, os.path.join(in_place, "ema.weights.h5"))
     ema.save_weights(0.5, os.path.join(in_place, "other.weights.h5"))
-    ema._written = {}
+    ema._written.clear()
     gate = threading.Event()
     with _writer.BackgroundWriter() as writer:
         writer.submit(gate.wait)

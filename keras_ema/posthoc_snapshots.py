@@ -110,7 +110,6 @@ def read_meta(path: str) -> dict:
             raise DamagedSnapshot(path, ValueError("no description"))
     except DamagedSnapshot as e:
         raise ValueError(_damaged_message(e.path, e.reason)) from None
-    meta.pop("log", None)  # snapshots written before the log had its own array
     return meta
 
 
@@ -125,8 +124,6 @@ def read_log(path: str) -> dict:
 def snapshot_log(path: str) -> dict:
     """`read_log`, raising `DamagedSnapshot` for a file that does not read back."""
     log = _read_json(path, "log")
-    if log is None:
-        log = (_read_json(path, "meta") or {}).get("log")
     if not isinstance(log, dict):
         raise DamagedSnapshot(path, ValueError("no update log"))
     return log

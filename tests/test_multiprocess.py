@@ -167,7 +167,11 @@ def test_two_workers_match_one_process(two_worker_run, tmp_path):
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
         for key in ra:
-            assert abs(ra[key] - rb[key]) <= 1e-4 * abs(rb[key]), (key, ra, rb)
+            # An accuracy counts images (512 a training epoch, fewer to
+            # validate): float rounding may flip one near-tied prediction,
+            # so it may differ by one image in 256; the losses by 1e-4.
+            tolerance = 1 / 256 if key.endswith("accuracy") else 1e-4 * abs(rb[key])
+            assert abs(ra[key] - rb[key]) <= tolerance, (key, ra, rb)
 
 
 @pytest.mark.slow

@@ -155,7 +155,8 @@ def test(extra):
     jax_workers = ["-n", str(min(2, cores)), "--dist", "loadfile"]
     tf_pass = ([PYTHON, "-m", "pytest", "-q"] + tf_workers + extra,
                dict(quiet, KERAS_BACKEND="tensorflow"), "")
-    jax_pass = ([PYTHON, "-m", "pytest", "-q", "-m", "all_backends"] + jax_workers + extra,
+    jax_pass = ([PYTHON, "-m", "pytest", "-q", "-m", "all_backends and not own_backend"]
+                + jax_workers + extra,
                 dict(quiet, KERAS_BACKEND="jax"), "The backend-independent tests again, on JAX:")
     if cores < 2:
         code = _run(tf_pass[0], **tf_pass[1])

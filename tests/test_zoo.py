@@ -382,6 +382,7 @@ def test_checkpoints_from_before_the_shared_layers_still_load(key):
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="oneDNN is TensorFlow's"
 )
+@pytest.mark.own_backend
 def test_every_model_trains_at_odd_batch_sizes_without_a_native_crash():
     # TensorFlow 2.21's oneDNN backward pass of a stride-2 1x1 conv aborts
     # the process (SIGSEGV or a malloc error) at odd batch sizes; a
@@ -521,6 +522,7 @@ def test_numpy_ints_are_accepted_where_ints_are():
 # --- Imports --------------------------------------------------------------------
 
 
+@pytest.mark.own_backend
 def test_zoo_imports_and_builds_without_tensorflow():
     pytest.importorskip("jax")
     code = (

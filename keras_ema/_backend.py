@@ -20,6 +20,8 @@ TensorFlow and JAX are imported inside the functions that need them, so
 importing `keras_ema` requires neither.
 """
 
+import functools
+
 import keras
 import numpy as np
 
@@ -195,21 +197,26 @@ class Update:
     `update(decays)` (`update(decays, coupling)` for the coupled variant)
     runs it and returns a scalar boolean tensor, True when the update was
     applied. `compiled_text()` is the optimized HLO where the backend has it
-    (JAX's plain update), to check for collectives.
+    (JAX's plain update), to check for collectives; `tracing_count()` how
+    often the compiled function was traced where the backend counts it
+    (TensorFlow), to check that a changing decay never retraces.
     """
 
-    def __init__(self, run, compiled_text=None):
+    def __init__(self, run, compiled_text=None, tracing_count=None):
         self._run = run
         self._compiled_text = compiled_text
+        self._tracing_count = tracing_count
 
     def __call__(self, *args):
         return self._run(*args)
 
-    @property
-    def __closure__(self):
-        """The closure of the function run: where the compiled function is
-        found (a test counts its traces)."""
-        return self._run.__closure__
+    def tracing_count(self) -> int:
+        if self._tracing_count is None:
+            raise NotImplementedError(
+                f"The tracing count of this update is not available on the "
+                f"{backend_name()} backend; TensorFlow's updates count theirs."
+            )
+        return self._tracing_count()
 
     def compiled_text(self) -> str:
         if self._compiled_text is None:
@@ -276,7 +283,8 @@ def _tf_ema(shadows, weights, pulled, jit_compile, host):
         live = [tf.cast(w, tf.float32) for w in weight_vars]
         return _tf_assign_ema(shadow_vars, live, decays)[1]
 
-    return Update(lambda decays: update(tf.constant(decays, dtype=tf.float32)))
+    return Update(lambda decays: update(tf.constant(decays, dtype=tf.float32)),
+                  tracing_count=update.experimental_get_tracing_count)
 
 
 def _tf_host_ema(shadows, weights, pulled, jit_compile, host):
@@ -298,7 +306,8 @@ def _tf_host_ema(shadows, weights, pulled, jit_compile, host):
             live = [tf.identity(tf.cast(w, tf.float32)) for w in weight_vars]
             return host_update(decays, live)
 
-    return Update(lambda decays: update(tf.constant(decays, dtype=tf.float32)))
+    return Update(lambda decays: update(tf.constant(decays, dtype=tf.float32)),
+                  tracing_count=update.experimental_get_tracing_count)
 
 
 def _tf_coupled(shadows, weights, pulled, jit_compile, host):
@@ -327,7 +336,7 @@ def _tf_coupled(shadows, weights, pulled, jit_compile, host):
     return Update(lambda decays, coupling: coupled(
         tf.constant(decays, dtype=tf.float32),
         tf.constant(coupling, dtype=tf.float32),
-    ))
+    ), tracing_count=coupled.experimental_get_tracing_count)
 
 
 # -- JAX ----------------------------------------------------------------------
@@ -500,6 +509,60 @@ def snapshot(variables):
     restored from a deleted buffer.
     """
     return [keras.ops.copy(v.value) for v in variables]
+
+
+class Reader:
+    """Reads a fixed list of variables as they are now, left on their devices.
+
+    Later assignments do not change what it read, so another thread can
+    copy it to the host (`numpy.asarray`) while training goes on.
+    TensorFlow: one `tf.function` reading every variable, no copy (a read
+    value keeps its buffer; a later assignment or in-place update gets
+    another one). JAX: an asynchronous device copy of each (the trainer
+    donates its variables' buffers to the next step, the EMA update its
+    shadows'). Other backends: numpy copies, now.
+    """
+
+    def __init__(self, variables):
+        self._variables = list(variables)
+        self._backend = backend_name()
+        self._read = None
+        if self._backend == "tensorflow":
+            import tensorflow as tf
+
+            values = [v.value for v in self._variables]
+
+            @tf.function(autograph=False)
+            def read():
+                return [tf.identity(v) for v in values]
+
+            self._read = read
+
+    def __call__(self) -> list:
+        """The values, frozen (tensors or arrays)."""
+        if not self._variables:
+            return []
+        if self._read is not None:
+            return list(self._read())
+        if self._backend == "jax":
+            import jax.numpy as jnp
+
+            return [jnp.copy(v.value) for v in self._variables]
+        return [keras.ops.convert_to_numpy(v) for v in self._variables]
+
+    def rows(self, index) -> list:
+        """Row `index` of each (stacked) variable: functions of no arguments
+        giving numpy arrays, to call in any thread. JAX slices the rows on
+        the device now, asynchronously; TensorFlow reads the stacks (no
+        copy) and the rows are taken on the host when called."""
+        if self._backend == "jax":
+            rows = [v.value[index] for v in self._variables]
+            return [functools.partial(np.asarray, row) for row in rows]
+        return [functools.partial(_row, stack, index) for stack in self()]
+
+
+def _row(stack, index):
+    return np.asarray(stack)[index]
 
 
 def strategy_scope(model):

@@ -6,6 +6,7 @@ on any mismatch before anything is changed. `save_backup` and
 `restore_backup_at` keep states in a `backup_dir` (`keras_ema.state_file`).
 """
 
+import copy
 import os
 from typing import NamedTuple
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from keras_ema import writer
 from keras_ema import lora
+from keras_ema.shadows import reader as shadow_reader
 from keras_ema import state_file
 from keras_ema.update_log import UpdateLog
 
@@ -37,8 +39,13 @@ class CheckedState(NamedTuple):
     lora_factors: object
 
 
-def state_of(ema) -> dict:
-    """The state of the built `ema` (its pending updates flushed)."""
+def state_of(ema, frozen=False) -> dict:
+    """The state of the built `ema` (its pending updates flushed).
+
+    The shadows as numpy arrays, or with `frozen` read and left on their
+    device (`keras_ema.shadows.reader`) for the writer thread to copy
+    (`writer.to_host`).
+    """
     return {
         "decays": list(ema.decays),
         "period": ema.period,
@@ -47,11 +54,14 @@ def state_of(ema) -> dict:
         "step": ema._step,
         "attempted": ema._attempted,
         "skipped_steps": list(ema.skipped_steps),
-        "best": {repr(d): v for d, v in ema.best.items()},
+        # Copies: a later epoch updates the records in place, maybe before
+        # the writer thread writes this state.
+        "best": {repr(d): copy.deepcopy(v) for d, v in ema.best.items()},
         "paths": [v.path for v in ema._variables],
         "update_log": ema._log.as_dict(),
         "run_id": ema._run_id,
-        "shadows": [keras.ops.convert_to_numpy(s) for s in ema._shadows],
+        "shadows": (shadow_reader(ema)() if frozen else
+                    [keras.ops.convert_to_numpy(s) for s in ema._shadows]),
         "lora_factors": lora.live_factors(ema._owner),
     }
 
@@ -153,8 +163,14 @@ def save_backup(ema):
     older one to resume from. Written by the run's background writer, if
     one is open (`keras_ema.writer`).
     """
-    writer.submit(state_file.write_state_file, ema.backup_dir,
-                   ema.get_state(), keep=2)
+    ema._flush_pending()
+    state = state_of(ema, frozen=True)
+
+    def job():
+        state["shadows"] = [writer.to_host(s) for s in state["shadows"]]
+        state_file.write_state_file(ema.backup_dir, state, keep=2)
+
+    writer.submit(job)
 
 
 def restore_backup_at(ema, step: int) -> bool:

@@ -133,7 +133,7 @@ class MultiEMA(keras.callbacks.Callback):
         self.skipped_steps = []
         self._owner = None  # the model the shadows belong to
         self._variables = None
-        self._shadows = None
+        self._shadows = self._shadow_reader = None
         self._update = None
         self._step = 0
         self._attempted = 0
@@ -454,11 +454,12 @@ class MultiEMA(keras.callbacks.Callback):
             raise ValueError(
                 f"Invalid path {path!r}: weight files must end in `.weights.h5`."
             )
-        directory = os.path.dirname(path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        key = (self.decays[self._index(decay)], self._step)
-        if writer.save_ema_weights(self, decay, key, path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        i = self._index(decay)
+        key = (self.decays[i], self._step)
+        if writer.active() is not None and writer.save_ema_weights(
+                self.model, list(zip(self._variables, shadows.reader(self).rows(i))),
+                self._written, key, path):
             return  # from a host copy, by the run's background writer
         with atomic_path(path) as tmp:
             if not self._written.link(key, tmp):

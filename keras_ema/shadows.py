@@ -111,3 +111,12 @@ def clone_with(model, weights) -> keras.Model:
         except Exception:  # an uncompiled copy is still a usable model
             pass
     return clone
+
+
+def reader(ema):
+    """The `_backend.Reader` of `ema`'s stacked shadows, made once per build."""
+    made = getattr(ema, "_shadow_reader", None)
+    if made is None or made[0] is not ema._shadows:
+        made = (ema._shadows, _backend.Reader(ema._shadows))
+        ema._shadow_reader = made
+    return made[1]

@@ -2,10 +2,11 @@
 
 `BackgroundWriter` is a context manager around `model.fit`: meanwhile, the
 writers that support it (MultiEMA's best files and state file, the
-experiment kit's weights, history, summary and backup) take a host copy of
-what they write (numpy arrays, copied on the training thread at the epoch
-end) and hand the writing to one writer thread: building the file
-(serializing) and putting it on disk. Without an active writer (the
+experiment kit's weights, history, summary and backup) keep what they
+write at the epoch end, read and left on its device (`_backend.Reader`:
+no copy on TensorFlow, an asynchronous device copy on JAX), and hand the rest to
+one writer thread: the copy to the host, building the file (serializing)
+and putting it on disk. Without an active writer (the
 default, and on any thread other than the one that opened it) `submit` runs
 the job at once, exactly as before.
 
@@ -35,6 +36,7 @@ import threading
 
 import keras
 
+from keras_ema import _backend
 from keras_ema import files
 from keras_ema import _keras_private
 from keras_ema import written_files
@@ -137,29 +139,31 @@ def drain():
         writer.drain()
 
 
-# === Host copies of weights files ===
+# === Values frozen at the epoch end, copied to the host by the writer ===
 
 
-def host_copy(value):
-    """A numpy copy of a tensor or variable, independent of later updates.
-
-    `keras.ops.convert_to_numpy` copies on every backend (`np.array`), so a
-    buffer the next step updates in place (JAX donates them) is not shared.
-    """
+def to_host(value):
+    """A numpy array of a frozen value (`keras_ema._backend.Reader`'s, or a
+    function of no arguments giving one), in any thread."""
+    if callable(value) and not isinstance(value, keras.Variable):
+        return value()
     return keras.ops.convert_to_numpy(value)
 
 
 def weights_snapshot(model, include_optimizer=True, values=None):
-    """A host copy of `model.save_weights`'s file, to build later in any thread.
+    """`model.save_weights`'s file as it is now, to build later in any thread.
 
     Returns a function of no arguments giving the bytes `write_weights`
     writes, or `None` when this Keras lays its saving out otherwise or a
     layer saves a computed value in place of one of `values`. `values` maps
-    `id(variable)` to the array to save in place of the variable's own value
-    (an EMA). See `keras_ema._keras_private.weights_snapshot`.
+    `id(variable)` to the value to save in place of the variable's own (an
+    EMA: a function of no arguments giving a numpy array). The variables
+    are read now, left on their device (`keras_ema._backend.Reader`), and
+    copied to the host when the file is built. See
+    `keras_ema._keras_private.weights_snapshot`.
     """
     return _keras_private.weights_snapshot(model, include_optimizer, values,
-                                           host_copy)
+                                           _backend.Reader, to_host)
 
 
 def write_snapshot(build, path):
@@ -202,27 +206,29 @@ def _write_atomically(atomic_path, path, build):
 # === MultiEMA's weights files ===
 
 
-def save_ema_weights(ema, decay, key, path):
+def save_ema_weights(model, averaged, written, key, path):
     """`MultiEMA.save_weights` by the active writer; `False` if it must be done now.
 
-    Like the in-place code, the same EMA at the same optimizer step saved
-    again under another name becomes a hard link to the first file (made by
-    the writer once that file is whole, and only while it is unchanged;
-    else, or where hard links fail, the bytes are written). `ema._written`
-    is kept on the training thread only.
+    `averaged` pairs each averaged variable of `model` with its EMA value
+    (a function of no arguments giving a numpy array, such as
+    `_backend.Reader.rows` gives, called in the writer thread);
+    the file holds `model`'s weights with those values in place. Like the
+    in-place code, the same EMA at the same optimizer step saved again
+    under another name becomes a hard link to the first file (made by the
+    writer once that file is whole, and only while it is unchanged; else,
+    or where hard links fail, the bytes are written). `written`, the
+    callback's `WrittenFiles`, is kept on the training thread only.
     """
     writer = active()
     if writer is None:
         return False
-    index = ema._index(decay)
-    values = {id(v): host_copy(keras.ops.cast(s[index], v.dtype))
-              for v, s in zip(ema._variables, ema._shadows)}
-    build = weights_snapshot(ema.model, include_optimizer=False, values=values)
+    values = {id(v): _as_dtype(value, v.dtype) for v, value in averaged}
+    build = weights_snapshot(model, include_optimizer=False, values=values)
     if build is None:
         writer.drain()
         return False
-    prior = ema._written.entry(key)
-    identity = ema._written.remember_pending(key, path)
+    prior = written.entry(key)
+    identity = written.remember_pending(key, path)
 
     def job():
         with files.atomic_path(path) as tmp:
@@ -232,5 +238,17 @@ def save_ema_weights(ema, decay, key, path):
 
     writer.submit(job)
     return True
+
+
+def _as_dtype(row, dtype):
+    """`row()` (a numpy array) cast to `dtype`, made when called."""
+
+    def value():
+        array = row()
+        if keras.backend.standardize_dtype(array.dtype) == dtype:
+            return array
+        return keras.ops.convert_to_numpy(keras.ops.cast(array, dtype))
+
+    return value
 
 

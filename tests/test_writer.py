@@ -153,9 +153,14 @@ def test_ema_files_from_host_copies_match_and_duplicates_are_links(tmp_path):
         ema.save_weights(0.9, str(tmp_path / "best_loss.weights.h5"))
         ema.save_weights(0.5, str(tmp_path / "other.weights.h5"))
         waiting = os.path.exists(tmp_path / "best_accuracy.weights.h5")
+        before = [keras.ops.convert_to_numpy(s) for s in ema._shadows]
+        # The live weights and the EMAs (compiled update) move on before
+        # the files are written; the files keep the values saved.
         model.fit(np.zeros((8, 3)), np.full((8, 2), 5.0), epochs=1,
-                  verbose=0)  # changes the live weights, not the files
+                  batch_size=2, verbose=0, callbacks=[ema])
+        moved = [keras.ops.convert_to_numpy(s) for s in ema._shadows]
         gate.set()
+    assert max(np.abs(a - b).max() for a, b in zip(before, moved)) > 1e-3
     assert not waiting
     with open(os.path.join(in_place, "ema.weights.h5"), "rb") as f:
         expected = f.read()

@@ -266,13 +266,44 @@ def _record(model, include_optimizer, values, make_reader):
     skip = {id(optimizer)} if optimizer is not None and not include_optimizer else set()
     try:
         recorder = _recorder(store_type, values, calls)
-        saving_lib._save_state(model, weights_store=recorder, assets_store=None,
-                               inner_path="", visited_saveables=skip)
+        with _optimizers_save_variables(optimizer if include_optimizer else None):
+            saving_lib._save_state(model, weights_store=recorder, assets_store=None,
+                                   inner_path="", visited_saveables=skip)
     except (_ComputedValue, TypeError, AttributeError):
         return None
     live = [a for call, _, a in calls if call == "variable" and id(a) not in values]
     reusable = all(call != "value" for call, _, _ in calls)
     return _Plan(store_type, calls, make_reader(live), reusable)
+
+
+@contextlib.contextmanager
+def _optimizers_save_variables(optimizer):
+    """Keras 3.15.1's optimizers save `variable.numpy()`, a host copy made at
+    once (`BaseOptimizer.save_own_variables`); meanwhile `optimizer` (and an
+    inner optimizer) give their variables themselves instead, under the
+    same keys, so that they are read like the model's."""
+    from keras.src.optimizers import base_optimizer
+
+    patched = []
+    while optimizer is not None and optimizer not in patched:
+        if (type(optimizer).save_own_variables
+                is base_optimizer.BaseOptimizer.save_own_variables):
+            patched.append(optimizer)
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+
+    def saver(optimizer):
+        def save_own_variables(store):
+            for i, variable in enumerate(optimizer.variables):
+                store[str(i)] = variable
+        return save_own_variables
+
+    for each in patched:
+        object.__setattr__(each, "save_own_variables", saver(each))
+    try:
+        yield
+    finally:
+        for each in patched:
+            object.__delattr__(each, "save_own_variables")
 
 
 def _recorder(store_type, values, calls):

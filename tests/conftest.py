@@ -39,6 +39,24 @@ def _import_keras_quietly():
 keras = _import_keras_quietly()
 
 
+# The test files that take longest (minutes each, mostly in subprocesses),
+# longest first: collected first, so pytest-xdist's workers (--dist loadfile
+# hands out whole files in collection order) start them first and the
+# suite does not end with one of them running alone. Within a file, and
+# for the other files, the order is unchanged.
+LONGEST_FIRST = (
+    "test_multiprocess.py", "test_multiprocess_jax.py", "test_kill_resume.py",
+    "test_float64_equivalence.py", "test_damaged_files.py", "test_evaluate.py",
+    "test_zoo.py", "test_keras_hub.py", "test_multi_ema.py", "test_experiment.py",
+    "test_linear_probe.py", "test_shadow_placement.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
+
+
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
     # Without its garbage collection (`free_memory`): with TensorFlow or JAX

@@ -1,4 +1,4 @@
-"""train.py as several processes on loopback: TF_CONFIG workers, JAX processes.
+"""train.py as several processes on loopback: TF_CONFIG workers; pieces of both backends.
 
 Each test starts its processes with `subprocess` on 127.0.0.1 ports picked
 free at run time; every process is killed if the processes stop making progress
@@ -7,11 +7,10 @@ deadline a busy machine could miss. The processes set their own `KERAS_BACKEND`,
 once, in the TensorFlow pass of the README's test command.
 """
 
-import csv
+
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -19,109 +18,19 @@ import numpy as np
 import pytest
 from conftest import read_h5
 from subprocesses import communicate
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "train.py")
-KILL_AT = os.path.join(ROOT, "tests", "scripts", "kill_at.py")
-TWO_DEVICES = os.path.join(ROOT, "tests", "scripts", "two_devices.py")
-# 512 training and 128 test images of 8x8 (`_digits_folder`): 4 steps of
-# 128 per epoch, each split in halves between the 2 processes.
-FLAGS = ["--model=resnet18", "--width=0.0625", "--epochs=2", "--batch_size=128",
-         "--lr=0.01", "--warmup_epochs=0", "--ema_decays=0.5,0.8",
-         "--ema_period=2", "--seed=7", "--val_fraction=0",
-         "--distribution=multiworker"]
-
-
-def _digits_folder(root, train=512, test=128):
-    """scikit-learn's 8x8 digits as a folder: dataset, sizes that split in 2."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = (digits.images * (255 / 16)).round().astype(np.uint8)
-    for split, rows in (("train", range(train)), ("test", range(train, train + test))):
-        for i in rows:
-            folder = os.path.join(root, split, str(digits.target[i]))
-            os.makedirs(folder, exist_ok=True)
-            Image.fromarray(images[i]).save(os.path.join(folder, f"{i}.png"))
-    return root
-
-
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _env(tmp_path, tf_config=None):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow",
-               PYTHONPATH=ROOT, TMPDIR=str(tmp_path))
-    env.pop("TF_CONFIG", None)
-    if tf_config is not None:
-        env["TF_CONFIG"] = json.dumps(tf_config)
-    return env
-
-
-def _tf_config(ports, index):
-    return {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-            "task": {"type": "worker", "index": index}}
-
-
-def _start(script, run, env, data, *extra):
-    return subprocess.Popen([sys.executable, *script, *FLAGS,
-                             f"--dataset=folder:{data}", *extra,
-                             f"--output_dir={run}"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _finish(processes):
-    """Waits for all; returns `[(returncode, stdout, stderr)]`; kills leftovers.
-
-    Fails only on a hang (see `subprocesses.communicate`), never because a
-    busy machine is slow.
-    """
-    return communicate(processes)
-
-
-def _two_workers(run, tmp_path, data, scripts=((TRAIN,), (TRAIN,)), extra=()):
-    ports = _free_ports(2)
-    processes = []
-    try:
-        for index, script in enumerate(scripts):
-            processes.append(_start(script, run, _env(tmp_path, _tf_config(ports, index)),
-                                    data, *extra))
-    except BaseException:
-        for p in processes:
-            p.kill()
-        raise
-    return processes
-
-
-def _rows(run):
-    with open(os.path.join(run, "history.csv")) as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def _assert_same_history(a, b, atol):
-    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
-    for ra, rb in zip(a, b):
-        assert ra.keys() == rb.keys()
-        for key in ra:
-            assert abs(ra[key] - rb[key]) <= atol, (key, ra, rb)
+from multiprocess_runs import (FLAGS, JAX_FLAGS, KILL_AT, TRAIN, TWO_DEVICES,
+                               assert_same_history, digits_folder, finish, free_ports,
+                               history_rows, jax_env, tf_env, tf_start, two_workers,
+                               worker_config)
 
 
 @pytest.fixture(scope="module")
 def two_worker_run(tmp_path_factory):
     """One uninterrupted run of 2 worker processes."""
     tmp_path = tmp_path_factory.mktemp("two_workers")
-    data = _digits_folder(str(tmp_path / "digits"))
+    data = digits_folder(str(tmp_path / "digits"))
     run = str(tmp_path / "run")
-    results = _finish(_two_workers(run, tmp_path, data))
+    results = finish(two_workers(run, tmp_path, data))
     for code, out, err in results:
         assert code == 0, err[-3000:]
     return tmp_path, data, run, results
@@ -135,7 +44,7 @@ def test_two_workers_only_the_chief_writes(two_worker_run):
     assert "backup" not in names  # removed at the end, as a single process does
     with open(os.path.join(run, "summary.json")) as f:
         assert json.load(f)["completed"] is True
-    assert len(_rows(run)) == 2
+    assert len(history_rows(run)) == 2
     # Worker 1 wrote only to its temporary directory, and removed it.
     assert "process 0 writes" in results[1][1]
     assert not [n for n in os.listdir(tmp_path) if n.startswith("workertemp_")]
@@ -155,14 +64,14 @@ MATCH = ("--image_size=16", "--lr=1e-4")
 def test_two_workers_match_one_process(two_worker_run, tmp_path):
     _, data, _, _ = two_worker_run
     run, single = str(tmp_path / "run"), str(tmp_path / "single")
-    results = _finish(_two_workers(run, tmp_path, data, extra=MATCH))
+    results = finish(two_workers(run, tmp_path, data, extra=MATCH))
     # One process: MultiWorkerMirroredStrategy without TF_CONFIG trains one
     # replica on CPU:0 (the second logical CPU is not used), on the whole
     # of every global batch.
-    results += _finish([_start((TWO_DEVICES,), single, _env(tmp_path), data, *MATCH)])
+    results += finish([tf_start((TWO_DEVICES,), single, tf_env(tmp_path), data, *MATCH)])
     for code, _, err in results:
         assert code == 0, err[-3000:]
-    a, b = _rows(run), _rows(single)
+    a, b = history_rows(run), history_rows(single)
     assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == [0, 1]
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
@@ -182,8 +91,8 @@ def test_killed_worker_resumes_to_the_same_result(two_worker_run, tmp_path):
     # waiting for it, is then killed too (a scheduler restarts both).
     # Worker 1 dies after the second batch of epoch 1; the chief, whose
     # collective then fails, says so in one line.
-    (chief, _, err), (worker, _, _) = _finish(
-        _two_workers(run, tmp_path, data, scripts=((TRAIN,), (KILL_AT, "mid_epoch"))))
+    (chief, _, err), (worker, _, _) = finish(
+        two_workers(run, tmp_path, data, scripts=((TRAIN,), (KILL_AT, "mid_epoch"))))
     assert worker == -signal.SIGKILL
     assert chief == 1, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
@@ -192,14 +101,14 @@ def test_killed_worker_resumes_to_the_same_result(two_worker_run, tmp_path):
         "same command (the run resumes from its last finished epoch)")
     # The killed worker could not remove its temporary directory ...
     assert [n for n in os.listdir(tmp_path) if n.startswith("workertemp_1_")]
-    assert len(_rows(run)) == 1  # epoch 0 done and backed up
-    results = _finish(_two_workers(run, tmp_path, data))
+    assert len(history_rows(run)) == 1  # epoch 0 done and backed up
+    results = finish(two_workers(run, tmp_path, data))
     for code, out, err in results:
         assert code == 0, err[-3000:]
     assert "Resuming" in results[0][1]
     # ... the next start did.
     assert not [n for n in os.listdir(tmp_path) if n.startswith("workertemp_")]
-    _assert_same_history(_rows(run), _rows(reference), atol=1e-6)
+    assert_same_history(history_rows(run), history_rows(reference), atol=1e-6)
     for name in ("sgd_last.weights.h5", "ema_0.8_last.weights.h5"):
         a, b = read_h5(os.path.join(run, name)), read_h5(os.path.join(reference, name))
         assert a.keys() == b.keys()
@@ -207,83 +116,16 @@ def test_killed_worker_resumes_to_the_same_result(two_worker_run, tmp_path):
             np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)
 
 
-# === Data-parallel equivalence in float64 ===
-# In float32 the weights of 2 processes and of one differ after one step at
-# lr 0.1 (digits, ResNet-18 x0.125, batch 256: median 8e-5, max 9e-2 relative
-# per variable on TensorFlow; a BatchNorm offset's gradient is a sum that
-# nearly cancels), then grow to 2e-2 / 7e-1 by step 5. In float64 rounding
-# cannot hide a reduction, BatchNorm or sharding bug: the weights must agree
-# to 1e-9 after 1 and after 5 steps.
-STEP_WEIGHTS = os.path.join(ROOT, "tests", "scripts", "step_weights.py")
-FLOAT64_FLAGS = ["--model=resnet18", "--width=0.125", "--epochs=1", "--batch_size=128",
-                 "--lr=0.1", "--warmup_epochs=0", "--ema_decays=0.5", "--ema_period=1", "--seed=7",
-                 "--val_fraction=0"]
-
-
-def _relative_gaps(a, b):
-    """Per variable, `|a - b| / |b|` (Frobenius norms) of two `.npz` of weights."""
-    a, b = np.load(a), np.load(b)
-    assert sorted(a.files) == sorted(b.files)
-    return {k: float(np.linalg.norm(a[k] - b[k]) / np.linalg.norm(b[k])) for k in b.files}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
-def test_two_processes_match_one_in_float64(tmp_path, backend):
-    if backend == "jax":
-        pytest.importorskip("jax")
-    data = _digits_folder(str(tmp_path / "digits"), train=640)  # 5 steps of 128
-    dumps = [str(tmp_path / name) for name in ("dump0", "dump1", "reference")]
-    distribution = "multiworker" if backend == "tensorflow" else "data_parallel"
-    if backend == "tensorflow":
-        ports = _free_ports(2)
-        envs = [_env(tmp_path, _tf_config(ports, i)) for i in range(2)]
-        envs.append(_env(tmp_path))  # one worker: one replica on whole batches
-    else:
-        coordinator = f"127.0.0.1:{_free_ports(1)[0]}"
-        envs = [_jax_env(tmp_path, coordinator, i) for i in range(2)]
-        envs.append(_jax_env(tmp_path))  # one process, one device
-    runs = [tmp_path / "two", tmp_path / "two", tmp_path / "one"]
-    processes = []
-    try:
-        for dump, env, run in zip(dumps, envs, runs):
-            processes.append(subprocess.Popen(
-                [sys.executable, STEP_WEIGHTS, "float64", dump, *FLOAT64_FLAGS,
-                 f"--distribution={distribution}", f"--dataset=folder:{data}",
-                 f"--output_dir={run}"], env=env,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    finally:
-        results = communicate(processes)
-    for code, _, err in results:
-        assert code == 0, err[-3000:]
-
-    def weights(dump, step):
-        return os.path.join(dump, f"step_{step}.npz")
-
-    assert max(_relative_gaps(weights(dumps[0], 0), weights(dumps[2], 0)).values()) == 0
-    for step in (1, 5):
-        gaps = _relative_gaps(weights(dumps[0], step), weights(dumps[2], step))
-        print(f"{backend} float64, step {step}: 2 processes vs 1, relative gap "
-              f"median {np.median(list(gaps.values())):.1e}, max {max(gaps.values()):.1e}")
-        worst = max(gaps, key=gaps.get)
-        assert gaps[worst] <= 1e-9, (step, worst, gaps[worst])
-        # Process 1 holds the same weights as process 0.
-        assert max(_relative_gaps(weights(dumps[1], step),
-                                  weights(dumps[0], step)).values()) <= 1e-12
-    # At lr 0.1 the 5 steps moved the weights far beyond the tolerance.
-    moved = _relative_gaps(weights(dumps[2], 5), weights(dumps[2], 0))
-    assert np.median(list(moved.values())) > 1e-3, moved
-
 
 def test_unreachable_worker_fails_in_one_line(tmp_path):
     run = str(tmp_path / "run")
-    ports = _free_ports(2)  # nobody listens on the chief's port
+    ports = free_ports(2)  # nobody listens on the chief's port
     process = subprocess.Popen(
         [sys.executable, TRAIN, *FLAGS, "--dataset=digits", f"--output_dir={run}",
          "--connect_timeout=5"],
-        env=_env(tmp_path, _tf_config(ports, 1)),
+        env=tf_env(tmp_path, worker_config(ports, 1)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    code, out, err = _finish([process])[0]
+    code, out, err = finish([process])[0]
     assert code == -signal.SIGKILL  # ended by the --connect_timeout watchdog
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
@@ -291,129 +133,6 @@ def test_unreachable_worker_fails_in_one_line(tmp_path):
     assert "process 1 of 2 could not reach" in lines[0]
     assert "--connect_timeout=5" in lines[0]
     assert not os.path.exists(run)  # a non-chief never writes the run
-
-
-# === JAX: keras.distribution.initialize, DataParallel ===
-
-JAX_FLAGS = ["--model=resnet18", "--width=0.0625", "--epochs=2", "--batch_size=128",
-             "--lr=0.01", "--warmup_epochs=0", "--ema_decays=0.5,0.8",
-             "--ema_period=2", "--seed=7", "--val_fraction=0",
-             "--distribution=data_parallel"]
-
-
-def _jax_env(tmp_path, coordinator=None, index=None):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="jax",
-               PYTHONPATH=ROOT, TMPDIR=str(tmp_path))
-    for name in ("XLA_FLAGS", "KERAS_DISTRIBUTION_JOB_ADDRESSES",
-                 "KERAS_DISTRIBUTION_NUM_PROCESSES", "KERAS_DISTRIBUTION_PROCESS_ID"):
-        env.pop(name, None)
-    if coordinator is not None:
-        env.update(KERAS_DISTRIBUTION_JOB_ADDRESSES=coordinator,
-                   KERAS_DISTRIBUTION_NUM_PROCESSES="2",
-                   KERAS_DISTRIBUTION_PROCESS_ID=str(index))
-    return env
-
-
-def _jax_start(script, run, env, data, *extra):
-    return subprocess.Popen([sys.executable, *script, *JAX_FLAGS,
-                             f"--dataset=folder:{data}", *extra,
-                             f"--output_dir={run}"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _jax_two_processes(run, tmp_path, data, scripts=((TRAIN,), (TRAIN,))):
-    coordinator = f"127.0.0.1:{_free_ports(1)[0]}"
-    processes = []
-    try:
-        for index, script in enumerate(scripts):
-            processes.append(_jax_start(script, run, _jax_env(tmp_path, coordinator, index),
-                                        data))
-    except BaseException:
-        for p in processes:
-            p.kill()
-        raise
-    return processes
-
-
-@pytest.fixture(scope="module")
-def jax_runs(tmp_path_factory):
-    """The same run as 2 JAX processes and as one, started together."""
-    pytest.importorskip("jax")
-    tmp_path = tmp_path_factory.mktemp("jax")
-    data = _digits_folder(str(tmp_path / "digits"))
-    two, one = str(tmp_path / "two"), str(tmp_path / "one")
-    processes = _jax_two_processes(two, tmp_path, data)
-    # The reference: one process whose CPU is 2 devices, so that every batch
-    # is split and summed as by the 2 processes. (Against 1 device, a run of
-    # 8 steps of this tiny ResNet drifts by up to 1e-3 in val_loss from the
-    # different order of the sums alone, as it does in one process.)
-    env = dict(_jax_env(tmp_path), XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    processes.append(_jax_start((TRAIN,), one, env, data))
-    results = _finish(processes)
-    for code, out, err in results:
-        assert code == 0, err[-3000:]
-    return tmp_path, data, two, one, results
-
-
-def test_jax_two_processes_match_one(jax_runs):
-    tmp_path, _, two, one, results = jax_runs
-    # Each process fed half of every batch of 128; BatchNorm and the loss
-    # see the global batch, as in one process.
-    _assert_same_history(_rows(two), _rows(one), atol=1e-6)
-    for name in ("sgd_last.weights.h5", "ema_0.8_last.weights.h5"):
-        a = read_h5(os.path.join(two, name))
-        b = read_h5(os.path.join(one, name))
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)
-    # Process 0 wrote the run; process 1 a temporary directory, removed.
-    assert "process 0 writes" in results[1][1]
-    assert not [n for n in os.listdir(tmp_path) if n.startswith("workertemp_")]
-
-
-@pytest.mark.slow
-def test_jax_killed_process_resumes_to_the_same_result(jax_runs, tmp_path):
-    _, data, reference, _, _ = jax_runs
-    run = str(tmp_path / "run")
-    # Process 1 dies after the second batch of epoch 1; process 0, whose
-    # peer's connection then closes, says so in one line (it used to wait in
-    # its collective, then abort natively a minute later: status 134).
-    (survivor, _, err), (killed, _, _) = _finish(_jax_two_processes(
-        run, tmp_path, data, scripts=((TRAIN,), (KILL_AT, "mid_epoch"))))
-    assert killed == -signal.SIGKILL
-    assert survivor == 1, err[-3000:]
-    assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1] == (
-        "train.py: error: process 1 of 2 stopped responding; rerun both with the "
-        "same command (the run resumes from its last finished epoch)")
-    # The killed process could not remove its temporary directory ...
-    assert [n for n in os.listdir(tmp_path) if n.startswith("workertemp_1_")]
-    assert len(_rows(run)) == 1
-    results = _finish(_jax_two_processes(run, tmp_path, data))
-    for code, out, err in results:
-        assert code == 0, err[-3000:]
-    assert "Resuming" in results[0][1]
-    # ... the next start did.
-    assert not [n for n in os.listdir(tmp_path) if n.startswith("workertemp_")]
-    _assert_same_history(_rows(run), _rows(reference), atol=1e-6)
-
-
-def test_jax_unreachable_coordinator_fails_in_one_line(tmp_path):
-    pytest.importorskip("jax")
-    run = str(tmp_path / "run")
-    coordinator = f"127.0.0.1:{_free_ports(1)[0]}"  # nobody listens there
-    process = subprocess.Popen(
-        [sys.executable, TRAIN, *JAX_FLAGS, "--dataset=digits",
-         f"--output_dir={run}", "--connect_timeout=5"],
-        env=_jax_env(tmp_path, coordinator, 1),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    code, out, err = _finish([process])[0]
-    assert code == -signal.SIGKILL
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err[-2000:]
-    assert "process 1 of 2 could not reach" in lines[0]
-    assert not os.path.exists(run)
 
 
 # === Processes that disagree ===
@@ -428,11 +147,11 @@ def test_processes_with_different_flags_refuse_in_one_line(tmp_path, backend):
     flags = [f for f in (FLAGS if backend == "tensorflow" else JAX_FLAGS)
              if not f.startswith(("--lr=", "--seed="))]
     if backend == "tensorflow":
-        ports = _free_ports(2)
-        envs = [_env(tmp_path, _tf_config(ports, i)) for i in range(2)]
+        ports = free_ports(2)
+        envs = [tf_env(tmp_path, worker_config(ports, i)) for i in range(2)]
     else:
-        coordinator = f"127.0.0.1:{_free_ports(1)[0]}"
-        envs = [_jax_env(tmp_path, coordinator, i) for i in range(2)]
+        coordinator = f"127.0.0.1:{free_ports(1)[0]}"
+        envs = [jax_env(tmp_path, coordinator, i) for i in range(2)]
     processes = []
     try:
         for env, extra in zip(envs, (["--lr=0.01", "--seed=7"], ["--lr=0.02", "--seed=8"])):
@@ -643,9 +362,9 @@ print("finished", flush=True)
 def test_jax_watch_notices_a_killed_peer_only(tmp_path, peer):
     pytest.importorskip("jax")
     process = subprocess.Popen([sys.executable, "-c", _WATCHED, peer],
-                               env=_jax_env(tmp_path), stdout=subprocess.PIPE,
+                               env=jax_env(tmp_path), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    code, out, err = _finish([process])[0]
+    code, out, err = finish([process])[0]
     assert "Traceback" not in err, err[-3000:]
     if peer == "bye":
         assert (code, out) == (0, "finished\n"), err[-3000:]

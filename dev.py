@@ -151,8 +151,10 @@ def test(extra):
     quiet = {"TF_CPP_MIN_LOG_LEVEL": "3"}
     cores = os.cpu_count() or 1
     # Test files spread over processes (pytest-xdist), each file in one.
-    tf_workers = ["-n", str(min(4, cores)), "--dist", "loadfile"]
-    jax_workers = ["-n", str(min(2, cores)), "--dist", "loadfile"]
+    # Files handed out in collection order (tests/conftest.py puts the
+    # longest first), not by their number of tests.
+    tf_workers = ["-n", str(min(4, cores)), "--dist", "loadfile", "--no-loadscope-reorder"]
+    jax_workers = ["-n", str(min(2, cores)), "--dist", "loadfile", "--no-loadscope-reorder"]
     tf_pass = ([PYTHON, "-m", "pytest", "-q"] + tf_workers + extra,
                dict(quiet, KERAS_BACKEND="tensorflow"), "")
     jax_pass = ([PYTHON, "-m", "pytest", "-q", "-m", "all_backends and not own_backend"]

@@ -8,6 +8,7 @@ on any mismatch before anything is changed. `save_backup` and
 
 import copy
 import os
+import threading
 from typing import NamedTuple
 
 import keras
@@ -39,13 +40,19 @@ class CheckedState(NamedTuple):
     lora_factors: object
 
 
-def state_of(ema, frozen=False) -> dict:
+# Set while `save_backup` asks for the state (`get_state`, with whatever a
+# subclass adds): the shadows are then read and left on their device.
+_FREEZING = threading.local()
+
+
+def state_of(ema) -> dict:
     """The state of the built `ema` (its pending updates flushed).
 
-    The shadows as numpy arrays, or with `frozen` read and left on their
-    device (`keras_ema.shadows.reader`) for the writer thread to copy
+    The shadows as numpy arrays; inside `save_backup`, read and left on
+    their device (`keras_ema.shadows.reader`) for the writer thread to copy
     (`writer.to_host`).
     """
+    frozen = getattr(_FREEZING, "active", False)
     return {
         "decays": list(ema.decays),
         "period": ema.period,
@@ -163,8 +170,11 @@ def save_backup(ema):
     older one to resume from. Written by the run's background writer, if
     one is open (`keras_ema.writer`).
     """
-    ema._flush_pending()
-    state = state_of(ema, frozen=True)
+    _FREEZING.active = True
+    try:
+        state = ema.get_state()  # a subclass's too (SwitchEMA, Belay)
+    finally:
+        _FREEZING.active = False
 
     def job():
         state["shadows"] = [writer.to_host(s) for s in state["shadows"]]

@@ -211,20 +211,22 @@ class Update:
         return self._run(*args)
 
     def tracing_count(self) -> int:
-        if self._tracing_count is None:
-            raise NotImplementedError(
-                f"The tracing count of this update is not available on the "
-                f"{backend_name()} backend; TensorFlow's updates count theirs."
-            )
-        return self._tracing_count()
+        return self._available(self._tracing_count, "tracing count",
+                               "TensorFlow's updates count theirs")
 
     def compiled_text(self) -> str:
-        if self._compiled_text is None:
+        return self._available(self._compiled_text, "compiled text",
+                               "it is JAX's plain EMA update only")
+
+    @staticmethod
+    def _available(getter, what, where):
+        """`getter()`, or a refusal naming what this backend lacks."""
+        if getter is None:
             raise NotImplementedError(
-                f"The compiled text of this update is not available on the "
-                f"{backend_name()} backend; it is JAX's plain EMA update only."
+                f"The {what} of this update is not available on the "
+                f"{backend_name()} backend; {where}."
             )
-        return self._compiled_text()
+        return getter()
 
 
 def _broadcast(decays, ndim):

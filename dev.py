@@ -12,6 +12,7 @@ package with every extra (TensorFlow, JAX, the kit's datasets and tools,
 pytest) there; later runs reuse it until pyproject.toml changes.
 """
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -160,14 +161,35 @@ def test(extra):
     jax_pass = ([PYTHON, "-m", "pytest", "-q", "-m", "all_backends and not own_backend"]
                 + jax_workers + extra,
                 dict(quiet, KERAS_BACKEND="jax"), "The backend-independent tests again, on JAX:")
-    if cores < 2:
-        code = _run(tf_pass[0], **tf_pass[1])
-        print(f"\n{jax_pass[2]}", flush=True)
-        return _run(jax_pass[0], **jax_pass[1]) or code
-    print("The backend-independent tests run on JAX alongside; their results "
-          "follow the TensorFlow ones.", flush=True)
-    codes = _run_together([tf_pass, jax_pass])
+    with _jax_cache(tf_pass, jax_pass):
+        if cores < 2:
+            code = _run(tf_pass[0], **tf_pass[1])
+            print(f"\n{jax_pass[2]}", flush=True)
+            return _run(jax_pass[0], **jax_pass[1]) or code
+        print("The backend-independent tests run on JAX alongside; their results "
+              "follow the TensorFlow ones.", flush=True)
+        codes = _run_together([tf_pass, jax_pass])
     return next((code for code in codes if code), 0)
+
+
+@contextlib.contextmanager
+def _jax_cache(*passes):
+    """One JAX compilation cache folder for every pass (tests/conftest.py),
+    removed at the end: the TensorFlow pass's JAX subprocesses and the JAX
+    pass compile the same programs."""
+    import shutil
+    import tempfile
+
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # the caller's own
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="keras-ema-tests-jax-cache-")
+    try:
+        for _, env, _ in passes:
+            env["JAX_COMPILATION_CACHE_DIR"] = folder
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv):

@@ -29,6 +29,8 @@ EXIT_STATUS = {"SIGINT": 130, "SIGTERM": 143}
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # What `stopped` prints: the script's name and what the user may do.
 _stop_line = {"script": os.path.basename(sys.argv[0] or "python"), "advice": ""}
+# The name of the first signal `handle_interrupts` raised for, once one came.
+_received = []
 
 
 # === Ctrl-C and SIGTERM ===
@@ -36,7 +38,25 @@ _stop_line = {"script": os.path.basename(sys.argv[0] or "python"), "advice": ""}
 
 def _raise_interrupt(signum, frame):
     """SIGTERM ends a command line like Ctrl-C: `finally` blocks run, files stay whole."""
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    name = signal.Signals(signum).name
+    if not _received:
+        _received.append(name)
+    raise KeyboardInterrupt(name)
+
+
+def _interrupt_behind(error):
+    """The `KeyboardInterrupt` that `error` stands for, or `None`.
+
+    A handler's `KeyboardInterrupt` raised while TensorFlow's C++ code had
+    called back into Python can come out of that code as another exception:
+    a signal during a `tf.function`'s first call (its tracing) ends about one
+    time in six as `SystemError: Objects/listobject.c:338: bad argument to
+    internal function`. Once a signal came, whatever exception then ends
+    the command is that signal's doing.
+    """
+    if isinstance(error, KeyboardInterrupt):
+        return error
+    return KeyboardInterrupt(_received[0]) if _received else None
 
 
 def handle_interrupts(script: str, advice: str = ""):
@@ -58,10 +78,11 @@ def handle_interrupts(script: str, advice: str = ""):
     previous = sys.excepthook
 
     def excepthook(kind, value, traceback):
-        if issubclass(kind, KeyboardInterrupt):
+        interrupt = _interrupt_behind(value)
+        if interrupt is not None:
             sys.stdout.flush()
-            print(_stop_message(value), file=sys.stderr, flush=True)
-            os._exit(_exit_status(value))  # the stack has unwound already
+            print(_stop_message(interrupt), file=sys.stderr, flush=True)
+            os._exit(_exit_status(interrupt))  # the stack has unwound already
         previous(kind, value, traceback)
 
     sys.excepthook = excepthook
@@ -96,7 +117,10 @@ def main_of(main):
     def guarded(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except KeyboardInterrupt as interrupt:
+        except (KeyboardInterrupt, Exception) as error:
+            interrupt = _interrupt_behind(error)
+            if interrupt is None:
+                raise
             stopped(interrupt)
 
     return guarded
@@ -256,5 +280,8 @@ def run(main):
 
     try:
         app.run(main, flags_parser=parse_flags)
-    except KeyboardInterrupt as interrupt:
+    except (KeyboardInterrupt, Exception) as error:
+        interrupt = _interrupt_behind(error)
+        if interrupt is None:
+            raise
         stopped(interrupt)

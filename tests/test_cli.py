@@ -278,6 +278,46 @@ def test_dev_py_passes_an_interrupt_on_to_its_command(tmp_path):
     assert not still_running
 
 
+# A main whose SIGTERM comes out of a call as another exception, as out of
+# TensorFlow's C++ code that had called back into Python when the handler
+# raised: a signal during a tf.function's first call (its tracing) ends about
+# one time in six as `SystemError: Objects/listobject.c:338: bad argument to
+# internal function` (train.py, SIGTERM at the end of its first epoch).
+_INTERRUPT_MANGLED = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import _cli
+_cli.handle_interrupts("demo.py", "rerun it.")
+
+def main(argv=None):
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+    except KeyboardInterrupt:
+        raise SystemError("bad argument to internal function") from None
+
+def fails(argv=None):
+    raise SystemError("a real error")
+
+{call}
+"""
+
+
+@pytest.mark.parametrize("call", ["_cli.run(main)", "_cli.main_of(main)()", "main()"])
+def test_an_interrupt_that_comes_out_as_another_exception_is_one_line(tmp_path, call):
+    process = _start([], tmp_path, _INTERRUPT_MANGLED.format(call=call))
+    out, err = process.communicate(timeout=HANG)
+    assert (process.returncode, err) == (143, "demo.py: stopped by SIGTERM; rerun it.\n"), err
+
+
+@pytest.mark.parametrize("call", ["_cli.run(fails)", "_cli.main_of(fails)()"])
+def test_an_error_without_a_signal_is_not_an_interrupt(tmp_path, call):
+    process = _start([], tmp_path, _INTERRUPT_MANGLED.format(call=call))
+    out, err = process.communicate(timeout=HANG)
+    assert process.returncode == 1
+    assert err.strip().splitlines()[-1] == "SystemError: a real error", err
+
+
 def test_interrupt_while_results_are_written_comes_after_the_last_file(tmp_path):
     import signal
 

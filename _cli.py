@@ -112,6 +112,18 @@ def stopped(interrupt: KeyboardInterrupt):
     sys.exit(_exit_status(interrupt))
 
 
+def fail(message: str):
+    """Exits with status 1 and `message`, unless a signal came first.
+
+    An error raised after Ctrl-C or SIGTERM (a file read cut short, which a
+    loader then calls damaged) is the signal's doing: the command ends as
+    `stopped` says instead.
+    """
+    if _received:
+        stopped(KeyboardInterrupt(_received[0]))
+    sys.exit(message)
+
+
 def main_of(main):
     """`main` whose `KeyboardInterrupt` ends as `stopped` says (argparse scripts)."""
     def guarded(*args, **kwargs):

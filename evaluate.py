@@ -81,7 +81,7 @@ def main(argv):
         with run_dir.disk_errors(output_dir), _cli.interrupts_deferred():
             path = evaluation.write_results(results, figures, output_dir)
     except (evaluation.EvaluationError, DatasetError, RunDirError) as error:
-        sys.exit(f"evaluate.py: error: {error}")
+        _cli.fail(f"evaluate.py: error: {error}")
     print()
     print(open(path).read(), end="")
     print(f"Written: {path}, {os.path.join(output_dir, 'results.json')}")

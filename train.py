@@ -54,7 +54,7 @@ def main(argv):
         experiment.train(config, connect_timeout=FLAGS.connect_timeout)
     except (run_config.ConfigError, DatasetError, RunDirError,
             experiment.TrainingDiverged, experiment.ExportError) as error:
-        sys.exit(f"train.py: error: {error}")
+        _cli.fail(f"train.py: error: {error}")
     except PeerStopped as error:
         print(f"train.py: error: {error}", file=sys.stderr, flush=True)
         sys.stdout.flush()

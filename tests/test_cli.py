@@ -299,11 +299,21 @@ def main(argv=None):
 def fails(argv=None):
     raise SystemError("a real error")
 
+def damaged(argv=None):  # a load cut short by the signal, called damaged
+    try:
+        main()
+    except SystemError as error:
+        _cli.fail(f"demo.py: error: file.h5 is damaged ({{error}})")
+
+def really_damaged(argv=None):
+    _cli.fail("demo.py: error: file.h5 is damaged (truncated)")
+
 {call}
 """
 
 
-@pytest.mark.parametrize("call", ["_cli.run(main)", "_cli.main_of(main)()", "main()"])
+@pytest.mark.parametrize("call", ["_cli.run(main)", "_cli.main_of(main)()", "main()",
+                                  "_cli.run(damaged)"])
 def test_an_interrupt_that_comes_out_as_another_exception_is_one_line(tmp_path, call):
     process = _start([], tmp_path, _INTERRUPT_MANGLED.format(call=call))
     out, err = process.communicate(timeout=HANG)
@@ -316,6 +326,12 @@ def test_an_error_without_a_signal_is_not_an_interrupt(tmp_path, call):
     out, err = process.communicate(timeout=HANG)
     assert process.returncode == 1
     assert err.strip().splitlines()[-1] == "SystemError: a real error", err
+
+
+def test_an_error_line_without_a_signal_is_that_line(tmp_path):
+    process = _start([], tmp_path, _INTERRUPT_MANGLED.format(call="_cli.run(really_damaged)"))
+    out, err = process.communicate(timeout=HANG)
+    assert (process.returncode, err) == (1, "demo.py: error: file.h5 is damaged (truncated)\n")
 
 
 def test_interrupt_while_results_are_written_comes_after_the_last_file(tmp_path):

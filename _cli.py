@@ -290,10 +290,4 @@ def run(main):
     """`absl.app.run(main)` with `parse_flags`, a Ctrl-C or SIGTERM ending in `stopped`."""
     from absl import app
 
-    try:
-        app.run(main, flags_parser=parse_flags)
-    except (KeyboardInterrupt, Exception) as error:
-        interrupt = _interrupt_behind(error)
-        if interrupt is None:
-            raise
-        stopped(interrupt)
+    main_of(app.run)(main, flags_parser=parse_flags)
